@@ -1,0 +1,98 @@
+"""`StructLoraConfig`: peft's `LoraConfig` plus the two StructLoRA stages (paper Sec. 3.2-3.3).
+
+Every extra field carries a one-line reason; `__post_init__` validates them so a bad setting fails
+before a model is touched. Defaults follow the paper where it gives a value (r=8, alpha=16, one GNN
+step, hybrid graph; appendix A, Table 6) and are our documented choice where it does not (gate prior,
+lambda_IB, similarity threshold and refresh period: see README "Deviations from the paper").
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Optional
+
+from peft import LoraConfig
+
+__all__ = ["StructLoraConfig", "GATES", "FILTERS", "GRAPHS", "PENALTIES"]
+
+GATES = (None, "concrete", "gaussian")
+FILTERS = ("ib", "random", "topk_norm")
+GRAPHS = (None, "adjacency", "similarity", "hybrid")
+PENALTIES = (None, "cos", "laplacian")
+
+
+@dataclass
+class StructLoraConfig(LoraConfig):
+    """LoRA config with an IB gate over the r directions and a depth coordinator across layers.
+
+    With ``gate=None, graph=None, penalty=None`` the model is exactly peft LoRA (tested).
+    """
+
+    # ---- Stage 1: information-bottleneck gate (Eq. 2-3, 8; appendix E.2) ----
+    gate: Optional[str] = field(default="concrete", metadata={"help": "'concrete' (hard-concrete, exact zeros), 'gaussian' (multiplicative, L2 prior) or None (no gate)"})
+    filter: str = field(default="ib", metadata={"help": "how directions are kept: 'ib' (learned gate), 'random' (fixed mask) or 'topk_norm' (||b_j||*||a_j||, re-scored) (Fig. 2)"})
+    keep_ratio: Optional[float] = field(default=None, metadata={"help": "fraction of each module's r directions kept (per module, ceil(rho*r)); None = no cardinality constraint"})
+    lambda_ib: float = field(default=0.05, metadata={"help": "weight of the compression (KL / expected-L0) term in L_total = L_task + lambda_IB * L_IB (Eq. 8)"})
+    gate_init: float = field(default=2.0, metadata={"help": "initial gate logit: log_alpha (concrete) or theta (gaussian, mu=sigmoid(theta)); large = open, so training starts near LoRA"})
+    gate_temperature: float = field(default=2 / 3, metadata={"help": "hard-concrete temperature beta (Louizos et al. 2018)"})
+    gate_sigma: float = field(default=0.5, metadata={"help": "Gaussian gate noise std sigma; prior N(0, sigma^2) gives ||mu||^2 / (2 sigma^2) (E.2)"})
+    gate_lr_multiplier: float = field(default=10.0, metadata={"help": "gate logits learn this much faster than the factors (they must move O(1) within a short run)"})
+    filter_warmup_steps: int = field(default=50, metadata={"help": "training steps before a keep_ratio mask is enforced (all filters alike), so top-k-norm has norms to rank"})
+    rescore_every: int = field(default=50, metadata={"help": "steps between re-scorings of the 'topk_norm' mask"})
+    # ---- Stage 2: depth coordinator (Eq. 4-5, 7; appendix E.3-E.6) ----
+    graph: Optional[str] = field(default="hybrid", metadata={"help": "depth graph per module family: 'adjacency' (chain), 'similarity' (gradient cosine), 'hybrid' (union) or None (no coordinator)"})
+    gnn_steps: int = field(default=1, metadata={"help": "T residual message-passing steps (Table 6: 1 is best; large T oversmooths, E.6)"})
+    sim_threshold: float = field(default=0.3, metadata={"help": "cosine of batch-averaged dL/dW above which two layers get a similarity edge"})
+    sim_refresh_every: int = field(default=50, metadata={"help": "K: steps between similarity-edge refreshes"})
+    sim_batches: int = field(default=2, metadata={"help": "training batches averaged into each gradient-similarity estimate"})
+    sim_sketch_dim: int = field(default=16, metadata={"help": "p: random-projection width of the dL/dW sketch (memory O(L*(d+k)*p) per family)"})
+    coordinator_lr_multiplier: float = field(default=1.0, metadata={"help": "learning-rate multiplier for the scalar edge gains"})
+    # ---- static alternatives (appendix C, Eq. 9-10) ----
+    penalty: Optional[str] = field(default=None, metadata={"help": "static depth penalty: 'cos' (Eq. 9), 'laplacian' (Eq. 10) or None"})
+    penalty_weight: float = field(default=0.0, metadata={"help": "lambda_cos / lambda_lap for the static penalty"})
+    structlora_seed: int = field(default=0, metadata={"help": "seed of the random filter mask and the gradient sketch"})
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not isinstance(self.r, int) or self.r <= 0:
+            raise ValueError(f"r must be a positive integer, got {self.r!r}")
+        if self.gate not in GATES:
+            raise ValueError(f"gate must be one of {GATES}, got {self.gate!r}")
+        if self.filter not in FILTERS:
+            raise ValueError(f"filter must be one of {FILTERS}, got {self.filter!r}")
+        if self.filter == "ib" and self.gate is None and self.keep_ratio is not None:
+            raise ValueError("filter='ib' with keep_ratio needs a gate ('concrete' or 'gaussian') to rank directions")
+        if self.filter != "ib" and self.keep_ratio is None:
+            raise ValueError(f"filter={self.filter!r} needs keep_ratio in (0, 1]")
+        if self.keep_ratio is not None and not (0.0 < self.keep_ratio <= 1.0):
+            raise ValueError(f"keep_ratio must be in (0, 1], got {self.keep_ratio!r}")
+        if self.graph not in GRAPHS:
+            raise ValueError(f"graph must be one of {GRAPHS}, got {self.graph!r}")
+        if self.penalty not in PENALTIES:
+            raise ValueError(f"penalty must be one of {PENALTIES}, got {self.penalty!r}")
+        for name in ("gnn_steps", "sim_refresh_every", "sim_batches", "sim_sketch_dim", "rescore_every"):
+            if int(getattr(self, name)) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)!r}")
+        if self.filter_warmup_steps < 0:
+            raise ValueError(f"filter_warmup_steps must be >= 0, got {self.filter_warmup_steps!r}")
+        for name in ("lambda_ib", "penalty_weight", "gate_sigma", "gate_temperature", "gate_lr_multiplier", "coordinator_lr_multiplier"):
+            value = float(getattr(self, name))
+            if not math.isfinite(value) or value < 0:
+                raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+        if self.gate_sigma == 0 or self.gate_temperature == 0:
+            raise ValueError("gate_sigma and gate_temperature must be > 0")
+        if not -1.0 <= self.sim_threshold <= 1.0:
+            raise ValueError(f"sim_threshold is a cosine in [-1, 1], got {self.sim_threshold!r}")
+        if self.use_dora:
+            raise ValueError("StructLoRA gates LoRA directions; use_dora=True is not supported")
+
+    @property
+    def keep_count(self) -> Optional[int]:
+        """Directions kept per module under ``keep_ratio`` (ceil(rho * r)), or None."""
+        return None if self.keep_ratio is None else max(1, math.ceil(self.keep_ratio * self.r))
+
+    def to_lora_config(self) -> LoraConfig:
+        """The plain peft ``LoraConfig`` with the same LoRA fields (used to build the peft model)."""
+        lora_fields = {f for f in LoraConfig.__dataclass_fields__ if LoraConfig.__dataclass_fields__[f].init}
+        kwargs = {k: getattr(self, k) for k in lora_fields if hasattr(self, k)}
+        return LoraConfig(**kwargs)

@@ -1,0 +1,344 @@
+"""`get_structlora_model`: a peft LoRA model whose LoRA layers are gated (Stage 1) and coordinated across
+depth (Stage 2), paper Sec. 3 and appendix E. Notation follows peft: A = lora_A.weight (r x k),
+B = lora_B.weight (d x r), s = lora_alpha / r; the paper's "A B" is peft's "B A".
+
+Each adapted layer l of a module family computes, in one low-rank product,
+
+    y = W0 x + B_cat diag(coef) A_cat x,      A_cat = [A_j; ...] (n r x k),  B_cat = [B_j, ...] (d x n r)
+    coef = [M_lj s_j m_j for j in N_T(l)]    (n r,)
+
+where m_j are the gates of layer j (Eq. 2) and M is the coordinator's mixing matrix (coordinator.py).
+With no gate and no graph, n = 1 and coef = s: exactly peft LoRA. The coordinated factors are also
+what `export.py` writes, so the merged/exported model equals the trained model at eval.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+import torch
+import torch.nn.functional as F
+from peft import PeftModel, get_peft_model
+from peft.tuners.lora import Linear as LoraLinear
+from torch import nn
+
+from .config import StructLoraConfig
+from .coordinator import DepthCoordinator, maybe_allreduce, sketch_cosines
+from .gates import FamilyGate
+
+__all__ = ["StructLoraModel", "get_structlora_model", "Family", "group_lora_layers"]
+
+ADAPTER = "default"
+_LAYER_INDEX = re.compile(r"\.(\d+)\.")
+
+
+def group_lora_layers(model: nn.Module) -> dict[str, list[tuple[str, nn.Module]]]:
+    """Group peft LoRA linear layers into families: same name up to the first layer index.
+
+    ``...layer.3.attention.self.query`` -> family ``...layer.*.attention.self.query``, ordered by depth.
+    A module with no numeric path component is a family of its own.
+    """
+    families: dict[str, list[tuple[int, str, nn.Module]]] = {}
+    for name, module in model.named_modules():
+        if not isinstance(module, LoraLinear) or ADAPTER not in module.lora_A:
+            continue
+        match = _LAYER_INDEX.search(name + ".")
+        key = name if match is None else name[: match.start()] + ".*." + name[match.end():]
+        index = -1 if match is None else int(match.group(1))
+        families.setdefault(key.rstrip("."), []).append((index, name, module))
+    return {k: [(n, m) for _, n, m in sorted(v, key=lambda t: t[0])] for k, v in families.items()}
+
+
+@dataclass
+class Family:
+    """One module family (e.g. all ``query`` projections), ordered by depth."""
+
+    key: str
+    names: list[str]
+    layers: list[LoraLinear]
+    gate: FamilyGate
+    coord: Optional[DepthCoordinator]
+    sketch_proj: Optional[torch.Tensor] = None      # (k, p) fixed random projection R
+    sketches: Optional[torch.Tensor] = None         # (L, d, p) accumulated G_l R
+    capturing: bool = False
+    captured: int = 0
+    state: Optional[dict[str, Any]] = field(default=None, repr=False)
+
+    @property
+    def scalings(self) -> torch.Tensor:
+        return torch.tensor([float(layer.scaling[ADAPTER]) for layer in self.layers])
+
+    def A(self, l: int) -> torch.Tensor:
+        return self.layers[l].lora_A[ADAPTER].weight  # (r, k)
+
+    def B(self, l: int) -> torch.Tensor:
+        return self.layers[l].lora_B[ADAPTER].weight  # (d, r)
+
+
+class StructLoraModel(nn.Module):
+    """A peft LoRA model with IB gates and a depth coordinator. Forward is the peft model's forward.
+
+    Extra API: `structlora_loss()` (add it to the task loss), `structlora_param_groups()`,
+    `effective_factors()`, `structlora_report()`, `save_pretrained()`, `merge_and_unload()`.
+    """
+
+    def __init__(self, peft_model: PeftModel, config: StructLoraConfig) -> None:
+        super().__init__()
+        self.peft_model = peft_model
+        self.structlora_config = config
+        self.gates = nn.ModuleDict()
+        self.coordinators = nn.ModuleDict()
+        self.register_buffer("structlora_step", torch.zeros((), dtype=torch.long))
+        self.families: list[Family] = []
+        groups = group_lora_layers(peft_model)
+        if not groups:
+            raise ValueError("no LoRA linear layers were created: check target_modules")
+        for i, (key, members) in enumerate(groups.items()):
+            names = [n for n, _ in members]
+            layers = [m for _, m in members]
+            self._check_family(key, names, layers)
+            r = layers[0].r[ADAPTER]
+            gate = FamilyGate(len(layers), r, config.gate, config.filter, config.keep_count, config.gate_init,
+                              config.gate_temperature, config.gate_sigma, seed=config.structlora_seed + i)
+            coord = DepthCoordinator(len(layers), config.graph, config.gnn_steps) if config.graph else None
+            slot = f"family{i}"
+            self.gates[slot] = gate
+            if coord is not None:
+                self.coordinators[slot] = coord
+            fam = Family(key, names, layers, gate, coord)
+            if config.graph in ("similarity", "hybrid"):
+                k = layers[0].in_features
+                gen = torch.Generator().manual_seed(config.structlora_seed + 1000 + i)
+                fam.sketch_proj = torch.randn(k, config.sim_sketch_dim, generator=gen) / config.sim_sketch_dim**0.5
+            self.families.append(fam)
+            for l, layer in enumerate(layers):
+                layer.forward = _make_forward(self, fam, l, layer)
+        self._check_finite()
+
+    # ------------------------------------------------------------------ construction checks
+    def _check_family(self, key: str, names: list[str], layers: list[LoraLinear]) -> None:
+        cfg = self.structlora_config
+        if cfg.graph in ("similarity", "hybrid") and len(layers) < 2:
+            raise ValueError(f"graph={cfg.graph!r}: module family {key!r} has a single layer; similarity edges need >= 2")
+        if cfg.graph is not None:
+            shapes = {(tuple(l.lora_A[ADAPTER].weight.shape), tuple(l.lora_B[ADAPTER].weight.shape)) for l in layers}
+            if len(shapes) > 1:
+                raise ValueError(f"module family {key!r} has layers of different shapes {sorted(shapes)}: "
+                                 "the coordinator mixes updates within a family; use graph=None or target uniform modules")
+        for name, layer in zip(names, layers):
+            if layer.use_dora.get(ADAPTER, False) or ADAPTER in getattr(layer, "lora_variant", {}):
+                raise ValueError(f"{name}: LoRA variants (DoRA, ...) are not supported by StructLoRA")
+
+    def _check_finite(self) -> None:
+        """Raise, naming the module, when a gate, gain or LoRA factor is NaN/inf."""
+        for fam, slot in zip(self.families, self.gates.keys()):
+            if fam.gate.logits is not None and not torch.isfinite(fam.gate.logits).all():
+                bad = (~torch.isfinite(fam.gate.logits)).any(-1).nonzero().flatten().tolist()
+                raise FloatingPointError(f"non-finite gate logits in {[fam.names[i] for i in bad]}")
+            if fam.coord is not None and not torch.isfinite(fam.coord.gains).all():
+                raise FloatingPointError(f"non-finite coordinator gains in family {fam.key!r}")
+            for l, name in enumerate(fam.names):
+                if not (torch.isfinite(fam.A(l)).all() and torch.isfinite(fam.B(l)).all()):
+                    raise FloatingPointError(f"non-finite LoRA factor in {name}")
+
+    # ------------------------------------------------------------------ forward
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        if self.training and torch.is_grad_enabled():
+            self._on_train_forward()
+        self._reset_states()
+        try:
+            return self.peft_model(*args, **kwargs)
+        finally:
+            self._reset_states()
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name == "peft_model":
+                raise
+            return getattr(self.peft_model, name)
+
+    def train(self, mode: bool = True) -> "StructLoraModel":
+        self._reset_states()
+        return super().train(mode)
+
+    def _reset_states(self) -> None:
+        for fam in self.families:
+            fam.state = None
+
+    def _on_train_forward(self) -> None:
+        """Step-driven work: filter masks after warm-up, top-k-norm re-scoring, similarity refresh."""
+        cfg, step = self.structlora_config, int(self.structlora_step)
+        for fam in self.families:
+            if cfg.keep_ratio is not None and step >= cfg.filter_warmup_steps:
+                fam.gate.mask_active.fill_(True)
+                if cfg.filter == "topk_norm" and (step - cfg.filter_warmup_steps) % cfg.rescore_every == 0:
+                    fam.gate.rescore_topk_norm(self._direction_norms(fam))
+            if fam.sketch_proj is not None:
+                if fam.capturing and fam.captured >= cfg.sim_batches:
+                    cos = sketch_cosines(maybe_allreduce(fam.sketches))
+                    fam.coord.set_similarity(cos, cfg.sim_threshold)
+                    fam.capturing, fam.sketches = False, None
+                if step % cfg.sim_refresh_every == 0:
+                    fam.capturing, fam.captured = True, 0
+                    d, p = fam.layers[0].out_features, cfg.sim_sketch_dim
+                    fam.sketches = torch.zeros(len(fam.layers), d, p, device=fam.A(0).device)
+                if fam.capturing:
+                    fam.captured += 1
+        if step % 50 == 0:
+            self._check_finite()
+        self.structlora_step += 1
+
+    @torch.no_grad()
+    def _direction_norms(self, fam: Family) -> torch.Tensor:
+        """(L, r) ||b_j|| * ||a_j|| per direction (the Top-k Norm score of Fig. 2)."""
+        return torch.stack([fam.B(l).norm(dim=0) * fam.A(l).norm(dim=1) for l in range(len(fam.layers))])
+
+    def family_state(self, fam: Family) -> dict[str, Any]:
+        """Per-forward state of a family: gates m (L, r), mixing M (L, L), neighbour lists."""
+        if fam.state is None:
+            training = self.training
+            if (not training and fam.gate.keep is not None and self.structlora_config.filter == "topk_norm"
+                    and not bool(fam.gate.mask_active)):
+                fam.gate.rescore_topk_norm(self._direction_norms(fam))
+            m = fam.gate(training)                               # (L, r) or None
+            mix = fam.coord.mixing() if fam.coord is not None else None   # (L, L) or None
+            nbrs = None
+            if fam.coord is not None:
+                support = fam.coord.support()
+                nbrs = [support[l].nonzero().flatten().tolist() for l in range(len(fam.layers))]
+            fam.state = {"m": m, "mix": mix, "nbrs": nbrs, "s": fam.scalings.to(fam.A(0).device)}
+        return fam.state
+
+    def layer_factors(self, fam: Family, l: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(A_cat (n r, k), coef (n r,), B_cat (d, n r)) such that dW_l = B_cat diag(coef) A_cat."""
+        st = self.family_state(fam)
+        m, mix, s = st["m"], st["mix"], st["s"]
+        if mix is None:
+            coef = s[l] * (m[l] if m is not None else torch.ones_like(fam.A(l)[:, 0]))
+            return fam.A(l), coef, fam.B(l)
+        js = st["nbrs"][l]
+        r = fam.A(l).shape[0]
+        gm = m[js] if m is not None else torch.ones(len(js), r, device=s.device)         # (n, r)
+        coef = (mix[l, js] * s[js])[:, None] * gm                                         # (n, r)
+        a_cat = torch.cat([fam.A(j) for j in js], dim=0)                                  # (n r, k)
+        b_cat = torch.cat([fam.B(j) for j in js], dim=1)                                  # (d, n r)
+        return a_cat, coef.reshape(-1), b_cat
+
+    # ------------------------------------------------------------------ losses and optimisation
+    def structlora_loss(self) -> torch.Tensor:
+        """lambda_IB * L_IB (Eq. 8) + the static penalty weight * L_cos / L_lap (Eq. 9-10); 0 if none."""
+        from .diagnostics import cos_penalty, laplacian_penalty  # local: diagnostics imports this module
+
+        cfg = self.structlora_config
+        device = self.families[0].A(0).device
+        loss = torch.zeros((), device=device)
+        if cfg.gate is not None and cfg.lambda_ib > 0:
+            sizes = torch.tensor([fam.gate.logits.numel() for fam in self.families], dtype=torch.float, device=device)
+            terms = torch.stack([fam.gate.compression() for fam in self.families])
+            loss = loss + cfg.lambda_ib * (terms * sizes).sum() / sizes.sum()
+        if cfg.penalty is not None and cfg.penalty_weight > 0:
+            fn = cos_penalty if cfg.penalty == "cos" else laplacian_penalty
+            for fam in self.families:
+                if len(fam.layers) > 1:
+                    factors = [self._uncoordinated_factors(fam, l) for l in range(len(fam.layers))]
+                    loss = loss + cfg.penalty_weight * fn(factors)
+        return loss
+
+    def _uncoordinated_factors(self, fam: Family, l: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B_eff (d, r), A (r, k)) of the filtered update dW~_l = s B diag(m) A (no coordination)."""
+        m = self.family_state(fam)["m"]
+        coef = fam.scalings[l] * (m[l] if m is not None else 1.0)
+        return fam.B(l) * coef, fam.A(l)
+
+    def structlora_param_groups(self, lr: float, weight_decay: float = 0.01) -> list[dict[str, Any]]:
+        """AdamW groups: LoRA factors (+ head) with decay; gate logits and edge gains without decay."""
+        cfg = self.structlora_config
+        gate_params = [p for p in self.gates.parameters() if p.requires_grad]
+        gain_params = [p for p in self.coordinators.parameters() if p.requires_grad]
+        other = [p for p in self.peft_model.parameters() if p.requires_grad]
+        groups = [{"params": other, "lr": lr, "weight_decay": weight_decay}]
+        if gate_params:
+            groups.append({"params": gate_params, "lr": lr * cfg.gate_lr_multiplier, "weight_decay": 0.0})
+        if gain_params:
+            groups.append({"params": gain_params, "lr": lr * cfg.coordinator_lr_multiplier, "weight_decay": 0.0})
+        return groups
+
+    # ------------------------------------------------------------------ export-facing views
+    @torch.no_grad()
+    def effective_factors(self, drop_zero: bool = True) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """Eval-mode factors per module name: (B_eff (d, r'), A_eff (r', k)), dW = B_eff A_eff exactly.
+
+        Gates, scaling and coordinator mixing are folded into B_eff; directions whose coefficient is
+        exactly 0 (closed gates, zero gains) are dropped when ``drop_zero``.
+        """
+        was_training = self.training
+        self.eval()
+        self._reset_states()
+        out: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        try:
+            for fam in self.families:
+                for l, name in enumerate(fam.names):
+                    a_cat, coef, b_cat = self.layer_factors(fam, l)
+                    keep = coef != 0 if drop_zero else torch.ones_like(coef, dtype=torch.bool)
+                    out[name] = ((b_cat * coef)[:, keep].clone(), a_cat[keep].clone())
+        finally:
+            self._reset_states()
+            self.train(was_training)
+        return out
+
+    def structlora_report(self):
+        """pandas DataFrame: per module, directions kept / r, exported rank, ||dW||, plus E and CosAdj per family."""
+        from .diagnostics import structlora_report
+
+        return structlora_report(self)
+
+    def save_pretrained(self, save_directory: str, compress_rank: Optional[int] = None, **kwargs: Any) -> dict[str, float]:
+        """Write a standard peft LoRA adapter (loads in vanilla peft); see `export.save_adapter`."""
+        from .export import save_adapter
+
+        return save_adapter(self, save_directory, compress_rank=compress_rank, **kwargs)
+
+    def merge_and_unload(self) -> nn.Module:
+        """Plain base model with the coordinated, gated update merged into W0 (eval outputs unchanged)."""
+        from .export import merge_and_unload
+
+        return merge_and_unload(self)
+
+
+def _make_forward(owner: StructLoraModel, fam: Family, l: int, layer: LoraLinear):
+    """The replacement forward of one peft `lora.Linear`: base + one concatenated low-rank product."""
+    original = type(layer).forward
+
+    def forward(x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        if (layer.disable_adapters or layer.merged or ADAPTER not in layer.active_adapters
+                or kwargs.get("adapter_names") is not None):
+            return original(layer, x, *args, **kwargs)
+        result = layer.base_layer(x, *args, **kwargs)                        # (..., d)
+        a_cat, coef, b_cat = owner.layer_factors(fam, l)
+        x = layer._cast_input_dtype(x, a_cat.dtype)
+        h = F.linear(layer.lora_dropout[ADAPTER](x), a_cat)                  # (..., n r)
+        out = result + F.linear(h * coef, b_cat).to(result.dtype)            # (..., d)
+        if fam.capturing and out.requires_grad:
+            xr = x.detach().reshape(-1, x.shape[-1]) @ fam.sketch_proj.to(x.device)   # (T, p)
+
+            def accumulate(grad: torch.Tensor) -> None:
+                fam.sketches[l] += grad.detach().reshape(-1, grad.shape[-1]).T @ xr   # (d, p) = sum_t delta_t (x_t R)
+            out.register_hook(accumulate)
+        return out
+
+    return forward
+
+
+def get_structlora_model(model: nn.Module, config: StructLoraConfig) -> StructLoraModel:
+    """Wrap a transformers/timm model: peft LoRA layers, then StructLoRA gates and coordinator.
+
+    Errors (unknown target modules, r <= 0, bad keep_ratio, similarity graph on one layer, family
+    shape mismatch, non-finite parameters) are raised here, before any training.
+    """
+    if not isinstance(config, StructLoraConfig):
+        raise TypeError(f"config must be a StructLoraConfig, got {type(config).__name__}")
+    peft_model = get_peft_model(model, config.to_lora_config())
+    return StructLoraModel(peft_model, config)
