@@ -8,6 +8,7 @@ A plain PyTorch loop needs only ``loss = out.loss + model.structlora_loss()``.
 """
 from __future__ import annotations
 
+import inspect
 from typing import Any
 
 import torch
@@ -36,6 +37,13 @@ class StructLoraTrainer(Trainer):
         if model.training:
             loss = loss + unwrap_structlora(model).structlora_loss()
         return (loss, outputs) if return_outputs else loss
+
+    def _set_signature_columns_if_needed(self) -> None:
+        # Trainer drops dataset columns the model's forward does not name; ours takes **kwargs, so
+        # inspect the wrapped transformers model instead.
+        if self._signature_columns is None:
+            base = unwrap_structlora(self.model).peft_model.get_base_model()
+            self._signature_columns = list(inspect.signature(base.forward).parameters) + ["label", "label_ids", "labels"]
 
     def create_optimizer(self, *args: Any, **kwargs: Any):
         if self.optimizer is None:

@@ -340,5 +340,11 @@ def get_structlora_model(model: nn.Module, config: StructLoraConfig) -> StructLo
     """
     if not isinstance(config, StructLoraConfig):
         raise TypeError(f"config must be a StructLoraConfig, got {type(config).__name__}")
-    peft_model = get_peft_model(model, config.to_lora_config())
-    return StructLoraModel(peft_model, config)
+    targets = config.target_modules
+    if isinstance(targets, (list, set, tuple)):
+        names = [n for n, _ in model.named_modules()]
+        missing = sorted(t for t in targets if not any(n == t or n.endswith("." + t) for n in names))
+        if missing:
+            linear = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, nn.Linear)})
+            raise ValueError(f"target_modules {missing} not found in the model; its Linear module names are {linear}")
+    return StructLoraModel(get_peft_model(model, config.to_lora_config()), config)

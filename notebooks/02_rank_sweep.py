@@ -1,0 +1,196 @@
+# ---
+# jupyter:
+#   jupytext:
+#     cell_metadata_filter: tags,-all
+#     formats: ipynb,py:percent
+#     notebook_metadata_filter: kernelspec,jupytext,-jupytext.text_representation.jupytext_version
+#     text_representation:
+#       extension: .py
+#       format_name: percent
+#       format_version: '1.3'
+#   kernelspec:
+#     display_name: Python 3 (ipykernel)
+#     language: python
+#     name: python3
+# ---
+
+# %% [markdown]
+# # 02 · Rank sweep: LoRA vs StructLoRA at r ∈ {2, 4, 8, 16, 32} (paper Table 3)
+#
+# **What the paper claims.** "STRUCTLORA consistently outperforms LoRA, with the largest gains observed
+# in low-rank (r ≤ 8) settings": on BoolQ (LLaMA-7B) the gain is +2.3 / +2.3 / +2.2 / +1.4 / +0.9 points
+# at r = 2 / 4 / 8 / 16 / 32, on CIFAR-100 (ViT-B/16) +1.8 / +2.5 / +2.6 / +1.5 / +1.1, on COCO
+# captioning (LLaVA-1.5-7B) +3.1 / +3.2 / +6.2 / +5.5 / +4.9 CIDEr. Note that in the paper's own table
+# the CIFAR-100 gain *grows* from r = 2 to r = 8, and in the COCO column the mean gain at r > 8 (+5.2)
+# exceeds the mean at r ≤ 8 (+4.2) although the single largest gain is at r = 8. The contrast we test,
+# mean gain at r ≤ 8 minus mean gain at r > 8, is +1.1 (BoolQ) and +1.0 (CIFAR-100) in the paper.
+#
+# **What stands in here.** `vit-tiny-fmnist` on `fmnist-transfer` for ViT-B/16 on CIFAR-100;
+# `minilm-l6` on `sst2` as a cheap language task (the cpu tier cannot afford a rank sweep of
+# `smollm2-135m` on `boolq`, the stand-in for BoolQ/LLaMA-7B: the gpu tier runs it); captioning is not
+# run (no vision-language model offline). Both methods share rank, alpha = 2r, target modules, optimizer,
+# steps and seeds; only the IB gates and the training-time coordinator differ.
+
+# %%
+import os
+import time
+
+import numpy as np
+import pandas as pd
+from IPython.display import Markdown, display
+
+from structlora.reproduce import repo_root
+
+os.chdir(repo_root())
+
+from structlora import paper, plots
+from structlora.claims import claim_from_test, write_claims
+from structlora.grid import RunSpec, run_grid
+from structlora.stats import paired_test, summarize
+
+pd.set_option("display.width", 200)
+plots.setup_style()
+NB = "02_rank_sweep"
+_T0 = time.perf_counter()
+
+# %%
+# NBVAL_CHECK_OUTPUT
+display(paper.table_frame(3))
+
+# %% [markdown]
+# ## Parameters (smoke tier; `params/<tier>/02_rank_sweep.yml` replaces them)
+
+# %% tags=["parameters"]
+TIER = "smoke"
+RESULTS_DIR = "results/smoke/runs"
+TASKS = ["sst2"]
+RANKS = [2, 8, 32]
+METHODS = ["lora", "structlora"]
+SEEDS = [0, 1]
+BUDGET = {
+    "minilm-l6": {"max_steps": 3, "batch_size": 8, "max_length": 64, "lr": 5e-4, "eval_every": 3,
+                  "max_eval_examples": 32},
+    "smollm2-135m": {"max_steps": 2, "batch_size": 4, "max_length": 64, "lr": 2e-4, "eval_every": 2,
+                     "max_eval_examples": 16},
+    "vit-tiny-fmnist": {"max_steps": 3, "batch_size": 32, "max_length": 64, "lr": 5e-4, "eval_every": 3,
+                        "max_eval_examples": 64},
+}
+N_JOBS = 1
+
+# %%
+TASK_MODEL = {"sst2": "minilm-l6", "boolq": "smollm2-135m", "fmnist-transfer": "vit-tiny-fmnist"}
+# the paper column each task stands in for (sst2 has no Table 3 column: it is compared with BoolQ's)
+PAPER_COL = {"sst2": "boolq", "boolq": "boolq", "fmnist-transfer": "cifar100"}
+LOW = [r for r in RANKS if r <= 8]
+HIGH = [r for r in RANKS if r > 8]
+specs = [RunSpec(task=t, model=TASK_MODEL[t], method=m, rank=r, seed=s, fraction=1.0, **BUDGET[TASK_MODEL[t]])
+         for t in TASKS for r in RANKS for m in METHODS for s in SEEDS]
+print(f"tier {TIER}: {len(specs)} runs = {len(TASKS)} task(s) x {len(RANKS)} ranks x {len(METHODS)} methods x "
+      f"{len(SEEDS)} seeds")
+left = [r for r in (2, 4, 8, 16, 32) if r not in RANKS]
+print("paper ranks left out in this tier:", left or "none")
+print("paper columns not run: coco_caption (no vision-language model offline)"
+      + ("" if "boolq" in TASKS else "; boolq/LLaMA-7B stand-in (smollm2-135m) -> gpu tier"))
+
+# %%
+df = run_grid(specs, results_dir=RESULTS_DIR, n_jobs=N_JOBS, progress=True)
+ok = df[df["status"] == "ok"].copy()
+ok["acc"] = 100.0 * ok["test_accuracy"]
+print(f"{len(ok)} runs ok, {int((df['status'] != 'ok').sum())} skipped")
+
+# %%
+# NBVAL_CHECK_OUTPUT
+skipped = df[df["status"] != "ok"]
+if len(skipped):
+    display(skipped.groupby(["task", "method", "rank", "skip_reason"]).size().rename("runs").reset_index())
+else:
+    print("no run was skipped")
+
+# %% [markdown]
+# ### Trainable parameters per rank
+#
+# StructLoRA trains the same LoRA factors as LoRA plus r gate logits per adapted module and the
+# coordinator (training-only; dropped when the adapter is merged).
+
+# %%
+# NBVAL_CHECK_OUTPUT
+display(ok.groupby(["task", "rank", "method"])["trainable_params"].first().unstack("method").astype("Int64"))
+
+# %% [markdown]
+# ## Our sweep beside the paper's
+
+# %%
+# NBVAL_CHECK_OUTPUT
+summ = summarize(ok, metric="acc", by=("task", "rank", "method"))
+tab = summ.pivot_table(index=["task", "rank"], columns="method", values="mean").round(1)
+tests = paired_test(ok, method="structlora", baseline="lora", metric="acc", by=("task", "rank"))
+tab = tab.join(tests.set_index(["task", "rank"])[["diff_mean", "ci_low", "ci_high", "n"]].round(1))
+tab["paper_gain"] = [paper.paper_diff(3, PAPER_COL[t], rank=r) for t, r in tab.index]
+display(tab)
+
+# %%
+gains = tests.copy()
+pap = paper.table_frame(3).rename(columns={"dataset": "task"})
+pap = pap[pap["task"].isin({PAPER_COL[t] for t in TASKS})]
+pap["task"] = "paper " + pap["task"]
+fig = plots.gain_curve(gains, x="rank", hue="task", paper=pap, paper_y="gain", logx=True, xlabel="LoRA rank r",
+                       title=f"StructLoRA − LoRA by rank ({TIER} tier)")
+fig_path = plots.save_figure(fig, NB, "rank_gain", TIER)
+fig;
+
+# %% [markdown]
+# ## Verdicts
+#
+# 1. At each rank: StructLoRA − LoRA, paired over seeds, against the paper's gain at that rank.
+# 2. "Largest gains at r ≤ 8": per seed, the mean gain over the ranks ≤ 8 minus the mean gain over the
+#    ranks > 8, paired over seeds; the paper's value is the same contrast in its table.
+
+# %%
+# NBVAL_CHECK_OUTPUT
+claims = []
+for t in TASKS:
+    col = PAPER_COL[t]
+    for r in RANKS:
+        row = tests[(tests["task"] == t) & (tests["rank"] == r)]
+        pd_ = paper.paper_diff(3, col, rank=r)
+        claims.append(claim_from_test(
+            f"T3.{t}.r{r}.structlora>lora", NB, TIER, f"StructLoRA beats LoRA at r={r} on {t}",
+            row.iloc[0] if len(row) else None, pd_, paper_value=f"{pd_:+.1f} (Table 3, {col}, r={r})",
+            note="" if len(row) else "not run"))
+
+    # low-rank contrast: per seed, mean gain at r<=8 minus mean gain at r>8
+    sub = ok[ok["task"] == t].pivot_table(index=["seed", "rank"], columns="method", values="acc")
+    if LOW and HIGH and {"lora", "structlora"} <= set(sub.columns):
+        g = (sub["structlora"] - sub["lora"]).rename("gain").reset_index()
+        g["band"] = np.where(g["rank"] <= 8, "low", "high")
+        per_seed = g.groupby(["seed", "band"])["gain"].mean().reset_index()
+        per_seed = per_seed.rename(columns={"band": "method"}).assign(task=t)
+        ct = paired_test(per_seed, method="low", baseline="high", metric="gain", by=("task",))
+        pg = {r: paper.paper_diff(3, col, rank=r) for r in (2, 4, 8, 16, 32)}
+        p_contrast = round(np.mean([pg[r] for r in (2, 4, 8)]) - np.mean([pg[r] for r in (16, 32)]), 2)
+        claims.append(claim_from_test(
+            f"T3.{t}.gain_largest_low_rank", NB, TIER,
+            f"the gain is larger at r≤8 than at r>8 on {t} (mean gain over ranks {LOW} minus over {HIGH})",
+            ct.iloc[0] if len(ct) else None, p_contrast,
+            paper_value=f"{p_contrast:+.1f} (Table 3, {col})"))
+    else:
+        claims.append(claim_from_test(f"T3.{t}.gain_largest_low_rank", NB, TIER,
+                                      f"the gain is larger at r≤8 than at r>8 on {t}", None, None,
+                                      note="needs ranks on both sides of 8 in this tier"))
+ledger = pd.DataFrame([c.to_dict() for c in claims])
+display(ledger[["claim_id", "paper_value", "ours", "n", "verdict"]])
+
+# %%
+per_rank = [c for c in claims if c.claim_id.endswith("structlora>lora")]
+pos = sum(c.ours_value is not None and c.ours_value > 0 for c in per_rank)
+rep = sum(c.verdict == "reproduced" for c in per_rank)
+lines = [f"- **{c.claim_id}**: paper {c.paper_value}; ours {c.ours} (n={c.n}) → **{c.verdict}**" for c in claims]
+display(Markdown(
+    f"StructLoRA's mean gain over LoRA is positive at {pos} of {len(per_rank)} (task, rank) points and "
+    f"significantly so (reproduced) at {rep}; where it is not, StructLoRA does **not** beat LoRA at our scale.\n\n"
+    + "\n".join(lines)))
+
+# %%
+path = write_claims(NB, TIER, claims)
+print(f"wrote {len(claims)} claims to {path}; figure: {fig_path}")
+print(f"notebook wall time: {(time.perf_counter() - _T0) / 60:.1f} min")

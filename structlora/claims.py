@@ -1,0 +1,309 @@
+"""The claims ledger: one JSON file per (notebook, tier), collected into ``results/CLAIMS.md``.
+
+Each reproduction notebook ends with a list of :class:`Claim` objects built from its measured
+numbers (verdicts come from :func:`structlora.stats.verdict`, never typed by hand) and calls::
+
+    write_claims("01_main_results", TIER, claims)       # -> results/claims/01_main_results.<tier>.json
+
+``python -m structlora reproduce`` ends with :func:`build_ledger`, which collects the files of one
+tier (``cpu`` by default) into ``results/CLAIMS.md`` (a markdown table) and ``results/claims.csv``.
+The tier is part of every file name, so a smoke run never overwrites cpu-tier claims.
+"""
+from __future__ import annotations
+
+import dataclasses
+import datetime as _dt
+import json
+import math
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable
+
+import pandas as pd
+
+__all__ = [
+    "Claim",
+    "write_claims",
+    "read_claims",
+    "build_ledger",
+    "format_diff",
+    "claim_from_test",
+    "VERDICTS",
+    "TIERS",
+]
+
+VERDICTS = ("reproduced", "not reproduced", "inconclusive", "skipped")
+TIERS = ("smoke", "cpu", "gpu")
+
+# Used only when structlora.stats (or its verdict docstring) is not importable.
+_FALLBACK_RULE = (
+    "A claim is *reproduced* when our paired difference (StructLoRA minus the baseline, over seeds) "
+    "has the paper's sign and its 95% confidence interval excludes zero; *not reproduced* when the "
+    "interval excludes zero with the opposite sign, or lies entirely below the paper's effect; "
+    "*inconclusive* otherwise (the interval contains zero, or too few seeds)."
+)
+
+
+def _num(x) -> float | None:
+    """float or None (NaN/inf/None -> None), so JSON stays valid."""
+    if x is None:
+        return None
+    try:
+        v = float(x)
+    except (TypeError, ValueError):
+        return None
+    return v if math.isfinite(v) else None
+
+
+def format_diff(diff: float | None, std: float | None = None, ci_low: float | None = None,
+                ci_high: float | None = None, digits: int = 1) -> str:
+    """``"+0.8 ± 1.2 (95% CI [-1.1, 2.7])"``; parts that are None/NaN are left out."""
+    diff, std, ci_low, ci_high = map(_num, (diff, std, ci_low, ci_high))
+    if diff is None:
+        return "n/a"
+    s = f"{diff:+.{digits}f}"
+    if std is not None:
+        s += f" ± {std:.{digits}f}"
+    if ci_low is not None and ci_high is not None:
+        s += f" (95% CI [{ci_low:.{digits}f}, {ci_high:.{digits}f}])"
+    return s
+
+
+@dataclass
+class Claim:
+    """One claim of the paper, checked against our measured numbers.
+
+    claim_id    short unique id within the notebook, e.g. ``"T1.sst2.structlora>lora"``
+    notebook    notebook stem, e.g. ``"01_main_results"``
+    claim       the claim in words
+    paper_value what the paper reports, e.g. ``"+1.4 (Table 1)"``
+    ours        what we measured, e.g. ``"+0.8 ± 1.2 (95% CI [-1.1, 2.7])"`` (see :func:`format_diff`)
+    ours_value  the measured number (diff mean) or None
+    ci_low/ci_high  95% CI of ``ours_value`` or None
+    n           number of paired seeds (or runs) behind the number
+    tier        ``smoke`` | ``cpu`` | ``gpu``
+    verdict     from :func:`structlora.stats.verdict` (or ``"skipped"`` when nothing ran)
+    note        free text: scale caveats, stand-ins, why skipped
+    """
+
+    claim_id: str
+    notebook: str
+    claim: str
+    paper_value: str
+    ours: str
+    ours_value: float | None
+    ci_low: float | None
+    ci_high: float | None
+    n: int
+    tier: str
+    verdict: str
+    note: str = ""
+
+    def __post_init__(self):
+        self.ours_value = _num(self.ours_value)
+        self.ci_low = _num(self.ci_low)
+        self.ci_high = _num(self.ci_high)
+        try:
+            self.n = int(self.n)
+        except (TypeError, ValueError):
+            self.n = 0
+        self.paper_value = str(self.paper_value)
+        self.ours = str(self.ours)
+        if self.verdict not in VERDICTS:
+            raise ValueError(f"Claim {self.claim_id!r}: verdict {self.verdict!r} not in {VERDICTS}")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def _get(row, key, default=None):
+    if row is None:
+        return default
+    if hasattr(row, "get"):
+        return row.get(key, default)
+    return getattr(row, key, default)
+
+
+def claim_from_test(claim_id: str, notebook: str, tier: str, claim: str, test, paper_diff: float | None,
+                    paper_value: str | None = None, note: str = "", digits: int = 1) -> Claim:
+    """A :class:`Claim` from one row of :func:`structlora.stats.paired_test` (a dict / Series / namedtuple
+    with ``diff_mean``, ``ci_low``, ``ci_high``, ``p``, ``n`` and optionally ``diff_std``).
+
+    The verdict is :func:`structlora.stats.verdict` of the measured numbers against ``paper_diff``;
+    ``test=None`` (nothing ran) gives verdict ``"skipped"`` with ``note`` saying why.
+    """
+    from .stats import verdict as _verdict
+
+    pv = paper_value if paper_value is not None else (format_diff(paper_diff, digits=digits)
+                                                      if paper_diff is not None else "n/a")
+    if test is None:
+        return Claim(claim_id, notebook, claim, pv, "not run", None, None, None, 0, tier, "skipped", note)
+    d, lo, hi, p = (_num(_get(test, k)) for k in ("diff_mean", "ci_low", "ci_high", "p"))
+    n = _get(test, "n", 0)
+    std = _num(_get(test, "diff_std", _get(test, "std")))
+    v = _verdict(d, lo, hi, p, paper_diff)
+    return Claim(claim_id, notebook, claim, pv, format_diff(d, std, lo, hi, digits=digits), d, lo, hi,
+                 int(n or 0), tier, v, note)
+
+
+def _claims_dir(root: str | os.PathLike) -> Path:
+    return Path(root) / "claims"
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+
+
+def write_claims(notebook: str, tier: str, claims: Iterable[Claim], root: str | os.PathLike = "results") -> Path:
+    """Write ``<root>/claims/<notebook>.<tier>.json`` atomically and return its path."""
+    claims = list(claims)
+    if tier not in TIERS:
+        raise ValueError(f"tier {tier!r} not in {TIERS}")
+    ids = [c.claim_id for c in claims]
+    dup = sorted({i for i in ids if ids.count(i) > 1})
+    if dup:
+        raise ValueError(f"duplicate claim ids: {dup}")
+    for c in claims:
+        if c.tier != tier:
+            raise ValueError(f"claim {c.claim_id!r} has tier {c.tier!r}, expected {tier!r}")
+        if c.notebook != notebook:
+            raise ValueError(f"claim {c.claim_id!r} has notebook {c.notebook!r}, expected {notebook!r}")
+    payload = {
+        "notebook": notebook,
+        "tier": tier,
+        "written": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "claims": [c.to_dict() for c in claims],
+    }
+    path = _claims_dir(root) / f"{notebook}.{tier}.json"
+    _atomic_write_text(path, json.dumps(payload, indent=2, sort_keys=False) + "\n")
+    return path
+
+
+def read_claims(root: str | os.PathLike = "results", tier: str | None = "cpu") -> pd.DataFrame:
+    """All claims of one tier (``None``: every tier) as a DataFrame, plus a ``written`` column."""
+    rows = []
+    d = _claims_dir(root)
+    pattern = f"*.{tier}.json" if tier else "*.json"
+    for p in sorted(d.glob(pattern)) if d.exists() else []:
+        try:
+            payload = json.loads(p.read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError) as e:  # a broken file should not hide the others
+            print(f"[claims] skipping unreadable {p}: {e}")
+            continue
+        for c in payload.get("claims", []):
+            rows.append({**c, "written": payload.get("written", "")})
+    cols = [f.name for f in dataclasses.fields(Claim)] + ["written"]
+    df = pd.DataFrame(rows, columns=cols)
+    if len(df):
+        df = df.sort_values(["notebook", "claim_id"], kind="stable").reset_index(drop=True)
+    return df
+
+
+def _verdict_rule() -> str:
+    try:
+        from . import stats  # noqa: WPS433  (written by another module; optional at import time)
+
+        doc = (stats.verdict.__doc__ or "").strip()
+        if doc:
+            import inspect
+
+            return inspect.cleandoc(doc)
+    except Exception:  # pragma: no cover - stats not there yet
+        pass
+    return _FALLBACK_RULE
+
+
+def _md_escape(s) -> str:
+    s = "" if s is None or (isinstance(s, float) and math.isnan(s)) else str(s)
+    return s.replace("|", "\\|").replace("\n", " ")
+
+
+def _figures_for(root: Path, notebook: str, tier: str) -> list[Path]:
+    fig_dir = root / "figures"
+    if not fig_dir.exists():
+        return []
+    return sorted(fig_dir.glob(f"{notebook}_*.{tier}.png"))
+
+
+def build_ledger(root: str | os.PathLike = "results", tier: str | None = None) -> pd.DataFrame:
+    """Collect ``<root>/claims/*.<tier>.json`` into ``<root>/CLAIMS.md`` and ``<root>/claims.csv``.
+
+    ``tier=None`` means the cpu tier (the reference tier of the collection); a smoke-tier ledger
+    goes to ``CLAIMS.smoke.md`` / ``claims.smoke.csv`` so it never replaces the cpu one.
+    Returns the ledger DataFrame.
+    """
+    root = Path(root)
+    tier = tier or "cpu"
+    df = read_claims(root, tier=tier)
+    suffix = "" if tier == "cpu" else f".{tier}"
+    csv_path = root / f"claims{suffix}.csv"
+    md_path = root / f"CLAIMS{suffix}.md"
+    root.mkdir(parents=True, exist_ok=True)
+
+    tmp_csv = df.drop(columns=["written"]).to_csv(index=False)
+    _atomic_write_text(csv_path, tmp_csv)
+
+    today = _dt.date.today().isoformat()
+    counts = df["verdict"].value_counts().to_dict() if len(df) else {}
+    lines = [
+        "# Claims ledger",
+        "",
+        f"Tier: **{tier}** · built {today} · {len(df)} claims"
+        + (" · " + ", ".join(f"{k}: {v}" for k, v in sorted(counts.items())) if counts else ""),
+        "",
+        "Generated by `python -m structlora reproduce` from `results/claims/*." + tier + ".json` "
+        "(one file per notebook, written by the notebook's last cells). Do not edit by hand.",
+        "",
+        "## Verdict rule",
+        "",
+        "Every verdict is computed by `structlora.stats.verdict` from the measured numbers:",
+        "",
+    ]
+    lines += ["> " + ln if ln else ">" for ln in _verdict_rule().splitlines()]
+    lines += [
+        "",
+        "`ours` is StructLoRA minus the baseline in accuracy points (mean ± std over paired seeds, "
+        "95% CI of the paired t-test) unless the claim says otherwise; `n` is the number of paired seeds. "
+        "Our models are small stand-ins (MiniLM-L6, SmolLM2-135M, a tiny ViT) trained for short budgets, "
+        "so a claim that is *not reproduced* here says what happens at our scale, not that the paper is wrong.",
+        "",
+    ]
+    if not len(df):
+        lines += [f"_No claims found for tier `{tier}` under `{_claims_dir(root)}`._", ""]
+    for nb, g in df.groupby("notebook", sort=True):
+        lines += [f"## {nb}", ""]
+        executed = root / "executed" / f"{nb}.{tier}.ipynb"
+        links = []
+        if executed.exists():
+            links.append(f"[executed notebook](executed/{executed.name})")
+        links += [f"[{p.stem}](figures/{p.name})" for p in _figures_for(root, nb, tier)]
+        if links:
+            lines += ["Artifacts: " + " · ".join(links), ""]
+        lines += [
+            "| claim id | claim | paper | ours | n | verdict | note |",
+            "|---|---|---|---|---:|---|---|",
+        ]
+        for r in g.itertuples(index=False):
+            v = r.verdict
+            vtxt = {"reproduced": "✅ reproduced", "not reproduced": "❌ not reproduced",
+                    "inconclusive": "❔ inconclusive", "skipped": "⏭ skipped"}.get(v, v)
+            lines.append(
+                f"| {_md_escape(r.claim_id)} | {_md_escape(r.claim)} | {_md_escape(r.paper_value)} | "
+                f"{_md_escape(r.ours)} | {int(r.n)} | {vtxt} | {_md_escape(r.note)} |"
+            )
+        lines.append("")
+    _atomic_write_text(md_path, "\n".join(lines))
+    return df.drop(columns=["written"])

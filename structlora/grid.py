@@ -1,0 +1,565 @@
+"""The experiment grid: one JSON record per run, resumable, optionally in parallel processes.
+
+    specs = [RunSpec.make("sst2", "minilm", m, seed=s) for m in ("lora", "structlora") for s in range(3)]
+    df = run_grid(specs, "results/runs")            # one row per run; finished runs are read back
+
+* ``run(spec)`` trains one ``RunSpec`` and writes ``results_dir/<key>.json`` atomically (temporary file
+  + ``os.replace``). Re-running returns the stored record when it is valid; a record that is not valid
+  JSON, lacks keys, has another schema or was written for another spec is reported with a warning and
+  recomputed, never read as a result. An interrupted run resumes from ``results_dir/<key>.ckpt/``
+  (``engine.train``'s checkpoint, written at every evaluation and deleted once the record exists).
+* A method that cannot run here (``structlora.methods.MethodSkipped``) gives a record with status
+  ``"skipped"`` and the reason: never silently dropped.
+* Configuration errors (unknown method, a task whose ``model_kind`` is not the model's kind) are
+  raised before any training.
+* ``train_spec(spec)`` is ``run`` for notebooks that need the trained model: it always trains and
+  returns ``TrainedRun(record, handle, task, encoded, loaded)``.
+
+The loaders live in the module-level dict ``LOADERS`` (``load_task``, ``load_model``, ``encode``,
+``build_method``, ``list_methods``, ``update_diagnostics``) so that tests and notebooks can swap in toy
+ones; ``run_grid(n_jobs > 1)`` hands the current ``LOADERS`` to its worker processes.
+"""
+from __future__ import annotations
+
+import concurrent.futures as cf
+import dataclasses
+import datetime as _dt
+import hashlib
+import json
+import logging
+import multiprocessing
+import os
+import platform
+import re
+import shutil
+import socket
+import warnings
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any, Callable, NamedTuple, Sequence
+
+import torch
+
+from . import engine
+
+__all__ = [
+    "SCHEMA",
+    "LOADERS",
+    "RunSpec",
+    "TrainedRun",
+    "run",
+    "train_spec",
+    "run_grid",
+    "load_records",
+    "read_record",
+    "records_to_frame",
+]
+
+log = logging.getLogger(__name__)
+
+SCHEMA = 1
+RECORD_KEYS = frozenset({
+    "spec", "key", "status", "skip_reason", "metrics", "best_step", "trainable_params", "total_params",
+    "wall_time_s", "peak_mem_mb", "steps_per_s", "history", "diagnostics", "versions", "git_commit",
+    "hostname", "device", "finished_at", "schema",
+})
+STATUSES = ("ok", "skipped")
+CALIBRATION_BATCHES = 4  # train batches handed to methods that calibrate (sensitivity_lora)
+
+
+# --------------------------------------------------------------------------------------------- loaders
+def _load_task(name: str, fraction: float = 1.0, seed: int = 0) -> Any:
+    from .data import load_task
+
+    return load_task(name, fraction, seed)
+
+
+def _load_model(name: str, task: str | None = None, num_labels: int | None = None, seed: int = 0) -> Any:
+    from .models import load_model
+
+    return load_model(name, task=task, num_labels=num_labels, seed=seed)
+
+
+def _encode(task: Any, tokenizer: Any, max_length: int) -> Any:
+    from .data import encode
+
+    return encode(task, tokenizer, max_length)
+
+
+def _build_method(name: str, loaded: Any, rank: int = 8, seed: int = 0, total_steps: int | None = None,
+                  **kwargs: Any) -> Any:
+    from .methods import build_method
+
+    return build_method(name, loaded, rank=rank, seed=seed, total_steps=total_steps, **kwargs)
+
+
+def _list_methods() -> list[str]:
+    from .methods import list_methods
+
+    return list_methods()
+
+
+def _update_diagnostics(model: torch.nn.Module) -> dict[str, float]:
+    from .diagnostics import update_diagnostics
+
+    return update_diagnostics(model)
+
+
+LOADERS: dict[str, Callable[..., Any]] = {
+    "load_task": _load_task,
+    "load_model": _load_model,
+    "encode": _encode,
+    "build_method": _build_method,
+    "list_methods": _list_methods,
+    "update_diagnostics": _update_diagnostics,
+}
+"""Injectable loaders (monkeypatch entries in tests; module-level functions so worker processes can import them)."""
+
+
+def _method_skipped_types() -> tuple[type[BaseException], ...]:
+    try:
+        from .methods import MethodSkipped
+    except Exception:  # pragma: no cover - methods not importable: nothing can be skipped
+        return ()
+    return (MethodSkipped,)
+
+
+# --------------------------------------------------------------------------------------------- spec
+def _freeze(value: Any) -> Any:
+    """Lists -> tuples, recursively (hashable, and JSON-stable: a tuple serialises as the list it was)."""
+    if isinstance(value, (list, tuple)):
+        return tuple(_freeze(v) for v in value)
+    if isinstance(value, dict):
+        raise TypeError("method_kwargs values must be scalars or (nested) lists, not dicts: a dict would not "
+                        "round-trip through the JSON record; pass its entries as separate keywords")
+    return value
+
+
+def _thaw(value: Any) -> Any:
+    return [_thaw(v) for v in value] if isinstance(value, tuple) else value
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """Everything that defines one run; ``key()`` hashes all of it (the record's file name).
+
+    ``method_kwargs`` holds sorted ``(name, value)`` pairs passed to ``build_method`` (build with
+    ``RunSpec.make(..., **method_kwargs)``). ``grad_accum`` splits each batch into micro-batches
+    (same effective batch). ``max_eval_examples`` evaluates validation and test on a fixed subset.
+    """
+
+    task: str
+    model: str
+    method: str
+    rank: int = 8
+    seed: int = 0
+    fraction: float = 1.0
+    max_steps: int = 200
+    lr: float = 5e-4
+    batch_size: int = 32
+    max_length: int = 64
+    eval_every: int = 50
+    method_kwargs: tuple[tuple[str, Any], ...] = ()
+    max_eval_examples: int | None = None
+    grad_accum: int = 1
+
+    def __post_init__(self) -> None:
+        for name in ("task", "model", "method"):
+            if not isinstance(getattr(self, name), str) or not getattr(self, name):
+                raise ValueError(f"RunSpec.{name} must be a non-empty string, got {getattr(self, name)!r}")
+        for name in ("rank", "max_steps", "batch_size", "max_length", "grad_accum"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"RunSpec.{name} must be an int >= 1, got {value!r}")
+        if not 0 < self.fraction <= 1:
+            raise ValueError(f"RunSpec.fraction must be in (0, 1], got {self.fraction!r}")
+        if self.lr <= 0:
+            raise ValueError(f"RunSpec.lr must be > 0, got {self.lr!r}")
+        if self.max_eval_examples is not None and self.max_eval_examples < 1:
+            raise ValueError(f"RunSpec.max_eval_examples must be None or >= 1, got {self.max_eval_examples!r}")
+        pairs = tuple(sorted((str(k), _freeze(v)) for k, v in dict(self.method_kwargs).items()))
+        object.__setattr__(self, "method_kwargs", pairs)
+
+    @classmethod
+    def make(cls, task: str, model: str, method: str, **kwargs: Any) -> "RunSpec":
+        """``RunSpec`` from field values; any keyword that is not a field goes to ``method_kwargs``."""
+        names = {f.name for f in fields(cls)} - {"method_kwargs"}
+        spec_kw = {k: v for k, v in kwargs.items() if k in names}
+        method_kw = {k: v for k, v in kwargs.items() if k not in names}
+        method_kw.update(dict(kwargs.get("method_kwargs", ())))
+        method_kw.pop("method_kwargs", None)
+        return cls(task=task, model=model, method=method, method_kwargs=tuple(method_kw.items()), **spec_kw)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "RunSpec":
+        """Inverse of ``dataclasses.asdict`` (after a JSON round trip); unknown fields are an error."""
+        names = {f.name for f in fields(cls)}
+        unknown = set(d) - names
+        if unknown:
+            raise ValueError(f"unknown RunSpec fields {sorted(unknown)}")
+        d = dict(d)
+        d["method_kwargs"] = tuple((k, v) for k, v in d.get("method_kwargs", ()))
+        return cls(**d)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready fields (tuples become lists)."""
+        return json.loads(json.dumps(asdict(self), sort_keys=True, default=str))
+
+    def method_kwargs_dict(self) -> dict[str, Any]:
+        """``method_kwargs`` as a dict (tuples back to lists) for ``build_method``."""
+        return {k: _thaw(v) for k, v in self.method_kwargs}
+
+    def key(self) -> str:
+        """``<task>-<model>-<method>-r<rank>-s<seed>-<sha256[:12] of all fields>`` (file-name safe, stable)."""
+        digest = hashlib.sha256(json.dumps(asdict(self), sort_keys=True, default=str).encode()).hexdigest()[:12]
+        readable = f"{self.task}-{self.model}-{self.method}-r{self.rank}-s{self.seed}"
+        return f"{re.sub(r'[^A-Za-z0-9._-]+', '_', readable)[:80]}-{digest}"
+
+    def train_config(self) -> engine.TrainConfig:
+        """The engine configuration of this run (the paper's protocol for everything not in the spec)."""
+        return engine.TrainConfig(lr=self.lr, batch_size=self.batch_size, max_steps=self.max_steps,
+                                  eval_every=self.eval_every, seed=self.seed, grad_accum=self.grad_accum,
+                                  max_eval_examples=self.max_eval_examples)
+
+
+# --------------------------------------------------------------------------------------------- records
+def record_path(spec: RunSpec, results_dir: str | Path) -> Path:
+    return Path(results_dir) / f"{spec.key()}.json"
+
+
+def _checkpoint_dir(spec: RunSpec, results_dir: str | Path) -> Path:
+    return Path(results_dir) / f"{spec.key()}.ckpt"
+
+
+def _validate(record: Any, spec: RunSpec | None) -> str | None:
+    """Why ``record`` cannot be used (None when it is a valid record of ``spec``)."""
+    if not isinstance(record, dict):
+        return "not a JSON object"
+    missing = RECORD_KEYS - set(record)
+    if missing:
+        return f"missing keys {sorted(missing)}"
+    if record["schema"] != SCHEMA:
+        return f"schema {record['schema']!r} != {SCHEMA}"
+    if record["status"] not in STATUSES:
+        return f"unknown status {record['status']!r}"
+    if record["status"] == "ok":
+        metrics = record["metrics"]
+        if not (isinstance(metrics, dict) and isinstance(metrics.get("validation"), dict)
+                and isinstance(metrics.get("test"), dict)):
+            return "metrics lack the validation/test dicts"
+    try:
+        stored = RunSpec.from_dict(record["spec"])
+    except (TypeError, ValueError) as exc:
+        return f"bad spec ({exc})"
+    if record["key"] != stored.key():
+        return "key does not match its spec"
+    if spec is not None and stored != spec:
+        return "written for another spec"
+    return None
+
+
+def read_record(path: str | Path, spec: RunSpec | None = None) -> dict[str, Any] | None:
+    """The record at ``path`` if it exists and is valid (for ``spec`` when given), else None.
+
+    An existing but invalid file (truncated, corrupt, wrong schema, another spec) triggers a warning.
+    """
+    path = Path(path)
+    if not path.exists():
+        return None
+    try:
+        record = json.loads(path.read_text())
+        problem = _validate(record, spec)
+    except (OSError, ValueError) as exc:
+        problem = f"unreadable ({type(exc).__name__}: {exc})"
+    if problem is not None:
+        warnings.warn(f"ignoring invalid run record {path}: {problem}; it will be recomputed", stacklevel=2)
+        return None
+    return record
+
+
+def _write_json_atomic(obj: Any, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=1, sort_keys=True, default=str)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _versions() -> dict[str, str]:
+    from importlib import metadata
+
+    out = {"python": platform.python_version()}
+    for pkg in ("torch", "transformers", "peft", "datasets", "accelerate", "structlora"):
+        try:
+            out[pkg] = metadata.version(pkg)
+        except metadata.PackageNotFoundError:
+            out[pkg] = "unknown"
+    try:
+        from . import __version__
+
+        out["structlora"] = __version__
+    except Exception:  # pragma: no cover
+        pass
+    return out
+
+
+def _git_commit() -> str | None:
+    """HEAD commit of the checkout holding this package, read from ``.git`` (no git subprocess)."""
+    root = Path(__file__).resolve().parent.parent / ".git"
+    try:
+        if root.is_file():  # worktree: "gitdir: <path>"
+            root = Path(root.read_text().split(":", 1)[1].strip())
+        head = (root / "HEAD").read_text().strip()
+        if not head.startswith("ref:"):
+            return head
+        ref = head.split(":", 1)[1].strip()
+        for base in (root, Path((root / "commondir").read_text().strip()) if (root / "commondir").exists() else root):
+            base = base if base.is_absolute() else root / base
+            if (base / ref).exists():
+                return (base / ref).read_text().strip()
+            packed = base / "packed-refs"
+            if packed.exists():
+                for line in packed.read_text().splitlines():
+                    if line.endswith(" " + ref):
+                        return line.split()[0]
+    except (OSError, IndexError):
+        return None
+    return None
+
+
+def _device_name() -> str:
+    if torch.cuda.is_available():
+        return f"cuda ({torch.cuda.get_device_name(0)})"
+    return f"cpu ({torch.get_num_threads()} threads)"
+
+
+def _is_main_process() -> bool:
+    return not (torch.distributed.is_available() and torch.distributed.is_initialized()) \
+        or torch.distributed.get_rank() == 0
+
+
+def _base_record(spec: RunSpec) -> dict[str, Any]:
+    return {
+        "spec": spec.to_dict(), "key": spec.key(), "status": "ok", "skip_reason": None,
+        "metrics": {"validation": {}, "test": {}}, "best_step": None, "trainable_params": None,
+        "total_params": None, "wall_time_s": None, "peak_mem_mb": None, "steps_per_s": None, "history": [],
+        "diagnostics": {}, "versions": _versions(), "git_commit": _git_commit(), "hostname": socket.gethostname(),
+        "device": _device_name(), "schema": SCHEMA, "finished_at": None,
+    }
+
+
+# --------------------------------------------------------------------------------------------- running
+class TrainedRun(NamedTuple):
+    """What ``train_spec`` returns: the record plus the live objects (``handle`` is None when skipped)."""
+
+    record: dict[str, Any]
+    handle: Any
+    task: Any
+    encoded: Any
+    loaded: Any
+
+
+def _check_method(spec: RunSpec) -> None:
+    known = LOADERS["list_methods"]()
+    if spec.method not in known:
+        raise ValueError(f"unknown method {spec.method!r} in run {spec.key()}; known methods: {', '.join(known)}")
+
+
+def _load(spec: RunSpec) -> tuple[Any, Any, Any]:
+    """Task, model and encoded splits, with the task/model compatibility checked."""
+    task = LOADERS["load_task"](spec.task, spec.fraction, spec.seed)
+    kind = task.model_kind
+    num_labels = None if kind == "causal-lm" else len(task.labels)
+    try:
+        loaded = LOADERS["load_model"](spec.model, task=kind, num_labels=num_labels, seed=spec.seed)
+    except ValueError as exc:
+        raise ValueError(f"task {spec.task!r} needs a {kind!r} model, and model {spec.model!r} cannot be "
+                         f"loaded as one: {exc}") from exc
+    if loaded.kind != kind:
+        raise ValueError(f"task/model mismatch: task {spec.task!r} is trained by a {kind!r} model, but model "
+                         f"{spec.model!r} is a {loaded.kind!r} model")
+    encoded = LOADERS["encode"](task, loaded.tokenizer, spec.max_length)
+    return task, loaded, encoded
+
+
+def _method_kwargs(spec: RunSpec, task: Any, loaded: Any, encoded: Any) -> dict[str, Any]:
+    kwargs = spec.method_kwargs_dict()
+    if spec.method == "sensitivity_lora":
+        n = kwargs.pop("calibration_batches", CALIBRATION_BATCHES)
+        if not isinstance(n, int) or n < 1:
+            raise ValueError(f"sensitivity_lora: method kwarg calibration_batches must be an int >= 1, got {n!r}")
+        kwargs["calibration_batches"] = engine.training_batches(
+            task.kind, encoded["train"], spec.batch_size, spec.seed, n, engine.pad_token_id(loaded.tokenizer, loaded.model))
+    return kwargs
+
+
+def train_spec(spec: RunSpec, results_dir: str | Path | None = "results/runs", progress: bool = True,
+               force: bool = False, *, progress_leave: bool = True) -> TrainedRun:
+    """Train ``spec`` (always) and write its record under ``results_dir`` (None: write nothing).
+
+    Resumes from ``results_dir/<key>.ckpt`` when a previous attempt was interrupted (``force``
+    discards it). Raises ``ValueError`` for an unknown method or a task/model mismatch before training.
+    """
+    _check_method(spec)
+    ckpt = _checkpoint_dir(spec, results_dir) if results_dir is not None else None
+    if force and ckpt is not None and ckpt.exists() and _is_main_process():
+        shutil.rmtree(ckpt)
+    record = _base_record(spec)
+    task, loaded, encoded = _load(spec)
+    handle = None
+    try:
+        handle = LOADERS["build_method"](spec.method, loaded, rank=spec.rank, seed=spec.seed,
+                                         total_steps=spec.max_steps, **_method_kwargs(spec, task, loaded, encoded))
+    except _method_skipped_types() as exc:
+        reason = getattr(exc, "reason", None) or (exc.args[0] if exc.args else type(exc).__name__)
+        record.update(status="skipped", skip_reason=str(reason))
+    if handle is not None:
+        result = engine.train(handle, task, encoded, spec.train_config(), tokenizer=loaded.tokenizer,
+                              checkpoint_dir=ckpt, progress=progress, progress_leave=progress_leave,
+                              desc=f"{spec.method}/{spec.task}/s{spec.seed}")
+        try:
+            diagnostics = LOADERS["update_diagnostics"](handle.model) or {}
+        except Exception as exc:  # a non-LoRA model: no diagnostics
+            log.debug("no diagnostics for %s: %s", spec.key(), exc)
+            diagnostics = {}
+        params = {id(p): p.numel() for p in handle.model.parameters()}
+        record.update(
+            metrics={"validation": result.val_metrics, "test": result.test_metrics}, best_step=result.best_step,
+            trainable_params=int(handle.trainable_params), total_params=int(sum(params.values())),
+            wall_time_s=result.wall_time_s, peak_mem_mb=result.peak_mem_mb, peak_mem_kind=result.peak_mem_kind,
+            steps_per_s=result.steps_per_s, history=result.history, resumed_from=result.resumed_from,
+            diagnostics={k: float(v) for k, v in diagnostics.items()}, world_size=result.world_size,
+            train_config=result.config, notes=getattr(handle, "notes", ""))
+    record["finished_at"] = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+    if results_dir is not None and _is_main_process():
+        _write_json_atomic(record, record_path(spec, results_dir))
+        if ckpt is not None and ckpt.exists():
+            shutil.rmtree(ckpt, ignore_errors=True)
+    return TrainedRun(record, handle, task, encoded, loaded)
+
+
+def run(spec: RunSpec, results_dir: str | Path = "results/runs", force: bool = False, progress: bool = True,
+        keep_model: bool = False, *, progress_leave: bool = True) -> dict[str, Any] | TrainedRun:
+    """The record of ``spec``: read back when a valid one exists (unless ``force``), else trained and written.
+
+    ``keep_model=True`` always trains and returns ``train_spec``'s ``TrainedRun`` (record, handle, task,
+    encoded, loaded) for notebooks that probe the trained model.
+    """
+    if keep_model:
+        return train_spec(spec, results_dir, progress, force, progress_leave=progress_leave)
+    if not force:
+        _check_method(spec)
+        record = read_record(record_path(spec, results_dir), spec)
+        if record is not None:
+            return record
+    return train_spec(spec, results_dir, progress, force, progress_leave=progress_leave).record
+
+
+# --------------------------------------------------------------------------------------------- grid
+def _init_worker(threads: int, loaders: dict[str, Callable[..., Any]]) -> None:
+    torch.set_num_threads(threads)
+    LOADERS.update(loaders)
+
+
+def _run_in_worker(spec: RunSpec, results_dir: str, force: bool) -> dict[str, Any]:
+    return run(spec, results_dir, force=force, progress=False)  # type: ignore[return-value]
+
+
+def run_grid(specs: Sequence[RunSpec], results_dir: str | Path = "results/runs", n_jobs: int = 1,
+             progress: bool = True, force: bool = False) -> "pandas.DataFrame":  # noqa: F821
+    """Run every spec (duplicates once), reading back finished ones; one DataFrame row per spec.
+
+    ``n_jobs > 1`` runs specs in that many spawned processes, each with
+    ``max(1, cpu_count // n_jobs)`` torch threads. One overall tqdm bar counts runs (inner bars are
+    transient with ``n_jobs=1`` and off otherwise). The first failing run stops the grid (runs already
+    finished keep their records) and its exception is re-raised with the run's key.
+    """
+    from tqdm.auto import tqdm
+
+    specs = list(dict.fromkeys(specs))
+    for spec in specs:
+        if not isinstance(spec, RunSpec):
+            raise TypeError(f"run_grid expects RunSpec objects, got {type(spec).__name__}")
+        _check_method(spec)
+    results_dir = Path(results_dir)
+    results_dir.mkdir(parents=True, exist_ok=True)
+    records: dict[str, dict[str, Any]] = {}
+    todo = []
+    for spec in specs:
+        record = None if force else read_record(record_path(spec, results_dir), spec)
+        if record is None:
+            todo.append(spec)
+        else:
+            records[spec.key()] = record
+    bar = tqdm(total=len(specs), initial=len(specs) - len(todo), desc="runs", disable=not progress,
+               dynamic_ncols=True)
+    try:
+        if n_jobs <= 1 or len(todo) <= 1:
+            for spec in todo:
+                bar.set_postfix_str(spec.key()[:60], refresh=False)
+                try:
+                    records[spec.key()] = run(spec, results_dir, force=force, progress=progress,
+                                              progress_leave=False)  # type: ignore[assignment]
+                except Exception as exc:
+                    raise RuntimeError(f"run {spec.key()} failed: {exc}") from exc
+                bar.update(1)
+        else:
+            threads = max(1, (os.cpu_count() or 1) // n_jobs)
+            ctx = multiprocessing.get_context("spawn")
+            with cf.ProcessPoolExecutor(max_workers=min(n_jobs, len(todo)), mp_context=ctx,
+                                        initializer=_init_worker, initargs=(threads, dict(LOADERS))) as pool:
+                futures = {pool.submit(_run_in_worker, spec, str(results_dir), force): spec for spec in todo}
+                try:
+                    for fut in cf.as_completed(futures):
+                        spec = futures[fut]
+                        try:
+                            records[spec.key()] = fut.result()
+                        except Exception as exc:
+                            raise RuntimeError(f"run {spec.key()} failed: {exc}") from exc
+                        bar.update(1)
+                except BaseException:
+                    for f in futures:
+                        f.cancel()
+                    raise
+    finally:
+        bar.close()
+    return records_to_frame([records[spec.key()] for spec in specs])
+
+
+def records_to_frame(records: Sequence[dict[str, Any]]) -> "pandas.DataFrame":  # noqa: F821
+    """One row per record: spec fields (``method_kwargs`` as a JSON string), ``key``, ``status``,
+    ``skip_reason``, ``val_<metric>``/``test_<metric>``, ``best_step``, parameter counts, time, memory,
+    ``steps_per_s`` and ``diag_<name>`` diagnostics."""
+    import pandas as pd
+
+    rows = []
+    for rec in records:
+        spec = dict(rec["spec"])
+        spec["method_kwargs"] = json.dumps(dict(spec.get("method_kwargs") or []), sort_keys=True)
+        row = {**spec, "key": rec["key"], "status": rec["status"], "skip_reason": rec["skip_reason"]}
+        metrics = rec.get("metrics") or {}
+        row.update({f"val_{k}": v for k, v in (metrics.get("validation") or {}).items()})
+        row.update({f"test_{k}": v for k, v in (metrics.get("test") or {}).items()})
+        for k in ("best_step", "trainable_params", "total_params", "wall_time_s", "peak_mem_mb", "steps_per_s"):
+            row[k] = rec.get(k)
+        row.update({f"diag_{k}": v for k, v in (rec.get("diagnostics") or {}).items()})
+        rows.append(row)
+    spec_cols = [f.name for f in fields(RunSpec)]
+    df = pd.DataFrame(rows)
+    if df.empty:
+        return pd.DataFrame(columns=spec_cols + ["key", "status", "skip_reason"])
+    return df
+
+
+def load_records(results_dir: str | Path = "results/runs", specs: Sequence[RunSpec] | None = None
+                 ) -> "pandas.DataFrame":  # noqa: F821
+    """DataFrame of the valid records in ``results_dir`` (only those of ``specs`` when given; missing
+    ones are left out). Invalid files are reported with a warning and skipped."""
+    results_dir = Path(results_dir)
+    if specs is not None:
+        found = [read_record(record_path(s, results_dir), s) for s in dict.fromkeys(specs)]
+    else:
+        found = [read_record(p) for p in sorted(results_dir.glob("*.json"))]
+    return records_to_frame([r for r in found if r is not None])

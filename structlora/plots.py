@@ -1,0 +1,239 @@
+"""Seaborn figures shared by the reproduction notebooks.
+
+Every notebook saves its figures with :func:`save_figure` to ``results/figures/<notebook>_<name>.<tier>.png``
+(the tier is in the name, so smoke figures never replace cpu ones). The plotting helpers take tidy
+DataFrames (one row per run, or one row per (group, metric) summary) and return the matplotlib Figure;
+end the notebook cell with ``;`` so only the image is shown.
+
+    from structlora import plots
+    plots.setup_style()
+    fig = plots.method_bars(df, metric="test_accuracy", col="task")
+    plots.save_figure(fig, "01_main_results", "methods", TIER)
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import matplotlib.pyplot as plt
+import numpy as np
+import pandas as pd
+import seaborn as sns
+
+__all__ = [
+    "setup_style",
+    "figure_path",
+    "save_figure",
+    "method_bars",
+    "gain_curve",
+    "ours_vs_paper",
+    "layer_heatmap",
+    "METHOD_PALETTE",
+    "method_label",
+]
+
+# Fixed colours for the methods people look for first; everything else gets a muted grey-blue.
+METHOD_PALETTE: dict[str, str] = {
+    "lora": "#4C72B0",
+    "structlora": "#C44E52",
+    "structlora_no_gate": "#DD8452",
+    "structlora_no_coord": "#E7A96B",
+    "dora": "#55A868",
+    "full_ft": "#333333",
+    "linear_probe": "#999999",
+}
+_OTHER = "#8DA0CB"
+
+
+def method_label(method: str) -> str:
+    """Paper-style display name (``"structlora"`` -> ``"StructLoRA"``)."""
+    try:
+        from .paper import METHOD_LABELS
+
+        return METHOD_LABELS.get(method, method)
+    except Exception:  # pragma: no cover
+        return method
+
+
+def _palette(methods: Iterable[str]) -> dict[str, str]:
+    return {m: METHOD_PALETTE.get(m, _OTHER) for m in methods}
+
+
+def setup_style(context: str = "notebook") -> None:
+    """Seaborn whitegrid theme, fixed figure dpi; call once at the top of a notebook."""
+    sns.set_theme(context=context, style="whitegrid", palette="deep")
+    plt.rcParams.update({"figure.dpi": 100, "savefig.dpi": 120, "figure.autolayout": False,
+                         "axes.titlesize": "medium", "svg.hashsalt": "structlora"})
+
+
+def figure_path(notebook: str, name: str, tier: str, root: str | os.PathLike = "results") -> Path:
+    """``<root>/figures/<notebook>_<name>.<tier>.png``."""
+    return Path(root) / "figures" / f"{notebook}_{name}.{tier}.png"
+
+
+def save_figure(fig: plt.Figure, notebook: str, name: str, tier: str, root: str | os.PathLike = "results") -> Path:
+    """Save ``fig`` as PNG (no timestamp in the metadata, so reruns give identical bytes) and return the path."""
+    path = figure_path(notebook, name, tier, root)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp, bbox_inches="tight", metadata={"Software": None})
+    os.replace(tmp, path)
+    return path
+
+
+def _finish(fig: plt.Figure, title: str | None) -> plt.Figure:
+    if title:
+        fig.suptitle(title, y=1.02)
+    return fig
+
+
+def method_bars(df: pd.DataFrame, metric: str = "test_accuracy", *, x: str = "method", col: str | None = "task",
+                order: Sequence[str] | None = None, col_order: Sequence[str] | None = None,
+                paper: pd.DataFrame | None = None, scale: float = 100.0, col_wrap: int = 3,
+                ylabel: str | None = None, title: str | None = None, height: float = 3.2) -> plt.Figure:
+    """Mean ± std bars over seeds per method (one panel per ``col``), each seed as a dot.
+
+    ``df``: one row per run with columns ``x``, ``col`` and ``metric`` (runs with NaN metric are dropped).
+    ``paper``: optional rows (``x``, ``col``, ``paper``) drawn as black diamonds (the paper's number; on a
+    different model and scale, so compare the ordering, not the level). ``scale`` multiplies the metric
+    (fractions -> %); use 1.0 when the metric is already in points.
+    """
+    d = df.dropna(subset=[metric]).copy()
+    if d.empty:
+        fig, ax = plt.subplots(figsize=(4, 2))
+        ax.text(0.5, 0.5, "no finished runs", ha="center", va="center")
+        ax.set_axis_off()
+        return _finish(fig, title)
+    d["_y"] = d[metric].astype(float) * scale
+    order = list(order) if order is not None else list(dict.fromkeys(d[x]))
+    order = [m for m in order if m in set(d[x])]
+    panels = list(col_order) if col_order is not None else (list(dict.fromkeys(d[col])) if col else [None])
+    panels = [p for p in panels if p is None or p in set(d[col])]
+    ncol = min(col_wrap, len(panels))
+    nrow = int(np.ceil(len(panels) / ncol))
+    width = max(3.5, 0.42 * len(order) + 1.0)
+    fig, axes = plt.subplots(nrow, ncol, figsize=(width * ncol, height * nrow), squeeze=False, sharey=False)
+    pal = _palette(order)
+    for i, p in enumerate(panels):
+        ax = axes[i // ncol][i % ncol]
+        sub = d if p is None else d[d[col] == p]
+        present = [m for m in order if m in set(sub[x])]
+        sns.barplot(data=sub, x=x, y="_y", hue=x, order=present, hue_order=present, palette=pal, errorbar="sd",
+                    ax=ax, legend=False, alpha=0.85, capsize=0.15, err_kws={"linewidth": 1.0})
+        sns.stripplot(data=sub, x=x, y="_y", order=present, color="black", size=3, ax=ax, jitter=0.15)
+        if paper is not None and len(paper):
+            pp = paper if p is None else paper[paper[col] == p]
+            pos = {m: k for k, m in enumerate(present)}
+            pts = [(pos[m], v) for m, v in zip(pp[x], pp["paper"]) if m in pos and pd.notna(v)]
+            if pts:
+                ax.scatter(*zip(*pts), marker="D", color="black", facecolor="white", zorder=5, s=22,
+                           label="paper")
+                ax.legend(loc="lower right", fontsize="x-small")
+        lo = sub["_y"].min()
+        ax.set_ylim(bottom=max(0.0, lo - 0.15 * (sub["_y"].max() - lo + 1e-9) - 2))
+        ax.set_title(str(p) if p is not None else "")
+        ax.set_xlabel("")
+        ax.set_ylabel(ylabel or metric)
+        ax.set_xticks(range(len(present)), [method_label(m) for m in present], rotation=60, ha="right",
+                      fontsize="small")
+    for j in range(len(panels), nrow * ncol):
+        axes[j // ncol][j % ncol].set_axis_off()
+    fig.tight_layout()
+    return _finish(fig, title)
+
+
+def gain_curve(gains: pd.DataFrame, x: str, *, hue: str | None = "task", y: str = "diff_mean",
+               ci: tuple[str, str] | None = ("ci_low", "ci_high"), paper: pd.DataFrame | None = None,
+               paper_y: str = "gain", logx: bool = False, xlabel: str | None = None,
+               ylabel: str = "StructLoRA − LoRA (points)", title: str | None = None,
+               ax: plt.Axes | None = None) -> plt.Figure:
+    """Our paired gain (with its 95% CI as error bars) against ``x`` (rank, data fraction, ...).
+
+    ``gains``: one row per (``x``, ``hue``) with ``y`` and optionally the CI columns.
+    ``paper``: optional rows (``x``, ``hue``, ``paper_y``) drawn dashed with hollow markers.
+    A horizontal line marks zero (no gain).
+    """
+    if ax is None:
+        fig, ax = plt.subplots(figsize=(5.5, 3.6))
+    else:
+        fig = ax.figure
+    groups = list(dict.fromkeys(gains[hue])) if hue and len(gains) else [None]
+    colors = dict(zip(groups, sns.color_palette("deep", max(1, len(groups)))))
+    for g in groups:
+        sub = gains if g is None else gains[gains[hue] == g]
+        sub = sub.sort_values(x)
+        xs = sub[x].to_numpy(dtype=float)
+        ys = sub[y].to_numpy(dtype=float)
+        if ci and ci[0] in sub and ci[1] in sub:
+            lo = ys - sub[ci[0]].to_numpy(dtype=float)
+            hi = sub[ci[1]].to_numpy(dtype=float) - ys
+            yerr = np.vstack([np.nan_to_num(lo), np.nan_to_num(hi)])
+        else:
+            yerr = None
+        ax.errorbar(xs, ys, yerr=yerr, marker="o", capsize=3, color=colors[g], label=f"ours: {g}" if g else "ours")
+    if paper is not None and len(paper):
+        pgroups = list(dict.fromkeys(paper[hue])) if hue and hue in paper else [None]
+        pcols = sns.color_palette("muted", max(1, len(pgroups)))
+        for k, g in enumerate(pgroups):
+            sub = paper if g is None else paper[paper[hue] == g]
+            sub = sub.sort_values(x)
+            ax.plot(sub[x].to_numpy(dtype=float), sub[paper_y].to_numpy(dtype=float), linestyle="--", marker="s",
+                    markerfacecolor="white", color=pcols[k], alpha=0.8, label=f"paper: {g}" if g else "paper")
+    ax.axhline(0.0, color="black", linewidth=0.8)
+    if logx:
+        ax.set_xscale("log", base=2)
+        ticks = sorted(set(gains[x].astype(float))) if len(gains) else []
+        if ticks:
+            ax.set_xticks(ticks, [f"{t:g}" for t in ticks])
+    ax.set_xlabel(xlabel or x)
+    ax.set_ylabel(ylabel)
+    ax.legend(fontsize="x-small", loc="best")
+    if title:
+        ax.set_title(title)
+    fig.tight_layout()
+    return fig
+
+
+def ours_vs_paper(comp: pd.DataFrame, *, ours: str = "ours", paper: str = "paper", hue: str = "task",
+                  label: str | None = "method", title: str | None = None) -> plt.Figure:
+    """Scatter of our score against the paper's (same units), one colour per ``hue``; y = x dashed."""
+    d = comp.dropna(subset=[ours, paper])
+    fig, ax = plt.subplots(figsize=(4.6, 4.2))
+    if d.empty:
+        ax.text(0.5, 0.5, "nothing to compare", ha="center", va="center")
+        ax.set_axis_off()
+        return _finish(fig, title)
+    sns.scatterplot(data=d, x=paper, y=ours, hue=hue, ax=ax, s=40)
+    lo = float(min(d[ours].min(), d[paper].min())) - 2
+    hi = float(max(d[ours].max(), d[paper].max())) + 2
+    ax.plot([lo, hi], [lo, hi], "--", color="grey", linewidth=0.8)
+    if label:
+        for r in d.itertuples(index=False):
+            if getattr(r, label) in ("lora", "structlora"):
+                ax.annotate(method_label(getattr(r, label)), (getattr(r, paper), getattr(r, ours)), fontsize=7,
+                            xytext=(3, 3), textcoords="offset points")
+    ax.set_xlabel("paper")
+    ax.set_ylabel("ours")
+    ax.legend(fontsize="x-small")
+    fig.tight_layout()
+    return _finish(fig, title)
+
+
+def layer_heatmap(matrix: np.ndarray | pd.DataFrame, *, title: str | None = None, vmin: float = -1.0,
+                  vmax: float = 1.0, cmap: str = "vlag", ax: plt.Axes | None = None,
+                  annot: bool | None = None) -> plt.Figure:
+    """Layer x layer matrix (e.g. cosine of updates, Figure 4); annotated when small."""
+    if ax is None:
+        n = np.asarray(matrix).shape[0]
+        fig, ax = plt.subplots(figsize=(max(3.5, 0.45 * n + 1.5), max(3.0, 0.45 * n + 1.0)))
+    else:
+        fig = ax.figure
+    n = np.asarray(matrix).shape[0]
+    sns.heatmap(matrix, vmin=vmin, vmax=vmax, cmap=cmap, square=True, ax=ax,
+                annot=(n <= 12) if annot is None else annot, fmt=".2f", annot_kws={"fontsize": 7},
+                cbar_kws={"shrink": 0.8})
+    if title:
+        ax.set_title(title)
+    fig.tight_layout()
+    return fig

