@@ -499,35 +499,61 @@ def bench_one(bench: Bench, r: int, args: argparse.Namespace, device: torch.devi
 
 
 # ---------------------------------------------------------------------------------------------- profile
-def profile_step(bench: Bench, r: int, device: torch.device, steps: int = 3, top: int = 15) -> dict[str, Any]:
-    """torch.profiler of LoRA vs full StructLoRA: self CPU time per op, and what StructLoRA adds."""
+def profile_step(bench: Bench, r: int, device: torch.device, steps: int = 5, top: int = 15) -> dict[str, Any]:
+    """Where does full StructLoRA spend extra time vs LoRA? Per-phase CPU time, op counts, torch.profiler.
+
+    Phases (process CPU time, median over `steps` interleaved steps): forward, structlora_loss, backward,
+    optimizer step + zero_grad. Then one torch.profiler pass per variant: self CPU time and call count
+    per op, and the ops whose time differs most.
+    """
     from torch.profiler import ProfilerActivity, profile
 
     base = bench.model.to(device).eval()
     batch = bench.make_batch(seed=r, device=device)
-    out: dict[str, Any] = {}
-    tables = {}
-    for name in ("lora", "both"):
-        v = build_variant(name, base, bench, r, device)
+    vs = {name: build_variant(name, base, bench, r, device) for name in ("lora", "both")}
+    phases: dict[str, dict[str, list[float]]] = {n: {"forward": [], "structlora_loss": [], "backward": [], "optimizer": []} for n in vs}
+    for v in vs.values():
         v.model.train()
         if v.structlora:
-            v.model.structlora_step.fill_(10)  # a normal (non-refresh) step
+            v.model.structlora_step.fill_(10)  # normal (non-refresh) steps
         for _ in range(2):
             train_step(v, batch)
+    clock = time.process_time if device.type == "cpu" else time.perf_counter
+    for _ in range(steps):
+        for n, v in vs.items():
+            _sync(device); t0 = clock()
+            loss = v.model(**batch).loss
+            _sync(device); t1 = clock()
+            if v.structlora:
+                loss = loss + v.model.structlora_loss()
+            _sync(device); t2 = clock()
+            loss.backward()
+            _sync(device); t3 = clock()
+            v.opt.step(); v.opt.zero_grad(set_to_none=True)
+            _sync(device); t4 = clock()
+            for k, (a, b) in zip(phases[n], ((t0, t1), (t1, t2), (t2, t3), (t3, t4))):
+                phases[n][k].append(1e3 * (b - a))
+    phase_ms = {n: {k: statistics.median(x) for k, x in ph.items()} for n, ph in phases.items()}
+    out: dict[str, Any] = {"phase_ms": phase_ms, "clock": clock.__name__}
+    tables, counts = {}, {}
+    for name, v in vs.items():
         acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
         with profile(activities=acts) as prof:
             for _ in range(steps):
                 train_step(v, batch)
-        agg = {e.key: e.self_cpu_time_total / steps / 1e3 for e in prof.key_averages()}  # ms per step
-        tables[name] = agg
-        out[f"{name}_table"] = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=top)
-        del v
-        gc.collect()
+        ka = prof.key_averages()
+        tables[name] = {e.key: e.self_cpu_time_total / steps / 1e3 for e in ka}  # ms per step
+        counts[name] = {e.key: e.count / steps for e in ka}
+        out[f"{name}_table"] = ka.table(sort_by="self_cpu_time_total", row_limit=top)
     keys = set(tables["lora"]) | set(tables["both"])
-    diff = sorted(((k, tables["both"].get(k, 0.0) - tables["lora"].get(k, 0.0), tables["lora"].get(k, 0.0), tables["both"].get(k, 0.0))
-                   for k in keys), key=lambda t: -abs(t[1]))
+    diff = sorted(((k, tables["both"].get(k, 0.0) - tables["lora"].get(k, 0.0), tables["lora"].get(k, 0.0), tables["both"].get(k, 0.0),
+                    counts["lora"].get(k, 0.0), counts["both"].get(k, 0.0)) for k in keys), key=lambda t: -abs(t[1]))
     out["total_self_cpu_ms"] = {n: sum(t.values()) for n, t in tables.items()}
-    out["diff_ms_per_step"] = [{"op": k, "delta_ms": d, "lora_ms": a, "both_ms": b} for k, d, a, b in diff[:top]]
+    out["op_calls_per_step"] = {n: sum(c.values()) for n, c in counts.items()}
+    out["diff_ms_per_step"] = [{"op": k, "delta_ms": d, "lora_ms": a, "both_ms": b, "lora_calls": ca, "both_calls": cb}
+                               for k, d, a, b, ca, cb in diff[:top]]
+    del vs
+    gc.collect()
     return out
 
 
@@ -582,6 +608,8 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p.add_argument("--seq-len", type=int, default=None, help="override every model's sequence length")
     p.add_argument("--quick", action="store_true", help="minilm-l6, r=8, batch 16 x 32, few rounds (< 2 min)")
     p.add_argument("--profile", action="store_true", help="also profile one step of LoRA vs StructLoRA (first model, r=8 or first rank)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch.set_num_threads (default: torch's own default; 1 is far more stable on an oversubscribed machine)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--out", default=str(ROOT / "results" / "overhead.json"), help="JSON output; the CSV is written next to it")
     args = p.parse_args(argv)
@@ -597,6 +625,8 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
 
 def main(argv: Optional[list[str]] = None) -> int:
     args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     models = [m.strip() for m in args.models.split(",") if m.strip()]
     ranks = [int(x) for x in args.ranks.split(",") if x.strip()]
@@ -656,10 +686,15 @@ def main(argv: Optional[list[str]] = None) -> int:
             pr = ranks[ranks.index(8)] if 8 in ranks else ranks[0]
             prof = profile_step(bench, pr, device)
             run["profile"] = {"model": name, "r": pr, **prof}
-            print(f"\n[profile] {name} r={pr}: self CPU ms/step lora {prof['total_self_cpu_ms']['lora']:.1f}, "
-                  f"both {prof['total_self_cpu_ms']['both']:.1f}; largest differences (both - lora, ms/step):")
+            print(f"\n[profile] {name} r={pr}, {prof['clock']} per phase (median ms/step):")
+            for n, ph in prof["phase_ms"].items():
+                print(f"    {n:<5s} " + "  ".join(f"{k} {x:8.1f}" for k, x in ph.items()) + f"  total {sum(ph.values()):8.1f}")
+            print(f"  torch.profiler: self CPU ms/step lora {prof['total_self_cpu_ms']['lora']:.1f}, both {prof['total_self_cpu_ms']['both']:.1f}; "
+                  f"op calls/step lora {prof['op_calls_per_step']['lora']:.0f}, both {prof['op_calls_per_step']['both']:.0f}; "
+                  "largest differences (both - lora):")
             for d in prof["diff_ms_per_step"]:
-                print(f"    {d['op']:<40s} {d['delta_ms']:+9.2f}   (lora {d['lora_ms']:8.2f}, both {d['both_ms']:8.2f})")
+                print(f"    {d['op'][:48]:<48s} {d['delta_ms']:+9.2f} ms  (lora {d['lora_ms']:8.2f} ms x{d['lora_calls']:.0f}, "
+                      f"both {d['both_ms']:8.2f} ms x{d['both_calls']:.0f})")
             profile_done = True
         del bench
         gc.collect()

@@ -76,17 +76,17 @@ display(paper.table_frame(2))
 #
 # The cell below holds the **smoke** tier (seconds per run: it checks that every code path runs, its
 # numbers mean nothing). `python -m structlora reproduce --tier cpu|gpu` replaces it with
-# `params/<tier>/01_main_results.yml`. `BUDGET` is per model; `METHODS_BY_MODEL` / `SEEDS_BY_MODEL`
-# override `METHODS` / `SEEDS` for one model.
+# `params/<tier>/01_main_results.yml`. `BUDGET` is per model; `TASK_METHODS` / `TASK_SEEDS`
+# override `METHODS` / `SEEDS` for one task.
 
 # %% tags=["parameters"]
 TIER = "smoke"
 RESULTS_DIR = "results/smoke/runs"
 TASKS = ["sst2", "boolq"]
 METHODS = ["lora", "structlora", "adapterfusion"]
-METHODS_BY_MODEL = {}
+TASK_METHODS = {"boolq": ["lora", "structlora"]}
 SEEDS = [0, 1]
-SEEDS_BY_MODEL = {"smollm2-135m": [0]}
+TASK_SEEDS = {"boolq": [0]}
 RANK = 8
 BUDGET = {
     "minilm-l6": {"max_steps": 3, "batch_size": 8, "max_length": 64, "lr": 5e-4, "eval_every": 3,
@@ -108,7 +108,7 @@ PAPER_METHODS = ["full_ft", "linear_probe", "adapter", "prefix", "adapterfusion"
 NOT_PEFT = {"full_ft", "linear_probe"}  # the paper's upper / lower bounds
 REGISTRY = list_methods()
 IN_SCOPE = [m for m in PAPER_METHODS if m in REGISTRY]
-GRID_KEYS = ("TASKS", "METHODS", "METHODS_BY_MODEL", "SEEDS", "SEEDS_BY_MODEL", "RANK", "BUDGET")
+GRID_KEYS = ("TASKS", "METHODS", "TASK_METHODS", "SEEDS", "TASK_SEEDS", "RANK", "BUDGET")
 assert set(TASKS) <= set(TASK_MODEL), f"unknown task in {TASKS}"
 
 
@@ -116,9 +116,8 @@ def grid_of(p: dict) -> list[dict]:
     """(task, method, seeds) of one tier's parameters."""
     rows = []
     for t in p["TASKS"]:
-        m_ = TASK_MODEL[t]
-        for meth in p["METHODS_BY_MODEL"].get(m_, p["METHODS"]):
-            rows.append({"task": t, "method": meth, "seeds": len(p["SEEDS_BY_MODEL"].get(m_, p["SEEDS"]))})
+        for meth in p["TASK_METHODS"].get(t, p["METHODS"]):
+            rows.append({"task": t, "method": meth, "seeds": len(p["TASK_SEEDS"].get(t, p["SEEDS"]))})
     return rows
 
 
@@ -126,8 +125,8 @@ THIS = {k: globals()[k] for k in GRID_KEYS}
 specs = [
     RunSpec(task=t, model=TASK_MODEL[t], method=m, rank=RANK, seed=s, fraction=1.0, **BUDGET[TASK_MODEL[t]])
     for t in TASKS
-    for m in METHODS_BY_MODEL.get(TASK_MODEL[t], METHODS)
-    for s in SEEDS_BY_MODEL.get(TASK_MODEL[t], SEEDS)
+    for m in TASK_METHODS.get(t, METHODS)
+    for s in TASK_SEEDS.get(t, SEEDS)
 ]
 print(f"tier {TIER}: {len(specs)} runs over {len(TASKS)} task(s); results cached in {RESULTS_DIR}")
 print("methods in scope:", ", ".join(IN_SCOPE))

@@ -36,7 +36,8 @@ parameters and all buffers, optimizer, scheduler, every rank's RNG states, step,
 state so far), atomically (temporary file + ``os.replace``), and resumes from it when it exists. The
 same seed gives the same numbers on CPU, and an interrupted run resumed from its checkpoint ends with
 the same parameters as an uninterrupted one. State a method keeps outside parameters, buffers and the
-optimizer (e.g. a Python-side importance estimate updated in ``on_step``) is not checkpointed.
+optimizer is checkpointed only when ``handle.controller`` offers ``state_dict()`` / ``load_state_dict()``
+(otherwise, e.g. an importance estimate kept in Python, a resumed run restarts it from its built state).
 """
 from __future__ import annotations
 
@@ -518,7 +519,7 @@ def _predict(model: nn.Module, task: Any, ds: Any, rows: Sequence[int], batch_si
     return {"rows": list(rows), "preds": preds, "preds_norm": preds_norm, "refs": refs}
 
 
-def evaluate(model: nn.Module, task: Any, dataset: Any, batch_size: int = 64, pad_id: int = 0,
+def evaluate(model: nn.Module, task: Any, dataset: Any, batch_size: int = 64, pad_id: int | None = None,
              tokenizer: Any | None = None, max_examples: int | None = None,
              _dist: _Dist | None = None) -> dict[str, float]:
     """Metrics of ``model`` on ``dataset`` (an encoded split of ``task``), computed by ``task.compute_metrics``.
@@ -526,9 +527,13 @@ def evaluate(model: nn.Module, task: Any, dataset: Any, batch_size: int = 64, pa
     Classification: argmax predictions. Multiple choice: summed-log-prob scoring (``score_choices``),
     ``accuracy`` from ``task.compute_metrics`` plus ``acc_norm``. Under several processes each rank
     scores a strided shard and the predictions are gathered, so every rank returns the same metrics.
+    ``pad_id`` defaults to ``pad_token_id(tokenizer, model)``; ``max_examples`` evaluates the fixed
+    seed-0 subset that ``train`` uses.
     """
     if dataset is None or len(dataset) == 0:
         return {}
+    if pad_id is None:
+        pad_id = pad_token_id(tokenizer, model)
     dataset = _eval_subset(dataset, max_examples)
     dist = _dist if _dist is not None else None
     world, rank = (dist.world, dist.rank) if dist is not None and dist.active else (1, 0)
@@ -613,6 +618,29 @@ class _GradSync:
             offset += n
 
 
+def _move(model: nn.Module, device: torch.device) -> None:
+    """``model.to(device)`` unless every parameter is already there (quantized models refuse ``.to``)."""
+    def here(t: torch.Tensor) -> bool:
+        return t.device.type == device.type and (device.index is None or t.device.index in (None, device.index)
+                                                 or device.type == "cpu")
+    if not all(here(p) for p in model.parameters()):
+        model.to(device)
+
+
+def _train_columns(kind: str, ds: Any) -> Any:
+    """Only the columns the training collator reads (MC rows also carry every option's tokens)."""
+    wanted = {"seq-cls": ("input_ids", "attention_mask", "token_type_ids", "labels"),
+              _MC_KIND: ("input_ids", "labels"), "image-cls": ("pixel_values", "labels")}[kind]
+    names = getattr(ds, "column_names", None)
+    if names is None:
+        return ds
+    missing = [c for c in wanted if c not in names and c not in ("attention_mask", "token_type_ids")]
+    if missing:
+        raise KeyError(f"the {kind} training split lacks column(s) {missing}; it has {names}")
+    keep = [c for c in wanted if c in names]
+    return ds.select_columns(keep) if len(keep) < len(names) else ds
+
+
 def _better(score: float, best: float | None, greater: bool) -> bool:
     if math.isnan(score):
         return best is None
@@ -642,7 +670,7 @@ def train(handle: Any, task: Any, encoded: Mapping[str, Any], cfg: TrainConfig, 
     t_start = time.perf_counter()
     dist = _Dist()
     micro_parts = dist.world * cfg.grad_accum
-    train_ds = encoded["train"]
+    train_ds = _train_columns(kind, encoded["train"])
     if min(cfg.batch_size, len(train_ds)) < micro_parts:
         raise ValueError(f"a batch of {min(cfg.batch_size, len(train_ds))} rows cannot be split over "
                          f"{dist.world} process(es) x grad_accum={cfg.grad_accum}")
@@ -652,7 +680,7 @@ def train(handle: Any, task: Any, encoded: Mapping[str, Any], cfg: TrainConfig, 
         log.warning("no validation split: the last step is reported as the best step")
 
     model: nn.Module = handle.model
-    model.to(dist.device)
+    _move(model, dist.device)
     model.train()
     pad_id = pad_token_id(tokenizer, model)
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
@@ -682,6 +710,9 @@ def train(handle: Any, task: Any, encoded: Mapping[str, Any], cfg: TrainConfig, 
         scheduler.load_state_dict(ck["scheduler"])
         rng = ck["rng"][dist.rank] if len(ck["rng"]) == dist.world else ck["rng"][0]
         _set_rng_state(rng)
+        ctl = _controller(handle)
+        if ctl is not None and ck.get("controller") is not None:
+            ctl.load_state_dict(ck["controller"])
         step, history, best_state = ck["step"], ck["history"], ck["best_state"]
         best_step, best_val, best_score = ck["best_step"], ck["best_val"], ck["best_score"]
         prior_wall, resumed_from = ck["wall_time_s"], ck["step"]
@@ -753,9 +784,11 @@ def train(handle: Any, task: Any, encoded: Mapping[str, Any], cfg: TrainConfig, 
                 if val:
                     bar.set_postfix(loss=f"{ema:.4f}", **{f"val_{metric}": f"{score:.4f}"}, refresh=False)
                 if ckpt_path is not None:
+                    ctl = _controller(handle)
                     _save_checkpoint(ckpt_path, dist, cfg, step, model, optimizer, scheduler, history,
                                      best_state, best_step, best_val, best_score,
-                                     prior_wall + time.perf_counter() - t_start)
+                                     prior_wall + time.perf_counter() - t_start,
+                                     ctl.state_dict() if ctl is not None else None)
     finally:
         bar.close()
 
@@ -771,6 +804,14 @@ def train(handle: Any, task: Any, encoded: Mapping[str, Any], cfg: TrainConfig, 
         peak_mem_mb=mem.peak_mb(), steps_per_s=steps_this_session / train_time if train_time > 0 else 0.0,
         peak_mem_kind=mem.kind, train_time_s=train_time, eval_time_s=eval_time, resumed_from=resumed_from,
         world_size=dist.world, metric=metric, config=_config_dict(cfg))
+
+
+def _controller(handle: Any) -> Any:
+    """``handle.controller`` when it can save and restore its state (``state_dict``/``load_state_dict``)."""
+    ctl = getattr(handle, "controller", None)
+    if ctl is not None and callable(getattr(ctl, "state_dict", None)) and callable(getattr(ctl, "load_state_dict", None)):
+        return ctl
+    return None
 
 
 def _config_dict(cfg: TrainConfig) -> dict[str, Any]:
@@ -794,7 +835,8 @@ def _check_resume(ck: Mapping[str, Any], cfg: TrainConfig, world: int, path: Pat
 
 def _save_checkpoint(path: Path, dist: _Dist, cfg: TrainConfig, step: int, model: nn.Module,
                      optimizer: torch.optim.Optimizer, scheduler: Any, history: list, best_state: Any,
-                     best_step: int, best_val: dict, best_score: float | None, wall: float) -> None:
+                     best_step: int, best_val: dict, best_score: float | None, wall: float,
+                     controller_state: Any = None) -> None:
     rngs = dist.gather_objects(_rng_state())
     if dist.is_main:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -803,5 +845,6 @@ def _save_checkpoint(path: Path, dist: _Dist, cfg: TrainConfig, step: int, model
             "model": trainable_state(model), "optimizer": optimizer.state_dict(),
             "scheduler": scheduler.state_dict(), "rng": rngs, "history": history, "best_state": best_state,
             "best_step": best_step, "best_val": best_val, "best_score": best_score, "wall_time_s": wall,
+            "controller": controller_state,
         }, path)
     dist.barrier()

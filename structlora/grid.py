@@ -464,7 +464,7 @@ def _init_worker(threads: int, loaders: dict[str, Callable[..., Any]]) -> None:
 
 
 def _run_in_worker(spec: RunSpec, results_dir: str, force: bool) -> dict[str, Any]:
-    return run(spec, results_dir, force=force, progress=False)  # type: ignore[return-value]
+    return train_spec(spec, results_dir, progress=False, force=force).record
 
 
 def run_grid(specs: Sequence[RunSpec], results_dir: str | Path = "results/runs", n_jobs: int = 1,
@@ -500,8 +500,7 @@ def run_grid(specs: Sequence[RunSpec], results_dir: str | Path = "results/runs",
             for spec in todo:
                 bar.set_postfix_str(spec.key()[:60], refresh=False)
                 try:
-                    records[spec.key()] = run(spec, results_dir, force=force, progress=progress,
-                                              progress_leave=False)  # type: ignore[assignment]
+                    records[spec.key()] = train_spec(spec, results_dir, progress, force, progress_leave=False).record
                 except Exception as exc:
                     raise RuntimeError(f"run {spec.key()} failed: {exc}") from exc
                 bar.update(1)

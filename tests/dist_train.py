@@ -55,6 +55,7 @@ class ToyHandle:
     on_step: Callable[[int, int], None] | None = None
     make_optimizer: Callable[[float, float], Any] | None = None
     notes: str = ""
+    controller: Any = None
 
 
 @dataclass
@@ -195,20 +196,88 @@ def toy_image_data(n_train: int = 64, n_eval: int = 32, seed: int = 3) -> tuple[
     return task, enc
 
 
+# ------------------------------------------------------------------------------------------ grid loaders
+# Stand-ins for structlora.grid.LOADERS (module-level so that spawned grid workers can import them).
+CALLS: dict[str, int] = {"load_task": 0, "load_model": 0, "build_method": 0}
+TOY_METHODS = ["lora", "skipme", "sensitivity_lora"]
+
+
+def toy_load_task(name: str, fraction: float = 1.0, seed: int = 0) -> ToyTask:
+    CALLS["load_task"] += 1
+    if name == "toy-seq":
+        return toy_seq_data(n_train=64, n_eval=32)[0]
+    if name == "toy-img":
+        return toy_image_data(n_train=32, n_eval=16)[0]
+    raise ValueError(f"unknown toy task {name!r}")
+
+
+def toy_load_model(name: str, task: str | None = None, num_labels: int | None = None, seed: int = 0) -> ToyLoaded:
+    CALLS["load_model"] += 1
+    if name == "toy-bert":
+        return ToyLoaded(name, "seq-cls", toy_bert(seed=seed, num_labels=num_labels or 2, lora=False))
+    raise ValueError(f"unknown toy model {name!r}")
+
+
+def toy_encode(task: ToyTask, tokenizer: Any, max_length: int) -> DatasetDict:
+    return DatasetDict({"train": task.train, "validation": task.validation, "test": task.test})
+
+
+def toy_build_method(name: str, loaded: ToyLoaded, rank: int = 8, seed: int = 0, total_steps: int | None = None,
+                     **kwargs: Any) -> ToyHandle:
+    from peft import LoraConfig, get_peft_model
+
+    from structlora.methods import MethodSkipped
+
+    CALLS["build_method"] += 1
+    if name == "skipme":
+        raise MethodSkipped("skipme needs hardware this machine does not have")
+    if name == "sensitivity_lora":
+        batches = kwargs.pop("calibration_batches")
+        assert len(batches) == 4 and all("input_ids" in b and "labels" in b for b in batches), batches
+    if kwargs:
+        raise ValueError(f"unexpected method kwargs {kwargs}")
+    torch.manual_seed(seed)
+    model = get_peft_model(loaded.model, LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=["query", "value"],
+                                                    task_type="SEQ_CLS"))
+    return toy_handle(model, name=name)
+
+
+def toy_list_methods() -> list[str]:
+    return list(TOY_METHODS)
+
+
+def toy_diagnostics(model: nn.Module) -> dict[str, float]:
+    return {"lora_norm": float(sum(p.detach().norm() for n, p in model.named_parameters() if "lora_B" in n))}
+
+
+TOY_LOADERS = {"load_task": toy_load_task, "load_model": toy_load_model, "encode": toy_encode,
+               "build_method": toy_build_method, "list_methods": toy_list_methods,
+               "update_diagnostics": toy_diagnostics}
+
+
 # ------------------------------------------------------------------------------------------ script
-def main(out_dir: str) -> None:
-    """Train the toy BERT on 2 processes and save each rank's trainable parameters and metrics."""
-    torch.set_num_threads(1)
-    from structlora.engine import TrainConfig, train
+def dist_setup(world: int) -> tuple[ToyTask, DatasetDict, ToyHandle, Any]:
+    """Task, data, a dropout-free toy BERT and the config whose 4 micro-batches per step are spread
+    over ``world`` processes (``grad_accum = 4 // world``): the same arithmetic for any ``world``."""
+    from structlora.engine import TrainConfig
 
     task, enc = toy_seq_data(n_train=128, n_eval=32)
-    rank = int(os.environ.get("RANK", "0"))
-    handle = toy_handle(toy_bert(seed=0))
+    handle = toy_handle(toy_bert(seed=0, dropout=0.0))
+    cfg = TrainConfig(lr=5e-3, batch_size=16, max_steps=12, eval_every=6, seed=0, grad_accum=4 // world)
+    return task, enc, handle, cfg
+
+
+def main(out_dir: str) -> None:
+    """Train the toy BERT on the launched processes; each rank saves its parameters and metrics."""
+    torch.set_num_threads(1)
+    from structlora.engine import train
+
+    rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+    task, enc, handle, cfg = dist_setup(world)
     with torch.no_grad():  # start the ranks apart: the engine must broadcast rank 0's trainable state
         for p in handle.model.parameters():
             if p.requires_grad:
                 p.add_(0.01 * rank)
-    cfg = TrainConfig(lr=5e-3, batch_size=16, max_steps=12, eval_every=6, seed=0, grad_accum=2)
     result = train(handle, task, enc, cfg, progress=False)
     state = {n: p.detach().clone() for n, p in handle.model.named_parameters() if p.requires_grad}
     Path(out_dir).mkdir(parents=True, exist_ok=True)

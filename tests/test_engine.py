@@ -11,12 +11,21 @@ import numpy as np
 import pytest
 import torch
 
-from dist_train import (toy_bert, toy_handle, toy_image_data, toy_llama, toy_mc_data, toy_seq_data,
+from dist_train import (dist_setup, toy_bert, toy_handle, toy_image_data, toy_llama, toy_mc_data, toy_seq_data,
                         toy_vit)
 from structlora.engine import (TrainConfig, batch_indices, collate, evaluate, load_trainable_state,
                                score_choices, train, trainable_state)
 
 HERE = Path(__file__).resolve().parent
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Toy models gain nothing from threads, and a busy machine makes extra threads very slow."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
 
 
 def _params(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -180,25 +189,45 @@ class _Killed(RuntimeError):
     pass
 
 
+class _StepCounter:
+    """A method controller with checkpointable state (``state_dict``/``load_state_dict``)."""
+
+    def __init__(self, die_at: int | None = None) -> None:
+        self.steps, self.die_at = 0, die_at
+
+    def on_step(self, step: int, total: int) -> None:
+        self.steps += 1
+        if step == self.die_at:
+            raise _Killed
+
+    def state_dict(self) -> dict:
+        return {"steps": self.steps}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.steps = state["steps"]
+
+
+def _counting_handle(die_at: int | None = None):
+    ctl = _StepCounter(die_at)
+    return toy_handle(toy_bert(seed=0), on_step=ctl.on_step, controller=ctl)
+
+
 def test_resume_after_kill_matches_uninterrupted(seq, tmp_path):
     task, enc = seq
     cfg = TrainConfig(lr=1e-2, batch_size=16, max_steps=10, eval_every=4, seed=5)
-    ref_handle = toy_handle(toy_bert(seed=0))
+    ref_handle = _counting_handle()
     ref = train(ref_handle, task, enc, cfg, progress=False)
-
-    def die(step, total):
-        if step == 7:
-            raise _Killed
     ckpt = tmp_path / "ckpt"
     with pytest.raises(_Killed):
-        train(toy_handle(toy_bert(seed=0), on_step=die), task, enc, cfg, checkpoint_dir=ckpt, progress=False)
+        train(_counting_handle(die_at=7), task, enc, cfg, checkpoint_dir=ckpt, progress=False)
     assert (ckpt / "state.pt").exists()
-    handle = toy_handle(toy_bert(seed=0))
+    handle = _counting_handle()
     res = train(handle, task, enc, cfg, checkpoint_dir=ckpt, progress=False)
     assert res.resumed_from == 4
     assert res.history == ref.history and res.best_step == ref.best_step
     assert res.test_metrics == ref.test_metrics
     _assert_same_params(_params(handle.model), _params(ref_handle.model))
+    assert handle.controller.steps == ref_handle.controller.steps == 10   # controller state restored
     # a finished checkpoint resumes straight to the test evaluation; a different config is refused
     again = train(toy_handle(toy_bert(seed=0)), task, enc, cfg, checkpoint_dir=ckpt, progress=False)
     assert again.resumed_from == 10 and again.test_metrics == ref.test_metrics
@@ -250,3 +279,9 @@ def test_two_processes_end_identical(tmp_path):
     assert r0["world_size"] == r1["world_size"] == 2
     _assert_same_params(r0["params"], r1["params"])
     assert r0["val"] == r1["val"] and r0["test"] == r1["test"] and r0["history"] == r1["history"]
+    # ... and equal (up to float summation order) to one process doing the 4 micro-batches itself
+    task, enc, handle, cfg = dist_setup(world=1)
+    ref = train(handle, task, enc, cfg, progress=False)
+    for name, value in _params(handle.model).items():
+        torch.testing.assert_close(r0["params"][name], value, rtol=1e-4, atol=1e-5)
+    assert [h["loss"] for h in r0["history"]] == pytest.approx([h["loss"] for h in ref.history], rel=1e-4)

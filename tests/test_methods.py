@@ -34,6 +34,15 @@ SEQ = 8
 N_FIRST = 8  # the first token is one of ids 10..17; label = its parity
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    """Tiny models: one intra-op thread is fastest, and avoids OpenMP spin-waiting on a loaded 2-core box."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 # ----------------------------------------------------------------------------------------- toy models
 def _toy_bert(num_labels: int = 2) -> nn.Module:
     from transformers import BertConfig, BertForSequenceClassification
@@ -117,7 +126,7 @@ def _train(handle: MethodHandle, batches: list[dict], lr: float = 5e-3) -> list[
         if handle.on_step is not None:
             handle.on_step(step, len(batches))
         opt.zero_grad(set_to_none=True)
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
     return losses
 
 

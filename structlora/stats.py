@@ -1,0 +1,238 @@
+"""Statistics over grid results: seed summaries, paired t-tests against a baseline, and verdicts.
+
+The paper averages three seeds and runs paired two-sided t-tests against vanilla LoRA at 95%
+(appendix A). ``paired_test`` pairs runs on matched seeds, ``verdict`` turns a paired difference into
+"reproduced" / "not reproduced" / "inconclusive" by the rule written in its docstring.
+"""
+from __future__ import annotations
+
+import math
+import warnings
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+import pandas as pd
+from scipy import stats as _st
+
+__all__ = ["summarize", "paired_test", "verdict", "compare_to_paper", "VERDICTS"]
+
+VERDICTS = ("reproduced", "not reproduced", "inconclusive")
+DEFAULT_BY = ("task", "model", "method", "rank", "fraction")
+
+
+def _ok_rows(df: pd.DataFrame) -> pd.DataFrame:
+    return df[df["status"] == "ok"] if "status" in df.columns else df
+
+
+def _check_columns(df: pd.DataFrame, cols: Sequence[str], what: str) -> None:
+    missing = [c for c in cols if c not in df.columns]
+    if missing:
+        raise KeyError(f"{what}: missing column(s) {missing}; available: {sorted(map(str, df.columns))}")
+
+
+def summarize(df: pd.DataFrame, metric: str = "test_accuracy", by: Sequence[str] = DEFAULT_BY,
+              scale: float = 1.0, digits: int = 2) -> pd.DataFrame:
+    """Mean, sample std (ddof=1; NaN for one run), n and a ``"mean ± std"`` display string per group.
+
+    Only rows with ``status == "ok"`` count (when there is a status column). ``scale`` multiplies the
+    metric (e.g. 100 for percentages) before summarising; ``digits`` formats the display column.
+    """
+    by = list(by)
+    _check_columns(df, by + [metric], "summarize")
+    rows = _ok_rows(df).dropna(subset=[metric])
+    g = rows.assign(_v=rows[metric].astype(float) * scale).groupby(by, dropna=False, sort=True)["_v"]
+    out = g.agg(mean="mean", std=lambda v: v.std(ddof=1), n="count").reset_index()
+    out["mean ± std"] = [f"{m:.{digits}f}" if n < 2 else f"{m:.{digits}f} ± {s:.{digits}f}"
+                         for m, s, n in zip(out["mean"], out["std"], out["n"])]
+    return out
+
+
+def _paired_stats(x: np.ndarray, y: np.ndarray, confidence: float) -> dict[str, float]:
+    """Statistics of d = x - y: mean, std, the t-interval of the mean, t and two-sided p (ttest_rel)."""
+    d = x - y
+    n = len(d)
+    out = {"n": n, "diff_mean": float(d.mean()) if n else math.nan, "diff_std": math.nan,
+           "ci_low": math.nan, "ci_high": math.nan, "t": math.nan, "p": math.nan,
+           "method_mean": float(x.mean()) if n else math.nan, "baseline_mean": float(y.mean()) if n else math.nan}
+    if n < 2:
+        return out
+    sd = float(d.std(ddof=1))
+    out["diff_std"] = sd
+    if sd == 0.0:  # every pair differs by the same amount: a degenerate, infinitely precise difference
+        mean = out["diff_mean"]
+        out.update(ci_low=mean, ci_high=mean, t=math.copysign(math.inf, mean) if mean else 0.0,
+                   p=0.0 if mean else 1.0)
+        return out
+    half = _st.t.ppf(0.5 + confidence / 2, n - 1) * sd / math.sqrt(n)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        res = _st.ttest_rel(x, y)
+    out.update(ci_low=out["diff_mean"] - half, ci_high=out["diff_mean"] + half, t=float(res.statistic),
+               p=float(res.pvalue))
+    return out
+
+
+def paired_test(df: pd.DataFrame, method: str, baseline: str = "lora", metric: str = "test_accuracy",
+                by: Sequence[str] = ("task", "model", "rank", "fraction"), confidence: float = 0.95,
+                scale: float = 1.0) -> pd.DataFrame:
+    """Paired comparison of ``method`` with ``baseline`` on matched seeds, one row per ``by`` group.
+
+    Runs are paired by an inner join on ``seed`` inside each group (seeds present for only one of the
+    two are dropped with a warning; two runs of one method with the same seed in a group are an error,
+    add the distinguishing column to ``by``). Columns: ``by``, ``method``, ``baseline``, ``n`` (pairs),
+    ``method_mean``, ``baseline_mean``, ``diff_mean`` and ``diff_std`` (ddof=1) of ``method -
+    baseline``, ``ci_low``/``ci_high`` (the ``confidence`` t-interval of the mean difference,
+    ``mean ± t_{n-1} * std / sqrt(n)``), ``t`` and two-sided ``p`` (``scipy.stats.ttest_rel``). With
+    fewer than 2 pairs the interval, t and p are NaN. When all differences are equal (std 0), the
+    interval is the point, p = 0 (t = ±inf) for a non-zero difference, p = 1 (t = 0) for zero.
+    """
+    by = [c for c in by if c != "method"]
+    _check_columns(df, by + ["method", "seed", metric], "paired_test")
+    rows = _ok_rows(df).dropna(subset=[metric])
+    rows = rows[rows["method"].isin([method, baseline])]
+    results = []
+    groups = rows.groupby(by, dropna=False, sort=True) if by else [((), rows)]
+    for key, grp in groups:
+        key = key if isinstance(key, tuple) else (key,)
+        sides = {}
+        for name in (method, baseline):
+            part = grp[grp["method"] == name]
+            dup = part["seed"][part["seed"].duplicated()].tolist()
+            if dup:
+                raise ValueError(f"paired_test: {name!r} has several runs with seed(s) {dup} in group "
+                                 f"{dict(zip(by, key))}; add the column that tells them apart to `by`")
+            sides[name] = part.set_index("seed")[metric].astype(float) * scale
+        if sides[method].empty or sides[baseline].empty:
+            continue
+        joined = pd.concat({"m": sides[method], "b": sides[baseline]}, axis=1, join="inner").sort_index()
+        unmatched = sorted(set(sides[method].index) ^ set(sides[baseline].index))
+        if unmatched:
+            warnings.warn(f"paired_test: seeds {unmatched} of group {dict(zip(by, key))} have no partner "
+                          f"run ({method} vs {baseline}) and are dropped", stacklevel=2)
+        stats = _paired_stats(joined["m"].to_numpy(), joined["b"].to_numpy(), confidence)
+        results.append({**dict(zip(by, key)), "method": method, "baseline": baseline, **stats})
+    cols = by + ["method", "baseline", "n", "method_mean", "baseline_mean", "diff_mean", "diff_std",
+                 "ci_low", "ci_high", "t", "p"]
+    return pd.DataFrame(results, columns=cols)
+
+
+def _nan(x: Any) -> bool:
+    return x is None or (isinstance(x, (float, np.floating)) and math.isnan(x))
+
+
+def verdict(diff_mean: float, ci_low: float, ci_high: float, p: float, paper_diff: float | None,
+            alpha: float = 0.05, margin: float | None = None) -> str:
+    """Whether our paired difference (method minus baseline) reproduces the paper's difference.
+
+    The paper's claim is an effect of ``paper_diff`` (same units as ours) in its direction
+    ``s = sign(paper_diff)``; ``[ci_low, ci_high]`` is our 95% t-interval of the mean paired
+    difference over seeds and ``p`` its two-sided paired t-test p-value. ``margin`` is the smallest
+    effect we would still count as "the paper's effect"; by default half of ``|paper_diff|``.
+
+    1. **reproduced**: ``p < alpha`` and our mean difference has the paper's sign: a significant
+       effect in the claimed direction (its size may differ; compare it with ``paper_diff``).
+    2. **not reproduced**: ``p < alpha`` with the opposite sign (a significant effect against the
+       claim); or, without a significant effect, the interval excludes every effect of at least
+       ``margin`` in the paper's direction (``s * ci_high < margin`` for ``s = +1``, i.e. with 95%
+       confidence the true effect is less than half of what the paper reports).
+    3. **inconclusive**: everything else, i.e. no significant difference while the interval still
+       admits an effect of ``margin`` or more (too few seeds or too much noise to decide); also when
+       the statistics are undefined (fewer than 2 paired seeds: NaN interval or p) or there is no
+       paper value to compare with.
+
+    A ``paper_diff`` of 0 (a claim of parity) needs an explicit ``margin``: reproduced when the
+    interval lies inside ``(-margin, margin)`` (equivalence), not reproduced when ``p < alpha``
+    (a significant difference), inconclusive otherwise.
+    """
+    if any(_nan(v) for v in (diff_mean, ci_low, ci_high, p)) or _nan(paper_diff):
+        return "inconclusive"
+    if ci_low > ci_high:
+        raise ValueError(f"ci_low {ci_low} > ci_high {ci_high}")
+    significant = p < alpha
+    if paper_diff == 0:
+        if margin is None or margin <= 0:
+            raise ValueError("a parity claim (paper_diff == 0) needs an equivalence margin > 0")
+        if significant:
+            return "not reproduced"
+        return "reproduced" if -margin < ci_low and ci_high < margin else "inconclusive"
+    s = 1.0 if paper_diff > 0 else -1.0
+    margin = 0.5 * abs(paper_diff) if margin is None else float(margin)
+    if margin < 0:
+        raise ValueError(f"margin must be >= 0, got {margin}")
+    if significant and s * diff_mean > 0:
+        return "reproduced"
+    if significant and s * diff_mean < 0:
+        return "not reproduced"
+    upper_in_paper_direction = ci_high if s > 0 else -ci_low
+    if upper_in_paper_direction < margin:
+        return "not reproduced"
+    return "inconclusive"
+
+
+def _flatten(paper: Mapping[Any, Any], depth: int) -> dict[tuple, float]:
+    out: dict[tuple, float] = {}
+    for k, v in paper.items():
+        key = k if isinstance(k, tuple) else (k,)
+        if isinstance(v, Mapping):
+            for sub, val in _flatten(v, depth - len(key)).items():
+                out[key + sub] = val
+        else:
+            out[key] = v
+    return out
+
+
+def compare_to_paper(ours: pd.DataFrame, paper: Mapping[Any, Any], on: Sequence[str] = ("task", "method"),
+                     value: str | None = None, scale: float = 1.0, digits: int = 2,
+                     alpha: float = 0.05, margin: float | None = None) -> pd.DataFrame:
+    """Side-by-side table of our numbers and the paper's.
+
+    ``paper`` maps keys of the ``on`` columns to the paper's value, as tuples
+    (``{("sst2", "lora"): 95.1}``) or nested dicts (``{"sst2": {"lora": 95.1}}``). ``ours`` is a
+    ``summarize`` table (``value`` defaults to ``"mean"``) or a ``paired_test`` table (``value``
+    defaults to ``"diff_mean"``; the paper's values are then its differences and a ``verdict`` column
+    is added by ``verdict``). ``scale`` multiplies our numbers (e.g. 100 for fractions vs the paper's
+    percentages). Columns: ``on``, ``ours``, ``paper``, ``delta`` (ours - paper), ``ours (display)``
+    and, for paired tables, ``n``, ``ci_low``, ``ci_high``, ``p``, ``verdict``. Rows of ours without a
+    paper value keep ``paper`` NaN; paper entries we did not run appear with ``ours`` NaN.
+    """
+    on = list(on)
+    _check_columns(ours, on, "compare_to_paper")
+    paired = "diff_mean" in ours.columns
+    value = value or ("diff_mean" if paired else "mean")
+    _check_columns(ours, [value], "compare_to_paper")
+    flat = _flatten(paper, len(on))
+    bad = [k for k in flat if len(k) != len(on)]
+    if bad:
+        raise ValueError(f"paper keys {bad[:3]} do not have one entry per `on` column {on}")
+    theirs = pd.DataFrame([dict(zip(on, k), paper=float(v)) for k, v in flat.items()], columns=on + ["paper"])
+    mine = ours.copy()
+    mine["ours"] = mine[value].astype(float) * scale
+    extra = []
+    if paired:
+        for c in ("ci_low", "ci_high"):
+            mine[c] = mine[c].astype(float) * scale
+        extra = [c for c in ("n", "ci_low", "ci_high", "p") if c in mine.columns]
+    elif "std" in mine.columns:
+        mine["std"] = mine["std"].astype(float) * scale
+        extra = [c for c in ("std", "n") if c in mine.columns]
+    table = mine[on + ["ours"] + extra].merge(theirs, on=on, how="outer")
+    table["delta"] = table["ours"] - table["paper"]
+    if paired:
+        table["ours (display)"] = [_fmt_ci(m, lo, hi, digits) for m, lo, hi in
+                                   zip(table["ours"], table["ci_low"], table["ci_high"])]
+        table["verdict"] = [verdict(m, lo, hi, p, pd_, alpha=alpha, margin=margin)
+                            for m, lo, hi, p, pd_ in zip(table["ours"], table["ci_low"], table["ci_high"],
+                                                         table["p"], table["paper"])]
+    else:
+        stds = table["std"] if "std" in table.columns else [math.nan] * len(table)
+        table["ours (display)"] = [("" if _nan(m) else f"{m:.{digits}f}" if _nan(s) else
+                                    f"{m:.{digits}f} ± {s:.{digits}f}") for m, s in zip(table["ours"], stds)]
+    return table.sort_values(on, kind="stable").reset_index(drop=True)
+
+
+def _fmt_ci(mean: float, lo: float, hi: float, digits: int) -> str:
+    if _nan(mean):
+        return ""
+    if _nan(lo) or _nan(hi):
+        return f"{mean:+.{digits}f}"
+    return f"{mean:+.{digits}f} [{lo:+.{digits}f}, {hi:+.{digits}f}]"

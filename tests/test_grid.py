@@ -1,0 +1,176 @@
+"""structlora.grid with toy loaders: records, resumption, corrupt records, skips, errors, parallel runs."""
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+
+import dist_train
+from dist_train import CALLS, TOY_LOADERS
+from structlora import grid
+from structlora.grid import RunSpec, load_records, read_record, record_path, run, run_grid, train_spec
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Toy models gain nothing from threads, and a busy machine makes extra threads very slow."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
+@pytest.fixture(autouse=True)
+def toy_loaders(monkeypatch):
+    for name, fn in TOY_LOADERS.items():
+        monkeypatch.setitem(grid.LOADERS, name, fn)
+    for k in CALLS:
+        CALLS[k] = 0
+    yield
+
+
+def _spec(method: str = "lora", **kw) -> RunSpec:
+    """A toy run of a few steps (< 1 s)."""
+    base = dict(rank=2, max_steps=6, eval_every=3, lr=1e-2, batch_size=16, max_length=16)
+    return RunSpec.make("toy-seq", "toy-bert", method, **{**base, **kw})
+
+
+# ------------------------------------------------------------------------------------------ spec
+def test_runspec_make_key_and_round_trip():
+    s = RunSpec.make("sst2", "minilm", "structlora", seed=1, lam=0.1, graph="adjacency", layers=[1, 2])
+    assert s.method_kwargs == (("graph", "adjacency"), ("lam", 0.1), ("layers", (1, 2)))
+    assert s.method_kwargs_dict() == {"graph": "adjacency", "lam": 0.1, "layers": [1, 2]}
+    assert hash(s) == hash(RunSpec.make("sst2", "minilm", "structlora", layers=[1, 2], graph="adjacency",
+                                        lam=0.1, seed=1))
+    assert s.key() == RunSpec.from_dict(json.loads(json.dumps(s.to_dict()))).key()
+    assert s.key() != RunSpec.make("sst2", "minilm", "structlora", seed=2, lam=0.1, graph="adjacency",
+                                   layers=[1, 2]).key()
+    # the key is a pure function of the fields: pinned so that an accidental change is noticed
+    assert RunSpec("sst2", "minilm", "lora").key() == "sst2-minilm-lora-r8-s0-" + grid.hashlib.sha256(
+        json.dumps(grid.asdict(RunSpec("sst2", "minilm", "lora")), sort_keys=True).encode()).hexdigest()[:12]
+    with pytest.raises(ValueError, match="rank"):
+        RunSpec("sst2", "minilm", "lora", rank=0)
+    with pytest.raises(TypeError, match="dict"):
+        RunSpec.make("sst2", "minilm", "lora", pattern={"a": 1})
+
+
+# ------------------------------------------------------------------------------------------ grid
+def test_grid_resumes_and_recomputes_only_bad_records(tmp_path):
+    specs = [_spec(seed=s) for s in range(6)]
+    df = run_grid(specs, tmp_path, progress=False)
+    assert CALLS["build_method"] == 6
+    assert list(df["status"]) == ["ok"] * 6 and list(df["seed"]) == list(range(6))
+    assert {"val_accuracy", "test_accuracy", "trainable_params", "wall_time_s", "peak_mem_mb",
+            "diag_lora_norm", "skip_reason"} <= set(df.columns)
+    before = {s.key(): json.loads(record_path(s, tmp_path).read_text()) for s in specs}
+
+    paths = [record_path(s, tmp_path) for s in specs]
+    paths[0].unlink()                                                   # deleted (killed before writing)
+    paths[1].write_text("{not json")                                    # corrupt
+    paths[2].write_text(paths[2].read_text()[: len(paths[2].read_text()) // 2])  # truncated
+    rec = json.loads(paths[3].read_text())
+    rec["schema"] = 0                                                   # old schema
+    paths[3].write_text(json.dumps(rec))
+    paths[4].write_text(paths[5].read_text())                           # another spec's record
+    CALLS["build_method"] = 0
+    with pytest.warns(UserWarning, match="invalid run record") as caught:
+        df2 = run_grid(specs, tmp_path, progress=False)
+    assert CALLS["build_method"] == 5                                   # 0-4 recomputed, 5 read back
+    assert len([w for w in caught if "invalid run record" in str(w.message)]) == 4
+    after = {s.key(): json.loads(record_path(s, tmp_path).read_text()) for s in specs}
+    for key in before:                                                  # same seed -> same numbers
+        assert after[key]["metrics"] == before[key]["metrics"] and after[key]["history"] == before[key]["history"]
+    assert df2[["seed", "test_accuracy"]].equals(df[["seed", "test_accuracy"]])
+
+    CALLS["build_method"] = 0
+    run_grid(specs, tmp_path, progress=False)                           # everything finished: no work
+    assert CALLS["build_method"] == 0
+    assert len(load_records(tmp_path)) == 6 and len(load_records(tmp_path, specs[:2])) == 2
+
+
+def test_interrupted_run_resumes_from_checkpoint(tmp_path, monkeypatch):
+    spec = _spec(max_steps=8, eval_every=3)
+
+    class Killed(RuntimeError):
+        pass
+
+    def dying_build(*args, **kwargs):
+        handle = dist_train.toy_build_method(*args, **kwargs)
+
+        def on_step(step, total):
+            if step == 5:
+                raise Killed
+        handle.on_step = on_step
+        return handle
+
+    monkeypatch.setitem(grid.LOADERS, "build_method", dying_build)
+    with pytest.raises(Killed):
+        run(spec, tmp_path, progress=False)
+    assert not record_path(spec, tmp_path).exists()
+    assert (tmp_path / f"{spec.key()}.ckpt" / "state.pt").exists()
+    monkeypatch.setitem(grid.LOADERS, "build_method", dist_train.toy_build_method)
+    rec = run(spec, tmp_path, progress=False)
+    assert rec["status"] == "ok" and rec["resumed_from"] == 3
+    assert not (tmp_path / f"{spec.key()}.ckpt").exists()
+    fresh = run(spec, tmp_path / "fresh", progress=False)
+    assert fresh["resumed_from"] is None
+    assert rec["metrics"] == fresh["metrics"] and rec["history"] == fresh["history"]
+
+
+def test_skipped_method_is_recorded_with_reason(tmp_path):
+    specs = [_spec(method="skipme"), _spec()]
+    df = run_grid(specs, tmp_path, progress=False)
+    row = df[df["method"] == "skipme"].iloc[0]
+    assert row["status"] == "skipped" and "hardware" in row["skip_reason"]
+    rec = read_record(record_path(specs[0], tmp_path), specs[0])
+    assert rec["status"] == "skipped" and rec["metrics"] == {"validation": {}, "test": {}}
+    CALLS["build_method"] = 0
+    run_grid(specs, tmp_path, progress=False)                           # a skip is a finished run
+    assert CALLS["build_method"] == 0
+
+
+def test_record_contents_and_determinism(tmp_path):
+    spec = _spec(seed=3)
+    a = run(spec, tmp_path / "a", progress=False)
+    b = run(spec, tmp_path / "b", progress=False)
+    assert a["metrics"] == b["metrics"] and a["history"] == b["history"] and a["best_step"] == b["best_step"]
+    assert grid.RECORD_KEYS <= set(a) and a["schema"] == grid.SCHEMA and a["key"] == spec.key()
+    assert a["spec"] == spec.to_dict() and a["versions"]["torch"] and a["finished_at"]
+    assert 0 < a["trainable_params"] < a["total_params"] and a["diagnostics"]["lora_norm"] > 0
+    c = run(_spec(seed=4), tmp_path / "a", progress=False)
+    assert c["history"] != a["history"]
+    # force recomputes; keep_model hands back the trained model
+    CALLS["build_method"] = 0
+    out = run(spec, tmp_path / "a", progress=False, keep_model=True)
+    assert CALLS["build_method"] == 1 and out.record["metrics"] == a["metrics"] and out.handle is not None
+    assert out.task.name == "toy-seq" and "train" in out.encoded
+
+
+def test_calibration_batches_for_sensitivity_lora(tmp_path):
+    rec = run(_spec(method="sensitivity_lora"), tmp_path, progress=False)  # toy builder asserts 4 batches
+    assert rec["status"] == "ok"
+
+
+def test_configuration_errors_come_before_training(tmp_path):
+    with pytest.raises(ValueError, match="unknown method 'nope'"):
+        run(_spec(method="nope"), tmp_path, progress=False)
+    assert CALLS["load_task"] == CALLS["load_model"] == 0
+    with pytest.raises(ValueError, match="task/model mismatch|needs a 'image-cls' model"):
+        run(RunSpec.make("toy-img", "toy-bert", "lora", max_steps=2), tmp_path, progress=False)
+    assert CALLS["build_method"] == 0 and not list(tmp_path.glob("*.json"))
+    with pytest.raises(RuntimeError, match="failed:.*unknown toy model"):
+        run_grid([_spec(), RunSpec.make("toy-seq", "bert-xl", "lora")], tmp_path, progress=False)
+    assert CALLS["build_method"] == 1
+
+
+@pytest.mark.slow
+def test_parallel_grid_matches_sequential(tmp_path):
+    """n_jobs=2: spawned workers (each imports torch/transformers: ~10 s idle, more on a busy machine)."""
+    specs = [_spec(seed=s) for s in range(2)]
+    seq = run_grid(specs, tmp_path / "seq", progress=False)
+    par = run_grid(specs, tmp_path / "par", n_jobs=2, progress=False)
+    assert list(par["key"]) == list(seq["key"])
+    assert list(par["status"]) == ["ok", "ok"]
+    assert par["val_accuracy"].tolist() == pytest.approx(seq["val_accuracy"].tolist(), abs=0.07)

@@ -1,0 +1,120 @@
+"""structlora.stats: summaries, paired tests (vs scipy and by hand), every verdict branch, paper tables."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pandas as pd
+import pytest
+from scipy import stats as st
+
+from structlora.stats import compare_to_paper, paired_test, summarize, verdict
+
+
+def _frame(values: dict[str, list[float]], task: str = "sst2", seeds=None) -> pd.DataFrame:
+    rows = []
+    for method, vals in values.items():
+        for seed, v in zip(seeds or range(len(vals)), vals):
+            rows.append({"task": task, "model": "m", "method": method, "rank": 8, "fraction": 1.0,
+                         "seed": seed, "status": "ok", "test_accuracy": v})
+    return pd.DataFrame(rows)
+
+
+LORA = [0.80, 0.82, 0.81, 0.79]
+OURS = [0.83, 0.84, 0.82, 0.83]
+
+
+def test_summarize_mean_std_n():
+    df = pd.concat([_frame({"lora": LORA, "ours": OURS}),
+                    pd.DataFrame([{"task": "sst2", "model": "m", "method": "ours", "rank": 8, "fraction": 1.0,
+                                   "seed": 9, "status": "skipped", "test_accuracy": np.nan}])])
+    out = summarize(df, scale=100).set_index("method")
+    assert out.loc["lora", "n"] == 4 and out.loc["ours", "n"] == 4         # the skipped run does not count
+    assert out.loc["lora", "mean"] == pytest.approx(100 * np.mean(LORA))
+    assert out.loc["lora", "std"] == pytest.approx(100 * np.std(LORA, ddof=1))
+    assert out.loc["lora", "mean ± std"] == f"{100 * np.mean(LORA):.2f} ± {100 * np.std(LORA, ddof=1):.2f}"
+    one = summarize(_frame({"lora": [0.5]})).iloc[0]
+    assert one["n"] == 1 and math.isnan(one["std"]) and one["mean ± std"] == "0.50"
+    with pytest.raises(KeyError, match="test_f1"):
+        summarize(df, metric="test_f1")
+
+
+def test_paired_test_matches_scipy_and_hand_ci():
+    row = paired_test(_frame({"lora": LORA, "ours": OURS}), "ours").iloc[0]
+    ref = st.ttest_rel(OURS, LORA)
+    assert row["n"] == 4
+    assert row["t"] == pytest.approx(ref.statistic) and row["p"] == pytest.approx(ref.pvalue)
+    # by hand: d = (0.03, 0.02, 0.01, 0.04), mean 0.025, sd = sqrt(0.0005/3), t_{0.975,3} = 3.182446
+    d = np.array([0.03, 0.02, 0.01, 0.04])
+    half = 3.182446305284263 * math.sqrt(np.sum((d - 0.025) ** 2) / 3) / 2.0
+    assert row["diff_mean"] == pytest.approx(0.025)
+    assert row["diff_std"] == pytest.approx(math.sqrt(0.0005 / 3))
+    assert (row["ci_low"], row["ci_high"]) == pytest.approx((0.025 - half, 0.025 + half))
+    assert row["method_mean"] == pytest.approx(np.mean(OURS)) and row["baseline_mean"] == pytest.approx(np.mean(LORA))
+
+
+def test_paired_test_pairs_on_seed_and_warns_on_unmatched():
+    df = pd.concat([_frame({"lora": [0.7, 0.8, 0.9]}, seeds=[0, 1, 2]),
+                    _frame({"ours": [0.85, 0.97, 0.5]}, seeds=[1, 2, 3])])
+    with pytest.warns(UserWarning, match=r"seeds \[0, 3\]"):
+        row = paired_test(df, "ours").iloc[0]
+    assert row["n"] == 2 and row["diff_mean"] == pytest.approx(0.06)
+    assert row["p"] == pytest.approx(st.ttest_rel([0.85, 0.97], [0.8, 0.9]).pvalue)
+    dup = pd.concat([_frame({"lora": LORA, "ours": OURS}), _frame({"ours": [0.1]})])
+    with pytest.raises(ValueError, match="several runs with seed"):
+        paired_test(dup, "ours")
+
+
+def test_paired_test_groups_and_degenerate_cases():
+    df = pd.concat([_frame({"lora": LORA, "ours": OURS}, task="a"), _frame({"lora": [0.5], "ours": [0.6]}, task="b"),
+                    _frame({"lora": [0.5, 0.6], "ours": [0.5, 0.6]}, task="c")])
+    out = paired_test(df, "ours").set_index("task")
+    assert list(out.index) == ["a", "b", "c"]
+    assert out.loc["b", "n"] == 1 and math.isnan(out.loc["b", "p"]) and math.isnan(out.loc["b", "ci_low"])
+    assert out.loc["c", "p"] == 1.0 and out.loc["c", "t"] == 0.0 and out.loc["c", "diff_mean"] == 0.0
+
+
+@pytest.mark.parametrize("args, expected", [
+    # significant, paper's direction
+    ((0.8, 0.3, 1.3, 0.01, 1.5), "reproduced"),
+    ((-0.8, -1.3, -0.3, 0.01, -1.5), "reproduced"),              # paper claims a decrease
+    # significant, opposite direction
+    ((-0.8, -1.3, -0.3, 0.01, 1.5), "not reproduced"),
+    # not significant, and every effect >= margin (0.75) in the paper's direction is excluded
+    ((0.1, -0.4, 0.6, 0.6, 1.5), "not reproduced"),
+    ((-0.1, -0.6, 0.4, 0.6, -1.5), "not reproduced"),
+    # not significant, the interval still admits the paper's effect: too noisy to tell
+    ((0.5, -1.0, 2.0, 0.4, 1.5), "inconclusive"),
+    # excludes 1.5 but still admits 1.0 >= margin: inconclusive by default, not reproduced with margin=1.4
+    ((0.2, -0.7, 1.2, 0.5, 1.5), "inconclusive"),
+    # n < 2: NaN statistics
+    ((0.5, math.nan, math.nan, math.nan, 1.5), "inconclusive"),
+    ((0.5, 0.1, 0.9, 0.01, None), "inconclusive"),
+])
+def test_verdict_branches(args, expected):
+    assert verdict(*args) == expected
+
+
+def test_verdict_margin_and_parity():
+    assert verdict(0.2, -0.7, 1.2, 0.5, 1.5, margin=1.4) == "not reproduced"
+    assert verdict(0.05, -0.2, 0.3, 0.6, 0.0, margin=0.5) == "reproduced"
+    assert verdict(0.05, -0.2, 0.7, 0.6, 0.0, margin=0.5) == "inconclusive"
+    assert verdict(0.6, 0.1, 1.1, 0.02, 0.0, margin=0.5) == "not reproduced"
+    with pytest.raises(ValueError, match="margin"):
+        verdict(0.0, -0.1, 0.1, 0.9, 0.0)
+    assert verdict(0.8, 0.3, 1.3, 0.04, 1.5, alpha=0.01) == "inconclusive"  # alpha is honoured
+    assert "reproduced" in (verdict.__doc__ or "") and "inconclusive" in (verdict.__doc__ or "")
+
+
+def test_compare_to_paper_tables():
+    df = pd.concat([_frame({"lora": LORA, "ours": OURS}, task="a"), _frame({"lora": LORA, "ours": LORA}, task="b")])
+    summary = summarize(df, by=("task", "method"))
+    table = compare_to_paper(summary, {"a": {"lora": 80.0, "ours": 83.0}, ("b", "ours"): 84.0}, scale=100)
+    row = table.set_index(["task", "method"]).loc[("a", "ours")]
+    assert row["ours"] == pytest.approx(83.0) and row["paper"] == 83.0 and row["delta"] == pytest.approx(0.0)
+    assert math.isnan(table.set_index(["task", "method"]).loc[("b", "lora"), "paper"])
+    paired = paired_test(df, "ours", by=("task",))
+    vt = compare_to_paper(paired, {"a": 1.5, "b": 1.5}, on=("task",), scale=100).set_index("task")
+    assert vt.loc["a", "verdict"] == "reproduced"           # +2.5 points, CI excludes 0
+    assert vt.loc["b", "verdict"] == "not reproduced"        # identical runs: CI [0, 0] excludes +0.75
+    assert vt.loc["a", "ours (display)"].startswith("+2.50 [")
