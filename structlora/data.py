@@ -50,6 +50,11 @@ FMNIST_CLASSES = ["t-shirt/top", "trouser", "pullover", "dress", "coat",
                   "sandal", "shirt", "sneaker", "bag", "ankle boot"]
 
 
+_SST_BRACKETS = re.compile(r"-[lr][rsc]b-")
+_NON_ALNUM = re.compile(r"[^a-z0-9]")
+_SENTENCE_BREAK = re.compile(r"(?<=[.!?;:])\s+|\s+--?\s+|\.\.\.")
+
+
 class MissingAssetError(RuntimeError):
     """An offline data package (PyPI or Debian) that a task needs is not installed."""
 
@@ -102,8 +107,7 @@ def normalize_text(text: str) -> str:
     and mojibake (``"amÃ©lie"`` vs ``"amélie"``: every non-ASCII character is dropped) compare equal to
     the raw review text.
     """
-    text = re.sub(r"-[lr][rsc]b-", " ", text.lower())
-    return re.sub(r"[^a-z0-9]", "", text)
+    return _NON_ALNUM.sub("", _SST_BRACKETS.sub(" ", text.lower()))
 
 
 def column(ds: datasets.Dataset, name: str) -> np.ndarray:
@@ -215,14 +219,20 @@ def _dedup_keys(keys: list[str]) -> list[int]:
 
 
 # ------------------------------------------------------------------------------------------ seq-cls
-def _overlaps(corpus: list[str], test: list[str], min_len: int = 20) -> np.ndarray:
-    """Which normalised corpus texts equal a test text, contain one, or sit inside one.
+def _overlaps(raw: list[str], test: list[str], min_len: int = 20) -> np.ndarray:
+    """Which corpus texts (``raw``) overlap a normalised test text.
 
-    Containment is only checked for strings of at least ``min_len`` characters (a review saying just
-    "bad" must not knock out every snippet containing "bad").
+    A text overlaps if, after :func:`normalize_text`, it equals a test text, contains one or sits inside
+    one, or if one of its sentences equals a test text (SST cut multi-sentence snippets into sentences).
+    Containment is only checked for strings of at least ``min_len`` characters, so a test sentence like
+    "bad" knocks out a snippet only when it is a whole sentence of it ("Cool? This movie is ...").
     """
+    corpus = [normalize_text(t) for t in raw]
     test_set = set(test)
     hit = np.array([s in test_set for s in corpus], dtype=bool)
+    for j, text in enumerate(raw):
+        pieces = _SENTENCE_BREAK.split(text)
+        hit[j] |= len(pieces) > 1 and any(normalize_text(p) in test_set for p in pieces)
     joined = "\0".join(corpus)
     starts = np.cumsum([0] + [len(s) + 1 for s in corpus[:-1]])
     for t in (t for t in test_set if len(t) >= min_len):
@@ -246,14 +256,15 @@ def _build_sst2() -> tuple[dict[str, datasets.Dataset], str, dict[str, Any]]:
     df = df[df["category"].isin(["fresh", "rotten"]) & df["text"].notna()].reset_index()
     texts = [re.sub(r"\s+", " ", t).strip() for t in df["text"]]
     labels = (df["category"] == "fresh").astype(int).tolist()
+    source_rows = df["index"].tolist()
     norm = [normalize_text(t) for t in texts]
     test_norm = [normalize_text(t) for t in test["sentence"]]
     keep = [i for i in _dedup_keys(norm) if norm[i]]
     n_within = len(texts) - len(keep)
-    leak = _overlaps([norm[i] for i in keep], test_norm)
+    leak = _overlaps([texts[i] for i in keep], test_norm)
     keep = [i for i, bad in zip(keep, leak) if not bad]
     rows = {"text": [texts[i] for i in keep], "label": [labels[i] for i in keep],
-            "_source_index": [int(df["index"][i]) for i in keep]}
+            "_source_index": [source_rows[i] for i in keep]}
     label_feature = {"label": datasets.ClassLabel(names=["negative", "positive"])}
     splits = _make_splits(rows, "label", {"validation": 1000}, features=label_feature)
     splits["test"] = _from_columns({"text": [s.strip() for s in test["sentence"]], "label": test["label"],
