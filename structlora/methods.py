@@ -410,6 +410,10 @@ def _build_linear_probe(name, loaded, model, rank, seed, total_steps, kw, heads)
 
 
 # ------------------------------------------------------------------------------------ StructLoRA family
+# Config overrides per variant (any StructLoraConfig field in **kwargs overrides them). penalty_weight 0.1
+# for lora_cos / lora_lap and keep_ratio 0.5 for the filter variants are our documented defaults: the paper
+# gives no value. The filter variants compare filters only (graph=None); random / top-k-norm masks are fixed,
+# so they run without a learned gate.
 _STRUCT_VARIANTS: dict[str, dict[str, Any]] = {
     "structlora": {"gate": "concrete", "graph": "hybrid"},
     "structlora_no_gate": {"gate": None, "graph": "hybrid"},

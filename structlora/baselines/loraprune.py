@@ -23,8 +23,9 @@ pruned channels are masked (output zeroed) rather than sliced out of the network
 shapes. After each pruning event the pruned rows of ``W0``, its bias and ``B`` are zeroed in place, so
 ``merge_and_unload`` yields the pruned model without the masking hooks.
 
-The LoRA gradients are captured by ``post_accumulate_grad`` hooks during backward, so ``on_step`` works
-whether the training loop calls it before or after ``optimizer.zero_grad()``.
+``on_step`` reads the LoRA gradients from ``.grad`` (so, in data-parallel training, after the all-reduce:
+every rank prunes the same channels); when the loop has already called ``optimizer.zero_grad()``, it falls
+back to copies taken by ``post_accumulate_grad`` hooks during backward.
 """
 from __future__ import annotations
 
@@ -111,11 +112,14 @@ class LoRAPruneController:
     @torch.no_grad()
     def channel_importance(self, name: str, layer: nn.Module) -> torch.Tensor | None:
         """Per-output-channel LoRA-guided importance of one module from the last captured gradients."""
-        grad_a, grad_b = self._grads.get((name, "A")), self._grads.get((name, "B"))
+        weight_a = layer.lora_A[self.adapter_name].weight
+        weight_b = layer.lora_B[self.adapter_name].weight
+        # prefer the live .grad (after any distributed all-reduce); else the copy taken during backward
+        grad_a = weight_a.grad if weight_a.grad is not None else self._grads.get((name, "A"))
+        grad_b = weight_b.grad if weight_b.grad is not None else self._grads.get((name, "B"))
         if grad_a is None or grad_b is None:
             return None
-        a = layer.lora_A[self.adapter_name].weight.float()
-        b = layer.lora_B[self.adapter_name].weight.float()
+        a, b = weight_a.float(), weight_b.float()
         grad_a, grad_b = grad_a.float(), grad_b.float()
         g_hat = grad_b @ a + b @ grad_a - grad_b @ grad_a
         base = layer.get_base_layer().weight

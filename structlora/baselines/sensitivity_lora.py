@@ -61,8 +61,8 @@ def estimate_sensitivity(model: nn.Module, target_modules: Sequence[str] | str,
                          calibration_batches: Iterable[Mapping[str, torch.Tensor]]) -> dict[str, float]:
     """Empirical-Fisher sensitivity of every target module's frozen weight (see module doc).
 
-    Each batch is passed as ``model(**batch)`` and must produce ``.loss`` (i.e. include labels). The
-    model's parameters' ``requires_grad`` flags, grads and train/eval mode are restored afterwards.
+    Each batch is moved to the model's device and passed as ``model(**batch)``; it must produce ``.loss``
+    (i.e. include labels). The model's parameters' ``requires_grad`` flags, grads and train/eval mode are restored afterwards.
     """
     names = target_linear_names(model, target_modules)
     modules = dict(model.named_modules())
@@ -79,7 +79,9 @@ def estimate_sensitivity(model: nn.Module, target_modules: Sequence[str] | str,
         for name in names:
             modules[name].weight.requires_grad_(True)
         model.eval()
+        device = modules[names[0]].weight.device
         for batch in calibration_batches:
+            batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
             out = model(**batch)
             loss = getattr(out, "loss", None)
             if loss is None:
