@@ -55,7 +55,7 @@ from structlora import paper, plots
 from structlora.claims import claim_from_test, write_claims
 from structlora.grid import RunSpec, run_grid
 from structlora.methods import list_methods
-from structlora.stats import paired_test, summarize
+from structlora.stats import compare_to_paper, paired_test, summarize
 
 pd.set_option("display.width", 200)
 pd.set_option("display.max_columns", 40)
@@ -91,8 +91,8 @@ RANK = 8
 BUDGET = {
     "minilm-l6": {"max_steps": 3, "batch_size": 8, "max_length": 64, "lr": 5e-4, "eval_every": 3,
                   "max_eval_examples": 32},
-    "smollm2-135m": {"max_steps": 2, "batch_size": 4, "max_length": 64, "lr": 2e-4, "eval_every": 2,
-                     "max_eval_examples": 16},
+    "smollm2-135m": {"max_steps": 1, "batch_size": 2, "max_length": 48, "lr": 2e-4, "eval_every": 1,
+                     "max_eval_examples": 8},
     "vit-tiny-fmnist": {"max_steps": 3, "batch_size": 32, "max_length": 64, "lr": 5e-4, "eval_every": 3,
                         "max_eval_examples": 64},
 }
@@ -208,9 +208,13 @@ else:
 
 # %%
 # NBVAL_CHECK_OUTPUT
-params_tbl = (ok.groupby(["method", "task"])["trainable_params"].first().unstack("task")
-              .reindex(index=[m for m in IN_SCOPE if m in set(ok["method"])]))
-display(params_tbl.astype("Int64"))
+ran = [m for m in IN_SCOPE if m in set(ok["method"])]
+counts = ok.groupby(["method", "task"])[["trainable_params", "total_params"]].first()
+params_tbl = counts["trainable_params"].unstack("task").reindex(index=ran).astype("Int64")
+pct_tbl = (100 * counts["trainable_params"] / counts["total_params"]).unstack("task").reindex(index=ran).round(2)
+display(params_tbl)
+print("trainable share of all parameters (%):")
+display(pct_tbl)
 
 # %% [markdown]
 # ## Our table beside the paper's
@@ -221,22 +225,27 @@ display(params_tbl.astype("Int64"))
 
 # %%
 # NBVAL_CHECK_OUTPUT
-summ = summarize(ok, metric="acc", by=("task", "method"))
-summ["paper"] = [paper.paper_value(TASK_TABLE[t], m, t) for t, m in zip(summ["task"], summ["method"])]
+summ = summarize(ok, metric="acc", by=("task", "method"), digits=1)
 summ["mean"] = summ["mean"].round(1)
-summ["std"] = summ["std"].round(1)
-side = summ.pivot(index="method", columns="task", values=["mean", "paper"]).swaplevel(axis=1).sort_index(axis=1)
-side = side.reindex(index=[m for m in IN_SCOPE if m in set(summ["method"])])
-display(side.round(1))
+paper_map = {(t, m): v for t in TASKS for m in IN_SCOPE
+             if (v := paper.paper_value(TASK_TABLE[t], m, t)) is not None}
+comp = compare_to_paper(summ, paper_map, on=("task", "method"), digits=1)
+comp["ours (display)"] = comp["ours (display)"].replace("", "not run")
+side = (comp.pivot(index="method", columns="task", values=["ours (display)", "paper"])
+        .swaplevel(axis=1).sort_index(axis=1).reindex(index=[m for m in IN_SCOPE if m in set(comp["method"])]))
+display(side.fillna("—"))
 
 # %%
 # NBVAL_CHECK_OUTPUT
 # Rank of each method among the PEFT methods (1 = best), ours vs the paper's (where the paper has a number).
+# Paper ranks are among the same methods (those that ran here and have a number in the paper).
 peft = summ[~summ["method"].isin(NOT_PEFT)].copy()
-peft["our_rank"] = peft.groupby("task")["mean"].rank(ascending=False, method="min").astype(int)
-peft["paper_rank"] = peft.groupby("task")["paper"].rank(ascending=False, method="min")
-display(peft.pivot(index="method", columns="task", values="our_rank")
-        .reindex(index=[m for m in IN_SCOPE if m in set(peft["method"])]).astype("Int64"))
+peft["paper"] = [paper_map.get((t, m)) for t, m in zip(peft["task"], peft["method"])]
+peft["ours"] = peft.groupby("task")["mean"].rank(ascending=False, method="min").astype("Int64")
+peft["paper "] = peft.groupby("task")["paper"].rank(ascending=False, method="min").astype("Int64")
+ranks = (peft.pivot(index="method", columns="task", values=["ours", "paper "]).swaplevel(axis=1).sort_index(axis=1)
+         .reindex(index=[m for m in IN_SCOPE if m in set(peft["method"])]))
+display(ranks.astype(object).where(ranks.notna(), "—"))
 
 # %%
 paper_rows = pd.DataFrame([{"method": m, "task": t, "paper": paper.paper_value(TASK_TABLE[t], m, t)}

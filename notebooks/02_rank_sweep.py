@@ -46,7 +46,7 @@ os.chdir(repo_root())
 from structlora import paper, plots
 from structlora.claims import claim_from_test, write_claims
 from structlora.grid import RunSpec, run_grid
-from structlora.stats import paired_test, summarize
+from structlora.stats import compare_to_paper, paired_test, summarize
 
 pd.set_option("display.width", 200)
 plots.setup_style()
@@ -121,11 +121,14 @@ display(ok.groupby(["task", "rank", "method"])["trainable_params"].first().unsta
 
 # %%
 # NBVAL_CHECK_OUTPUT
-summ = summarize(ok, metric="acc", by=("task", "rank", "method"))
-tab = summ.pivot_table(index=["task", "rank"], columns="method", values="mean").round(1)
+summ = summarize(ok, metric="acc", by=("task", "rank", "method"), digits=1)
+acc = summ.pivot_table(index=["task", "rank"], columns="method", values="mean").round(1)
 tests = paired_test(ok, method="structlora", baseline="lora", metric="acc", by=("task", "rank"))
-tab = tab.join(tests.set_index(["task", "rank"])[["diff_mean", "ci_low", "ci_high", "n"]].round(1))
-tab["paper_gain"] = [paper.paper_diff(3, PAPER_COL[t], rank=r) for t, r in tab.index]
+paper_gain = {(t, r): paper.paper_diff(3, PAPER_COL[t], rank=r) for t in TASKS for r in RANKS}
+comp = compare_to_paper(tests, paper_gain, on=("task", "rank"), digits=1)
+tab = acc.join(comp.set_index(["task", "rank"])[["ours (display)", "paper", "n", "p", "verdict"]]
+               .rename(columns={"ours (display)": "gain [95% CI]", "paper": "paper gain"}))
+tab["p"] = tab["p"].round(3)
 display(tab)
 
 # %%

@@ -46,7 +46,7 @@ os.chdir(repo_root())
 from structlora import paper, plots
 from structlora.claims import claim_from_test, write_claims
 from structlora.grid import RunSpec, run_grid
-from structlora.stats import paired_test, summarize
+from structlora.stats import compare_to_paper, paired_test, summarize
 
 pd.set_option("display.width", 200)
 plots.setup_style()
@@ -109,11 +109,14 @@ display(ok.groupby(["task", "method"])["trainable_params"].first().unstack("meth
 
 # %%
 # NBVAL_CHECK_OUTPUT
-summ = summarize(ok, metric="acc", by=("task", "fraction", "method"))
-tab = summ.pivot_table(index=["task", "fraction"], columns="method", values="mean").round(1)
+summ = summarize(ok, metric="acc", by=("task", "fraction", "method"), digits=1)
+acc = summ.pivot_table(index=["task", "fraction"], columns="method", values="mean").round(1)
 tests = paired_test(ok, method="structlora", baseline="lora", metric="acc", by=("task", "fraction"))
-tab = tab.join(tests.set_index(["task", "fraction"])[["diff_mean", "ci_low", "ci_high", "n"]].round(1))
-tab["paper_gain"] = [paper.paper_diff(4, PAPER_COL[t], fraction=f) for t, f in tab.index]
+paper_gain = {(t, f): paper.paper_diff(4, PAPER_COL[t], fraction=f) for t in TASKS for f in FRACTIONS}
+comp = compare_to_paper(tests, paper_gain, on=("task", "fraction"), digits=1)
+tab = acc.join(comp.set_index(["task", "fraction"])[["ours (display)", "paper", "n", "p", "verdict"]]
+               .rename(columns={"ours (display)": "gain [95% CI]", "paper": "paper gain"}))
+tab["p"] = tab["p"].round(3)
 display(tab)
 
 # %%

@@ -77,7 +77,8 @@ _T0 = time.perf_counter()
 # The cell below holds the **smoke** tier (seconds per run; its numbers mean nothing).
 # `python -m structlora reproduce --tier cpu|gpu` replaces it with `params/<tier>/05_filter_strategies.yml`.
 # `PROBE_METHODS` are the trained models probed by single-direction removal (seed `PROBE_SEED`, first
-# task of `TASKS`), on `PROBE_EXAMPLES` fixed validation examples.
+# task of `TASKS`), on `PROBE_EXAMPLES` fixed validation examples, in `PROBE_LAYERS` evenly spaced layers
+# of each module family (`None`: every layer).
 
 # %% tags=["parameters"]
 TIER = "smoke"
@@ -99,8 +100,9 @@ BUDGET = {
 }
 PROBE_METHODS = ["filter_ib", "structlora_no_coord"]
 PROBE_SEED = 0
-PROBE_EXAMPLES = 32
-BOOTSTRAP = 2000
+PROBE_EXAMPLES = 16
+PROBE_LAYERS = 2
+BOOTSTRAP = 200
 N_JOBS = 1
 
 # %% [markdown]
@@ -131,7 +133,7 @@ probe_specs = {m: spec_for(PROBE_TASK, m, PROBE_SEED) for m in PROBE_METHODS}
 keep = max(1, int(np.ceil(KEEP_RATIO * RANK)))
 print(f"tier {TIER}: {len(specs)} grid runs; keep ratio {KEEP_RATIO} = {keep} of r={RANK} directions per module")
 print(f"direction-removal probe: {', '.join(PROBE_METHODS) or 'none'} on {PROBE_TASK} (seed {PROBE_SEED}), "
-      f"{PROBE_EXAMPLES} validation examples")
+      f"{PROBE_EXAMPLES} validation examples, {'every layer' if PROBE_LAYERS is None else f'{PROBE_LAYERS} layers per module family'}")
 print("left out in this tier:", ", ".join(t for t in ("sst2", "boolq", "fmnist-transfer") if t not in TASKS) or "none",
       "| never run here: the paper's LLaVA column (no vision-language model offline)")
 
@@ -259,7 +261,7 @@ def val_loss(model, batches) -> tuple[float, float]:
 
 
 @torch.no_grad()
-def removal_table(trained, n_examples: int) -> pd.DataFrame:
+def removal_table(trained, n_examples: int, n_layers: int | None = None) -> pd.DataFrame:
     """One row per (module, direction): gate score, norms, Δloss / Δacc when only that direction is removed."""
     sm = trained.handle.model
     if trained.task.kind not in ("seq-cls", "image-cls"):
@@ -278,16 +280,23 @@ def removal_table(trained, n_examples: int) -> pd.DataFrame:
         scores = fam.gate.scores()
         s = st["s"]
         sm._reset_states()
-        for l, name in enumerate(fam.names):
+        n_fam = len(fam.names)
+        layers = (range(n_fam) if n_layers is None or n_layers >= n_fam
+                  else sorted({int(round(x)) for x in np.linspace(0, n_fam - 1, n_layers)}))
+        for l in layers:
+            name = fam.names[l]
             A, B = fam.A(l), fam.B(l)
             norms = (B.norm(dim=0) * A.norm(dim=1)).detach()
             for j in range(A.shape[0]):
-                saved = B[:, j].clone()
-                B[:, j] = 0.0
-                try:
-                    loss, acc = val_loss(sm, batches)
-                finally:
-                    B[:, j] = saved
+                if m[l, j] == 0:  # an inactive direction (closed gate / masked): removing it changes nothing
+                    loss, acc = base_loss, base_acc
+                else:
+                    saved = B[:, j].clone()
+                    B[:, j] = 0.0
+                    try:
+                        loss, acc = val_loss(sm, batches)
+                    finally:
+                        B[:, j] = saved
                 rows.append({"family": fam.key.split(".")[-1], "layer": l, "module": name, "direction": j,
                              "gate_score": float(scores[l, j]) if scores is not None else np.nan,
                              "gate_value": float(m[l, j]), "active": bool(m[l, j] != 0),
@@ -304,7 +313,7 @@ for m, trained in probed.items():
     if trained.handle is None:
         print(f"{m}: skipped ({trained.record['skip_reason']})")
         continue
-    removal[m] = removal_table(trained, PROBE_EXAMPLES)
+    removal[m] = removal_table(trained, PROBE_EXAMPLES, PROBE_LAYERS)
     r = removal[m]
     print(f"{m}: base validation loss {r.attrs['base_loss']:.4f} on {r.attrs['n_examples']} examples; "
           f"{int(r['active'].sum())} of {len(r)} directions active")
@@ -427,9 +436,10 @@ for m in PROBE_METHODS:
         f"ρ_norm {c['rho_norm']:.2f} (p={c['p_norm']:.2g})", d, lo, hi, int(c["n"]), TIER, v,
         f"{int(c['n'])} active directions of one model ({PROBE_TASK}, seed {PROBE_SEED}); bootstrap CI over directions"))
 ledger = pd.DataFrame([c.to_dict() for c in claims])
-display(ledger[["claim_id", "paper_value", "ours", "n", "verdict"]])
+display(ledger[["claim_id", "paper_value", "n", "verdict"]])
 
 # %%
+display(ledger[["claim_id", "ours", "verdict", "note"]])
 lines = [f"- **{c.claim_id}** — {c.claim}: paper {c.paper_value}; ours {c.ours} (n={c.n}) → **{c.verdict}**"
          for c in claims]
 f2 = [c for c in claims if not c.claim_id.endswith("gate_ranks_relevance")]

@@ -372,11 +372,8 @@ def _load(spec: RunSpec) -> tuple[Any, Any, Any]:
     task = LOADERS["load_task"](spec.task, spec.fraction, spec.seed)
     kind = task.model_kind
     num_labels = None if kind == "causal-lm" else len(task.labels)
-    try:
-        loaded = LOADERS["load_model"](spec.model, task=kind, num_labels=num_labels, seed=spec.seed)
-    except ValueError as exc:
-        raise ValueError(f"task {spec.task!r} needs a {kind!r} model, and model {spec.model!r} cannot be "
-                         f"loaded as one: {exc}") from exc
+    # load_model itself refuses a registry model of another kind, with its own message
+    loaded = LOADERS["load_model"](spec.model, task=kind, num_labels=num_labels, seed=spec.seed)
     if loaded.kind != kind:
         raise ValueError(f"task/model mismatch: task {spec.task!r} is trained by a {kind!r} model, but model "
                          f"{spec.model!r} is a {loaded.kind!r} model")

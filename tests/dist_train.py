@@ -19,7 +19,7 @@ from typing import Any, Callable
 
 import numpy as np
 import torch
-from datasets import Dataset, DatasetDict
+from datasets import Array3D, Dataset, DatasetDict, Features, Value
 from torch import nn
 
 VOCAB = 32
@@ -188,7 +188,8 @@ def toy_image_data(n_train: int = 64, n_eval: int = 32, seed: int = 3) -> tuple[
         labels = rng.integers(0, 2, n)
         pix = rng.normal(0, 1, (n, 1, 28, 28)).astype(np.float32)
         pix[labels == 1, :, :14] += 1.5
-        return Dataset.from_dict({"pixel_values": pix.tolist(), "labels": labels.tolist()}).with_format("torch")
+        features = Features({"pixel_values": Array3D((1, 28, 28), "float32"), "labels": Value("int64")})
+        return Dataset.from_dict({"pixel_values": pix, "labels": labels}, features=features).with_format("torch")
 
     enc = DatasetDict({"train": split(n_train), "validation": split(n_eval), "test": split(n_eval)})
     task = ToyTask("toy-img", "image-cls", enc["train"], enc["validation"], enc["test"], ["a", "b"],
