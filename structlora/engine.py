@@ -41,7 +41,6 @@ optimizer is checkpointed only when ``handle.controller`` offers ``state_dict()`
 """
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
 import os
@@ -51,7 +50,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 import torch

@@ -22,7 +22,6 @@ ones; ``run_grid(n_jobs > 1)`` hands the current ``LOADERS`` to its worker proce
 from __future__ import annotations
 
 import concurrent.futures as cf
-import dataclasses
 import datetime as _dt
 import hashlib
 import json
@@ -36,11 +35,14 @@ import socket
 import warnings
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import Any, Callable, NamedTuple, Sequence
+from typing import TYPE_CHECKING, Any, Callable, NamedTuple, Sequence
 
 import torch
 
 from . import engine
+
+if TYPE_CHECKING:
+    import pandas
 
 __all__ = [
     "SCHEMA",
@@ -52,6 +54,7 @@ __all__ = [
     "run_grid",
     "load_records",
     "read_record",
+    "record_path",
     "records_to_frame",
 ]
 
@@ -171,6 +174,10 @@ class RunSpec:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"RunSpec.{name} must be an int >= 1, got {value!r}")
+        for name in ("fraction", "lr"):  # 1 and 1.0 must give the same key
+            if isinstance(getattr(self, name), bool) or not isinstance(getattr(self, name), (int, float)):
+                raise ValueError(f"RunSpec.{name} must be a number, got {getattr(self, name)!r}")
+            object.__setattr__(self, name, float(getattr(self, name)))
         if not 0 < self.fraction <= 1:
             raise ValueError(f"RunSpec.fraction must be in (0, 1], got {self.fraction!r}")
         if self.lr <= 0:
@@ -224,6 +231,7 @@ class RunSpec:
 
 # --------------------------------------------------------------------------------------------- records
 def record_path(spec: RunSpec, results_dir: str | Path) -> Path:
+    """Where the record of ``spec`` lives: ``results_dir/<key>.json``."""
     return Path(results_dir) / f"{spec.key()}.json"
 
 
@@ -465,7 +473,7 @@ def _run_in_worker(spec: RunSpec, results_dir: str, force: bool) -> dict[str, An
 
 
 def run_grid(specs: Sequence[RunSpec], results_dir: str | Path = "results/runs", n_jobs: int = 1,
-             progress: bool = True, force: bool = False) -> "pandas.DataFrame":  # noqa: F821
+             progress: bool = True, force: bool = False) -> pandas.DataFrame:
     """Run every spec (duplicates once), reading back finished ones; one DataFrame row per spec.
 
     ``n_jobs > 1`` runs specs in that many spawned processes, each with
@@ -524,7 +532,7 @@ def run_grid(specs: Sequence[RunSpec], results_dir: str | Path = "results/runs",
     return records_to_frame([records[spec.key()] for spec in specs])
 
 
-def records_to_frame(records: Sequence[dict[str, Any]]) -> "pandas.DataFrame":  # noqa: F821
+def records_to_frame(records: Sequence[dict[str, Any]]) -> pandas.DataFrame:
     """One row per record: spec fields (``method_kwargs`` as a JSON string), ``key``, ``status``,
     ``skip_reason``, ``val_<metric>``/``test_<metric>``, ``best_step``, parameter counts, time, memory,
     ``steps_per_s`` and ``diag_<name>`` diagnostics."""
@@ -550,7 +558,7 @@ def records_to_frame(records: Sequence[dict[str, Any]]) -> "pandas.DataFrame":  
 
 
 def load_records(results_dir: str | Path = "results/runs", specs: Sequence[RunSpec] | None = None
-                 ) -> "pandas.DataFrame":  # noqa: F821
+                 ) -> pandas.DataFrame:
     """DataFrame of the valid records in ``results_dir`` (only those of ``specs`` when given; missing
     ones are left out). Invalid files are reported with a warning and skipped."""
     results_dir = Path(results_dir)

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-import shutil
 
 import pytest
 import torch
@@ -10,7 +9,7 @@ import torch
 import dist_train
 from dist_train import CALLS, TOY_LOADERS
 from structlora import grid
-from structlora.grid import RunSpec, load_records, read_record, record_path, run, run_grid, train_spec
+from structlora.grid import RunSpec, load_records, read_record, record_path, run, run_grid
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -50,6 +49,7 @@ def test_runspec_make_key_and_round_trip():
     # the key is a pure function of the fields: pinned so that an accidental change is noticed
     assert RunSpec("sst2", "minilm", "lora").key() == "sst2-minilm-lora-r8-s0-" + grid.hashlib.sha256(
         json.dumps(grid.asdict(RunSpec("sst2", "minilm", "lora")), sort_keys=True).encode()).hexdigest()[:12]
+    assert RunSpec("a", "b", "lora", fraction=1, lr=1).key() == RunSpec("a", "b", "lora", fraction=1.0, lr=1.0).key()
     with pytest.raises(ValueError, match="rank"):
         RunSpec("sst2", "minilm", "lora", rank=0)
     with pytest.raises(TypeError, match="dict"):
