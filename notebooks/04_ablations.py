@@ -72,7 +72,7 @@ pd.set_option("display.width", 200)
 pd.set_option("display.max_columns", 40)
 plots.setup_style()
 NB = "04_ablations"
-_T0 = time.perf_counter()
+_T0, _C0 = time.perf_counter(), time.process_time()
 
 # %% [markdown]
 # ## The paper's numbers (transcribed in `structlora.paper`)
@@ -446,7 +446,7 @@ claims = []
 for t in TASKS:
     col = PAPER_COL[t]
     colname = PAPER_COL_LABEL[col]
-    stand_in = "" if col == "cifar100" else f"SST-2/{TASK_MODEL[t]} compared with the paper's {colname} column; "
+    stand_in = f"{t}/{TASK_MODEL[t]} compared with the paper's {colname} column; "
     if "components" in TASKS[t]:
         for v, what in (("no_gate", "the IB filter"), ("no_coord", "the GNN coordinator"), ("lora", "both modules")):
             pdiff = -t5_paper_delta(t, v) if t5_paper_delta(t, v) is not None else None
@@ -465,7 +465,7 @@ for t in TASKS:
             claims.append(claim_from_test(
                 f"T6.{t}.full>{v}", NB, TIER, f"{what} on {t} (accuracy)", paired(t, "full", v), pdiff,
                 paper_value=paper_str(pdiff, "Table 6, BoolQ/LLaMA-7B"),
-                note=f"SST-2/{TASK_MODEL[t]} vs the paper's BoolQ/LLaMA-7B" if t != "boolq" else ""))
+                note=f"{t}/{TASK_MODEL[t]} compared with the paper's BoolQ/LLaMA-7B"))
     if "penalties" in TASKS[t]:
         full9 = paper.TABLE9["structlora"]
         for v in ("lora_cos", "lora_lap"):
@@ -518,4 +518,5 @@ display(Markdown(
 # %%
 path = write_claims(NB, TIER, claims)
 print(f"wrote {len(claims)} claims to {path}; figure: {fig_path}")
-print(f"notebook wall time: {(time.perf_counter() - _T0) / 60:.1f} min")
+print(f"notebook wall time: {(time.perf_counter() - _T0) / 60:.1f} min "
+      f"(this process's CPU time {(time.process_time() - _C0) / 60:.1f} min on {os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f})")

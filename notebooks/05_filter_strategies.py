@@ -69,7 +69,7 @@ pd.set_option("display.width", 200)
 pd.set_option("display.max_columns", 40)
 plots.setup_style()
 NB = "05_filter_strategies"
-_T0 = time.perf_counter()
+_T0, _C0 = time.perf_counter(), time.process_time()
 
 # %% [markdown]
 # ## Parameters
@@ -375,12 +375,14 @@ if removal:
         for j, (score, name) in enumerate((("gate_score", "gate score P(open)"), ("norm", "‖b_j‖·‖a_j‖"),
                                            ("effective_norm", "effective norm s·m_j·‖b_j‖‖a_j‖"))):
             ax = axes[i][j]
-            sns.scatterplot(data=r, x=score, y="dloss", hue="family", style="active", style_order=[True, False],
+            # x = rank of the score among the directions (what Spearman's rho uses; the raw range is in the label)
+            d = r.assign(score_rank=r[score].rank(method="average"))
+            sns.scatterplot(data=d, x="score_rank", y="dloss", hue="family", style="active", style_order=[True, False],
                             ax=ax, s=28, alpha=0.8, legend=(j == 2))
             c = corr[(corr["model"] == m) & (corr["directions"] == "active")]
             rho = c[f"rho_{score}"].iloc[0] if len(c) else np.nan
             ax.set_title(f"{LABELS[m]}: ρ(active) = {rho:.2f}", fontsize=9)
-            ax.set_xlabel(name)
+            ax.set_xlabel(f"rank of {name}\n(range {r[score].min():.4g} … {r[score].max():.4g})", fontsize=9)
             ax.set_ylabel("Δ validation loss when removed" if j == 0 else "")
             ax.axhline(0, color="grey", lw=0.6)
         if axes[i][2].get_legend() is not None:
@@ -413,7 +415,7 @@ for t in TASKS:
         what = "slightly beats" if a == "filter_topk_norm" else "beats"
         claims.append(claim_from_test(
             f"F2.{t}.{a.removeprefix('filter_')}>{b.removeprefix('filter_')}", NB, TIER,
-            f"{LABELS[a]} filter {what} {LABELS[b]} at keep ratio {KEEP_RATIO} on {t} ({TASK_MODEL[t]})",
+            f"{LABELS[a]} {what} {LABELS[b]} at keep ratio {KEEP_RATIO} on {t} ({TASK_MODEL[t]})",
             row.iloc[0] if len(row) else None, SIGN,
             paper_value="> 0 (Fig. 2; bar heights not given in the text)",
             note="" if len(row) else "not run"))
@@ -436,7 +438,7 @@ for m in PROBE_METHODS:
         f"ρ_norm {c['rho_norm']:.2f} (p={c['p_norm']:.2g})", d, lo, hi, int(c["n"]), TIER, v,
         f"{int(c['n'])} active directions of one model ({PROBE_TASK}, seed {PROBE_SEED}); bootstrap CI over directions"))
 ledger = pd.DataFrame([c.to_dict() for c in claims])
-display(ledger[["claim_id", "paper_value", "n", "verdict"]])
+display(ledger[["claim_id", "paper_value", "n"]])
 
 # %%
 display(ledger[["claim_id", "ours", "verdict", "note"]])
@@ -455,4 +457,5 @@ display(Markdown(
 # %%
 path = write_claims(NB, TIER, claims)
 print(f"wrote {len(claims)} claims to {path}; figures: {fig_path}, {scatter_path}")
-print(f"notebook wall time: {(time.perf_counter() - _T0) / 60:.1f} min")
+print(f"notebook wall time: {(time.perf_counter() - _T0) / 60:.1f} min "
+      f"(this process's CPU time {(time.process_time() - _C0) / 60:.1f} min on {os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f})")
