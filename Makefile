@@ -6,8 +6,10 @@ TIER ?= cpu
 setup:
 	bash scripts/setup.sh
 
+# the unit/integration tests and the notebooks (smoke tier) under nbval, in one pytest run
 test: setup
-	$(PY) -m pytest -q tests; rc=$$?; [ $$rc -eq 5 ] && { echo "no tests collected" >&2; exit 1; }; exit $$rc
+	$(PY) -m pytest -q tests notebooks --nbval-lax --nbval-sanitize-with notebooks/nbval_sanitize.cfg; \
+	rc=$$?; [ $$rc -eq 5 ] && { echo "no tests collected" >&2; exit 1; }; exit $$rc
 
 test-slow: setup
 	$(PY) -m pytest -q -m slow tests
