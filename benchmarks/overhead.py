@@ -651,6 +651,19 @@ def targets_report(df: pd.DataFrame) -> list[dict[str, Any]]:
 
 
 # ---------------------------------------------------------------------------------------------- main
+def write_outputs(run: dict[str, Any], rows: list[dict[str, Any]], out: Path, started: float, final: bool) -> pd.DataFrame:
+    df = pd.DataFrame(rows)
+    run["rows"] = rows
+    run["complete"] = final
+    run["targets"] = targets_report(df)
+    run["environment"]["loadavg_end"] = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
+    run["elapsed_s"] = time.time() - started
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(run, indent=1, default=str))
+    df.to_csv(out.with_suffix(".csv"), index=False)
+    return df
+
+
 def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--models", default="minilm-l6,smollm2-135m,wide", help=f"comma list of {sorted(MODEL_SPECS)}")
@@ -738,6 +751,7 @@ def main(argv: Optional[list[str]] = None) -> int:
             t0 = time.time()
             new = bench_one(bench, r, ns, device, run)
             rows.extend(new)
+            write_outputs(run, rows, Path(args.out), started, final=False)  # partial results survive an interrupted run
             ref = new[0]
             print(f"  r={r:<3d} lora step {ref['step_ms']:.0f} ms (IQR {ref['step_ms_q1']:.0f}-{ref['step_ms_q3']:.0f}); "
                   + "; ".join(f"{x['variant']} {x['step_x']:.3f}x" for x in new[1:]) + f"  [{time.time() - t0:.0f} s]")
@@ -761,15 +775,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         print("nothing measured")
         return 1
 
-    df = pd.DataFrame(rows)
-    run["rows"] = rows
-    run["targets"] = targets_report(df)
-    run["environment"]["loadavg_end"] = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
-    run["elapsed_s"] = time.time() - started
+    df = write_outputs(run, rows, Path(args.out), started, final=True)
     out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(run, indent=1, default=str))
-    df.to_csv(out.with_suffix(".csv"), index=False)
 
     table = df.set_index(["model", "r", "variant"])[
         ["step_ms", "step_x", "step_x_paired", "step_x_cpu", "step_x_amortized", "flops_x", "op_calls_x", "mem_mb", "mem_x", "mem_x_refresh", "eval_unmerged_x",

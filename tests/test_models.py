@@ -190,7 +190,7 @@ def test_vit_tiny_fmnist():
     peft_model = _lora_wrap(again)
     out = peft_model(pixel_values=to_pixel_values(x[:4]), labels=y[:4] % 5)
     out.loss.backward()
-    # the spelling the brief asks for also works
+    # the plain spelling works too (peft also wraps the parameter-free backbone.head Identity: harmless)
     third = load_model("vit-tiny-fmnist", num_labels=5)
     get_peft_model(third.model, LoraConfig(target_modules=["qkv"], modules_to_save=["head"]))
 
