@@ -54,7 +54,7 @@ os.chdir(repo_root())  # relative paths below are relative to the repository (pa
 from structlora import paper, plots
 from structlora.claims import claim_from_test, write_claims
 from structlora.grid import RunSpec, run_grid
-from structlora.methods import list_methods
+from structlora.methods import describe_methods, list_methods
 from structlora.stats import compare_to_paper, paired_test, summarize
 
 pd.set_option("display.width", 200)
@@ -106,18 +106,26 @@ TASK_TABLE = {"sst2": 2, "mrpc": 2, "rte": 2, "boolq": 1, "piqa": 1, "fmnist-tra
 PAPER_METHODS = ["full_ft", "linear_probe", "adapter", "prefix", "adapterfusion", "lora", "qlora", "dora", "vera",
                  "lora_fa", "adalora", "dylora", "sensitivity_lora", "lora_dropout", "loraprune", "structlora"]
 NOT_PEFT = {"full_ft", "linear_probe"}  # the paper's upper / lower bounds
+MODEL_KIND = {"minilm-l6": "seq-cls", "smollm2-135m": "causal-lm", "vit-tiny-fmnist": "image-cls"}
+KINDS_OF = {r.method: r.kinds.split(",") for r in describe_methods().itertuples()}
 REGISTRY = list_methods()
 IN_SCOPE = [m for m in PAPER_METHODS if m in REGISTRY]
 GRID_KEYS = ("TASKS", "METHODS", "TASK_METHODS", "SEEDS", "TASK_SEEDS", "RANK", "BUDGET")
 assert set(TASKS) <= set(TASK_MODEL), f"unknown task in {TASKS}"
 
 
+def applies(task: str, method: str) -> bool:
+    """Whether the method can adapt this task's model at all (e.g. prefix tuning needs a text model)."""
+    return MODEL_KIND[TASK_MODEL[task]] in KINDS_OF[method]
+
+
 def grid_of(p: dict) -> list[dict]:
-    """(task, method, seeds) of one tier's parameters."""
+    """(task, method, seeds) of one tier's parameters (methods that do not apply to the model left out)."""
     rows = []
     for t in p["TASKS"]:
         for meth in p["TASK_METHODS"].get(t, p["METHODS"]):
-            rows.append({"task": t, "method": meth, "seeds": len(p["TASK_SEEDS"].get(t, p["SEEDS"]))})
+            if applies(t, meth):
+                rows.append({"task": t, "method": meth, "seeds": len(p["TASK_SEEDS"].get(t, p["SEEDS"]))})
     return rows
 
 
@@ -127,7 +135,9 @@ specs = [
     for t in TASKS
     for m in TASK_METHODS.get(t, METHODS)
     for s in TASK_SEEDS.get(t, SEEDS)
+    if applies(t, m)
 ]
+not_applicable = [(t, m) for t in TASK_MODEL for m in IN_SCOPE if not applies(t, m)]
 print(f"tier {TIER}: {len(specs)} runs over {len(TASKS)} task(s); results cached in {RESULTS_DIR}")
 print("methods in scope:", ", ".join(IN_SCOPE))
 print("registry methods covered by notebooks 04-06 instead:", ", ".join(m for m in REGISTRY if m not in IN_SCOPE))
@@ -136,8 +146,9 @@ print("registry methods covered by notebooks 04-06 instead:", ", ".join(m for m 
 # ### What each tier runs (and what this tier leaves out)
 #
 # Seeds per (task, method) in each tier, read from `params/<tier>/01_main_results.yml`; an empty cell
-# means the tier does not run it. Runs that the environment cannot do at all (e.g. QLoRA without
-# `bitsandbytes`/CUDA) are listed with their reason after the grid has run.
+# means the tier does not run it, `n/a` that the method cannot adapt that model (listed below). Runs
+# that the environment cannot do (e.g. QLoRA without `bitsandbytes`/CUDA) are listed with their reason
+# after the grid has run.
 
 # %%
 # NBVAL_CHECK_OUTPUT
@@ -167,10 +178,13 @@ cover = pd.DataFrame(cover)
 coverage = (cover.assign(cell=lambda d: d["tier"] + ":" + d["seeds"].astype(str))
             .groupby(["method", "task"])["cell"].agg(" ".join).unstack("task")
             .reindex(index=IN_SCOPE, columns=list(TASK_MODEL)).fillna(""))
+for t, m in not_applicable:
+    coverage.loc[m, t] = "n/a"
 display(coverage)
-left_out = [(t, m) for t in TASK_MODEL for m in IN_SCOPE
-            if not ((cover["tier"] == TIER) & (cover["task"] == t) & (cover["method"] == m)).any()]
-print(f"this tier ({TIER}) leaves out {len(left_out)} of {len(TASK_MODEL) * len(IN_SCOPE)} (task, method) pairs")
+left_out = [(t, m) for t in TASK_MODEL for m in IN_SCOPE if applies(t, m)
+            and not ((cover["tier"] == TIER) & (cover["task"] == t) & (cover["method"] == m)).any()]
+n_pairs = len(TASK_MODEL) * len(IN_SCOPE) - len(not_applicable)
+print(f"this tier ({TIER}) leaves out {len(left_out)} of the {n_pairs} applicable (task, method) pairs")
 if TIER != "gpu" and tier_params("gpu") is not None:
     g = {(r["task"], r["method"]) for r in grid_of(tier_params("gpu"))}
     print(f"  of which the gpu tier runs {sum(x in g for x in left_out)}")
@@ -198,6 +212,9 @@ if len(skipped):
     display(skipped.groupby(["task", "method", "skip_reason"]).size().rename("runs").reset_index())
 else:
     print("no run was skipped")
+print("not applicable (never run in any tier):")
+for t, m in not_applicable:
+    print(f"  {m} on {t}: {m} supports {', '.join(KINDS_OF[m])} models, {TASK_MODEL[t]} is {MODEL_KIND[TASK_MODEL[t]]}")
 
 # %% [markdown]
 # ### Trainable parameters (r = 8)

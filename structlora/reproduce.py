@@ -112,8 +112,7 @@ def plan(tier: str, only: Sequence[str] | None = None, root: Path | None = None,
 
 
 def _sources(job: NotebookJob) -> list[Path]:
-    nb_dir = job.source.parent
-    paths = [nb_dir / f"{job.stem}.py", nb_dir / f"{job.stem}.ipynb"]
+    paths = [job.source]  # the .py when there is one (what runs); the paired .ipynb only carries smoke outputs
     if job.params_file:
         paths.append(job.params_file)
     return [p for p in paths if p.exists()]
