@@ -206,6 +206,23 @@ def _build_vera(name, loaded, model, rank, seed, total_steps, kw, heads):
                         "the VeRA paper's setting)")
 
 
+class _AdaLoraState:
+    """Checkpointable state of peft's AdaLoRA ``RankAllocator`` (importance moving averages); the budget
+    masks live in ``lora_E`` (a trainable parameter) and the schedule is a function of the step."""
+
+    _FIELDS = ("ipt", "exp_avg_ipt", "exp_avg_unc")
+
+    def __init__(self, pm: nn.Module) -> None:
+        self.allocator = pm.base_model.rankallocator
+
+    def state_dict(self) -> dict[str, dict[str, torch.Tensor]]:
+        return {f: {k: v.detach().clone() for k, v in getattr(self.allocator, f).items()} for f in self._FIELDS}
+
+    def load_state_dict(self, state: dict[str, dict[str, torch.Tensor]]) -> None:
+        for f in self._FIELDS:
+            setattr(self.allocator, f, {k: v.clone() for k, v in state[f].items()})
+
+
 def _build_adalora(name, loaded, model, rank, seed, total_steps, kw, heads):
     from peft import AdaLoraConfig, get_peft_model
 
@@ -227,7 +244,7 @@ def _build_adalora(name, loaded, model, rank, seed, total_steps, kw, heads):
                                    f"optimizer.step() and before optimizer.zero_grad() (no grad on {missing[0]})")
         pm.base_model.update_and_allocate(global_step)
 
-    return MethodHandle(name, pm, 0, on_step=on_step,
+    return MethodHandle(name, pm, 0, on_step=on_step, controller=_AdaLoraState(pm),
                         notes=f"peft AdaLoRA (Zhang et al. 2023b): init_r={cfg.init_r} -> target_r={cfg.target_r}, "
                         f"tinit={cfg.tinit}, tfinal={cfg.tfinal}, deltaT={cfg.deltaT}; update_and_allocate every "
                         "step via on_step; peft adds the orthogonality loss to out.loss when labels are passed")

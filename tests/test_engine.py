@@ -236,6 +236,50 @@ def test_resume_after_kill_matches_uninterrupted(seq, tmp_path):
               eval_every=4, seed=5), checkpoint_dir=ckpt, progress=False)
 
 
+class _DieAt:
+    """Wrap a method's ``on_step`` so the run is killed right after optimizer step ``die_at``."""
+
+    def __init__(self, on_step, die_at: int) -> None:
+        self.on_step, self.die_at = on_step, die_at
+
+    def __call__(self, step: int, total: int) -> None:
+        self.on_step(step, total)
+        if step == self.die_at:
+            raise _Killed
+
+
+@pytest.mark.parametrize("method", ["dylora", "lora_dropout", "loraprune", "adalora"])
+def test_resume_is_exact_for_methods_with_state(method, seq, tmp_path):
+    """The controllers' state (rank sampler, dropout masks, pruning masks + zeroed W0 rows, AdaLoRA
+    importance) is checkpointed, so a killed-and-resumed run equals the uninterrupted one."""
+    from structlora.methods import build_method
+    from structlora.models import LoadedModel
+
+    task, enc = seq
+    cfg = TrainConfig(lr=1e-2, batch_size=16, max_steps=10, eval_every=4, seed=5)
+    kw = {"sparsity": 0.5} if method == "loraprune" else {}
+
+    def handle():
+        model = toy_bert(seed=0, lora=False, dropout=0.0)
+        loaded = LoadedModel("toy-bert", "seq-cls", model, None, ["query", "value"], 2,
+                             modules_to_save=["classifier"])
+        return build_method(method, loaded, rank=4, seed=0, total_steps=cfg.max_steps, **kw)
+
+    ref_handle = handle()
+    ref = train(ref_handle, task, enc, cfg, progress=False)
+    killed = handle()
+    killed.on_step = _DieAt(killed.on_step, die_at=6)
+    ckpt = tmp_path / "ckpt"
+    with pytest.raises(_Killed):
+        train(killed, task, enc, cfg, checkpoint_dir=ckpt, progress=False)
+    resumed_handle = handle()
+    res = train(resumed_handle, task, enc, cfg, checkpoint_dir=ckpt, progress=False)
+    assert res.resumed_from == 4
+    assert res.history == ref.history and res.test_metrics == ref.test_metrics
+    everything = lambda m: {k: v.detach().clone() for k, v in m.state_dict().items()}  # noqa: E731 (frozen W0 too)
+    _assert_same_params(everything(resumed_handle.model), everything(ref_handle.model))
+
+
 # ------------------------------------------------------------------------------------------ helpers
 def test_batches_and_state_helpers():
     a = [batch_indices(10, 4, seed=0, step=s) for s in range(4)]

@@ -81,6 +81,17 @@ class DyLoRAController:
         """Called after every optimizer step: resample the rank for the next step."""
         self.sample()
 
+    def state_dict(self) -> dict[str, Any]:
+        """The sampler's state (generator, current rank, history), so a resumed run draws the same ranks."""
+        return {"generator": self.generator.get_state(), "current_rank": self.current_rank,
+                "history": list(self.history)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore what ``state_dict`` returned."""
+        self.generator.set_state(state["generator"])
+        self.current_rank = int(state["current_rank"])
+        self.history = list(state["history"])
+
     def effective_rank(self, module: nn.Module) -> int:
         """The rank a LoRA sub-module uses now: ``current_rank`` in training, the full rank in eval."""
         return self.current_rank if module.training else self.max_rank

@@ -81,6 +81,21 @@ class LoRADropoutController:
         """Called after every optimizer step: new masks for the next step."""
         self.resample()
 
+    def state_dict(self) -> dict[str, Any]:
+        """The mask generator's state and the current masks, so a resumed run draws the same masks."""
+        return {"generator": self.generator.get_state(),
+                "in_masks": {k: v.clone() for k, v in self.in_masks.items()},
+                "out_masks": {k: v.clone() for k, v in self.out_masks.items()}}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore what ``state_dict`` returned."""
+        if set(state["in_masks"]) != set(self.in_masks):
+            raise ValueError("LoRA-Dropout state is for other modules: "
+                             f"{sorted(state['in_masks'])[:3]} vs {sorted(self.in_masks)[:3]}")
+        self.generator.set_state(state["generator"])
+        self.in_masks = {k: v.clone() for k, v in state["in_masks"].items()}
+        self.out_masks = {k: v.clone() for k, v in state["out_masks"].items()}
+
     def _make_in_hook(self, name: str):
         def hook(module: nn.Module, args: tuple) -> tuple | None:
             if not module.training or self.p == 0.0:

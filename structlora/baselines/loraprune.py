@@ -180,6 +180,23 @@ class LoRAPruneController:
         self.update_importance()
         self.prune_to(cubic_sparsity(global_step, total_steps or self.total_steps, self.sparsity))
 
+    def state_dict(self) -> dict[str, Any]:
+        """Importance averages and channel masks (the pruned rows of the frozen ``W0`` are not in the
+        trainable state, so ``load_state_dict`` zeroes them again)."""
+        return {"importance": {k: v.clone() for k, v in self.importance.items()},
+                "masks": {k: v.clone() for k, v in self.masks.items()}}
+
+    @torch.no_grad()
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore what ``state_dict`` returned and re-apply the pruning to ``W0`` and ``B``."""
+        if set(state["masks"]) != set(self.masks):
+            raise ValueError("LoRAPrune state is for other modules: "
+                             f"{sorted(state['masks'])[:3]} vs {sorted(self.masks)[:3]}")
+        self.importance = {k: v.clone() for k, v in state["importance"].items()}
+        self.masks = {k: v.clone().bool() for k, v in state["masks"].items()}
+        for name, layer in self.layers:
+            self._zero_pruned(name, layer)
+
     def remove(self) -> None:
         """Remove the hooks (pruned rows stay zero in ``W0`` and ``B``)."""
         for handle in self._handles:
