@@ -79,6 +79,16 @@ class DepthCoordinator(nn.Module):
             reach = (reach.float() @ a.float()) > 0
         return reach
 
+    def neighbours(self) -> list[list[int]]:
+        """Per layer l, the j with ``support()[l, j]``; cached until the adjacency changes (in place, by
+        ``set_similarity`` or ``load_state_dict``, or by a move), so a forward pays no host sync for it."""
+        key = (self.adjacency._version, self.adjacency.data_ptr(), self.adjacency.device)
+        if getattr(self, "_nbrs_key", None) != key:
+            support = self.support()
+            self._nbrs = [support[l].nonzero().flatten().tolist() for l in range(self.num_layers)]
+            self._nbrs_key = key
+        return self._nbrs
+
     @torch.no_grad()
     def set_similarity(self, cosine: torch.Tensor, threshold: float) -> None:
         """Rebuild the edges from an (L, L) cosine matrix of gradient sketches."""

@@ -205,10 +205,7 @@ class StructLoraModel(nn.Module):
                 fam.gate.rescore_topk_norm(self._direction_norms(fam))
             m = fam.gate(training)                               # (L, r) or None
             mix = fam.coord.mixing() if fam.coord is not None else None   # (L, L) or None
-            nbrs = None
-            if fam.coord is not None:
-                support = fam.coord.support()
-                nbrs = [support[l].nonzero().flatten().tolist() for l in range(len(fam.layers))]
+            nbrs = fam.coord.neighbours() if fam.coord is not None else None   # L lists of layer indices
             fam.state = {"m": m, "mix": mix, "nbrs": nbrs, "s": fam.scalings.to(fam.A(0).device)}
         return fam.state
 

@@ -275,3 +275,21 @@ def test_two_process_ddp_training_ends_with_identical_parameters(tmp_path):
         assert torch.equal(s0[k], s1[k]), k
     assert any(k.endswith("gains") for k in s0)
     assert not torch.equal(s0["start_B"], s0["end_B"]), "training must have changed the factors"
+
+
+def test_neighbour_cache_follows_the_adjacency():
+    """The cached neighbour lists change when similarity edges (or a loaded state) change the graph."""
+    from structlora.coordinator import DepthCoordinator
+
+    coord = DepthCoordinator(4, "hybrid", steps=1)
+    assert coord.neighbours() == [[0, 1], [0, 1, 2], [1, 2, 3], [2, 3]]
+    cos = torch.zeros(4, 4)
+    cos[0, 3] = cos[3, 0] = 0.9
+    coord.set_similarity(cos, threshold=0.3)
+    assert coord.neighbours() == [[0, 1, 3], [0, 1, 2], [1, 2, 3], [0, 2, 3]]
+    fresh = DepthCoordinator(4, "hybrid", steps=1)
+    fresh.neighbours()
+    fresh.load_state_dict(coord.state_dict())
+    assert fresh.neighbours() == coord.neighbours()
+    two_step = DepthCoordinator(4, "adjacency", steps=2)
+    assert two_step.neighbours()[0] == [0, 1, 2]
