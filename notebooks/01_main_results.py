@@ -77,7 +77,8 @@ display(paper.table_frame(2))
 # The cell below holds the **smoke** tier (seconds per run: it checks that every code path runs, its
 # numbers mean nothing). `python -m structlora reproduce --tier cpu|gpu` replaces it with
 # `params/<tier>/01_main_results.yml`. `BUDGET` is per model; `TASK_METHODS` / `TASK_SEEDS`
-# override `METHODS` / `SEEDS` for one task.
+# override `METHODS` / `SEEDS` for one task; `LR_SCALE` multiplies one method's learning rate (the
+# paper does not give per-method learning rates; full fine-tuning diverges at a PEFT learning rate).
 
 # %% tags=["parameters"]
 TIER = "smoke"
@@ -88,6 +89,7 @@ TASK_METHODS = {"boolq": ["lora", "structlora"]}
 SEEDS = [0, 1]
 TASK_SEEDS = {"boolq": [0]}
 RANK = 8
+LR_SCALE = {"full_ft": 0.1}  # per-method multiplier of BUDGET's lr: full fine-tuning needs a smaller step
 BUDGET = {
     "minilm-l6": {"max_steps": 3, "batch_size": 8, "max_length": 64, "lr": 5e-4, "eval_every": 3,
                   "max_eval_examples": 32},
@@ -119,6 +121,13 @@ def applies(task: str, method: str) -> bool:
     return MODEL_KIND[TASK_MODEL[task]] in KINDS_OF[method]
 
 
+def budget(task: str, method: str) -> dict:
+    """BUDGET of the task's model, with the method's LR_SCALE applied (rounded so cached runs match)."""
+    b = dict(BUDGET[TASK_MODEL[task]])
+    b["lr"] = float(f"{b['lr'] * LR_SCALE.get(method, 1.0):.6g}")
+    return b
+
+
 def grid_of(p: dict) -> list[dict]:
     """(task, method, seeds) of one tier's parameters (methods that do not apply to the model left out)."""
     rows = []
@@ -131,7 +140,7 @@ def grid_of(p: dict) -> list[dict]:
 
 THIS = {k: globals()[k] for k in GRID_KEYS}
 specs = [
-    RunSpec(task=t, model=TASK_MODEL[t], method=m, rank=RANK, seed=s, fraction=1.0, **BUDGET[TASK_MODEL[t]])
+    RunSpec(task=t, model=TASK_MODEL[t], method=m, rank=RANK, seed=s, fraction=1.0, **budget(t, m))
     for t in TASKS
     for m in TASK_METHODS.get(t, METHODS)
     for s in TASK_SEEDS.get(t, SEEDS)
