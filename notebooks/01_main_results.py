@@ -52,10 +52,11 @@ from structlora.reproduce import repo_root
 os.chdir(repo_root())  # relative paths below are relative to the repository (papermill and nbval alike)
 
 from structlora import paper, plots
-from structlora.claims import claim_from_test, write_claims
+from structlora.claims import claim_from_test, collapse_status, write_claims
+from structlora.data import NUM_CLASSES
 from structlora.grid import RunSpec, run_grid
 from structlora.methods import describe_methods, list_methods
-from structlora.stats import compare_to_paper, paired_test, summarize
+from structlora.stats import compare_to_paper, paired_test, single_class_runs, summarize
 
 pd.set_option("display.width", 200)
 pd.set_option("display.max_columns", 40)
@@ -208,6 +209,7 @@ if TIER != "gpu" and tier_params("gpu") is not None:
 df = run_grid(specs, results_dir=RESULTS_DIR, n_jobs=N_JOBS, progress=True)
 ok = df[df["status"] == "ok"].copy()
 ok["acc"] = 100.0 * ok["test_accuracy"]
+ok["single_class"] = single_class_runs(ok, NUM_CLASSES)  # runs that predict one class (did not train)
 print(f"{len(ok)} runs ok, {int((df['status'] != 'ok').sum())} skipped; "
       f"training wall time {df['wall_time_s'].fillna(0).sum() / 60:.1f} min (cached runs count their original time)")
 
@@ -221,6 +223,13 @@ if len(skipped):
     display(skipped.groupby(["task", "method", "skip_reason"]).size().rename("runs").reset_index())
 else:
     print("no run was skipped")
+collapsed = ok.groupby(["task", "method"])["single_class"].agg(["sum", "size"])
+collapsed = collapsed[collapsed["sum"] > 0]
+if len(collapsed):  # comparisons where every run of both methods predicts one class are inconclusive
+    print("runs that predict a single class for every test example (did not train at this budget):")
+    display(collapsed.rename(columns={"sum": "single-class runs", "size": "runs"}))
+else:
+    print("every run predicts more than one class")
 print("not applicable (never run in any tier):")
 for t, m in not_applicable:
     print(f"  {m} on {t}: {m} supports {', '.join(KINDS_OF[m])} models, {TASK_MODEL[t]} is {MODEL_KIND[TASK_MODEL[t]]}")
@@ -298,11 +307,13 @@ for t in TASKS:
     pd_ = paper.paper_diff(TASK_TABLE[t], t)
     col = paper.PAPER_TASK[t][TASK_TABLE[t]]
     test = tests_by_task.get(t)
+    degenerate, note = collapse_status(ok[(ok["task"] == t) & ok["method"].isin(["structlora", "lora"])])
     c = claim_from_test(
         f"T{TASK_TABLE[t]}.{t}.structlora>lora", NB, TIER,
         f"StructLoRA beats LoRA on {t} ({TASK_MODEL[t]}; paper: {col}, Table {TASK_TABLE[t]})",
         test, pd_, paper_value=f"{pd_:+.1f} (Table {TASK_TABLE[t]}, {col})",
-        note="" if test is not None else "StructLoRA or LoRA did not run on this task in this tier")
+        note=note if test is not None else "StructLoRA or LoRA did not run on this task in this tier",
+        degenerate=degenerate)
     claims.append(c)
 
 # "best among PEFT": StructLoRA against the strongest other PEFT method (by our mean) on each task
@@ -321,12 +332,14 @@ for t in TASKS:
     pd_ = round(table["structlora"][col] - others[p_best], 2)
     sub = ok[(ok["task"] == t) & ok["method"].isin(["structlora", best])]
     bt = paired_test(sub, method="structlora", baseline=best, metric="acc", by=("task",))
+    degenerate, note = collapse_status(sub)
     claims.append(claim_from_test(
         f"T{TASK_TABLE[t]}.{t}.structlora_best_peft", NB, TIER,
         f"StructLoRA is the best PEFT method on {t}: vs the strongest other PEFT method here ({best})",
         bt.iloc[0] if len(bt) else None, pd_,
         paper_value=f"{pd_:+.1f} vs {paper.METHOD_LABELS[p_best]} (Table {TASK_TABLE[t]}, {col})",
-        note=f"{len(means) + 1} PEFT methods ran on {t} in this tier"))
+        note="; ".join(x for x in (f"{len(means) + 1} PEFT methods ran on {t} in this tier", note) if x),
+        degenerate=degenerate))
 
 ledger = pd.DataFrame([c.to_dict() for c in claims])
 display(ledger[["claim_id", "paper_value", "ours", "n", "verdict"]])

@@ -45,9 +45,10 @@ from structlora.reproduce import repo_root
 os.chdir(repo_root())
 
 from structlora import paper, plots
-from structlora.claims import claim_from_test, write_claims
+from structlora.claims import claim_from_test, collapse_status, write_claims
+from structlora.data import NUM_CLASSES
 from structlora.grid import RunSpec, run_grid
-from structlora.stats import compare_to_paper, paired_test, summarize
+from structlora.stats import compare_to_paper, paired_test, single_class_runs, summarize
 
 pd.set_option("display.width", 200)
 plots.setup_style()
@@ -102,6 +103,7 @@ if "sst2" in TASKS:
 df = run_grid(specs, results_dir=RESULTS_DIR, n_jobs=N_JOBS, progress=True)
 ok = df[df["status"] == "ok"].copy()
 ok["acc"] = 100.0 * ok["test_accuracy"]
+ok["single_class"] = single_class_runs(ok, NUM_CLASSES)  # runs that predict one class (did not train)
 print(f"{len(ok)} runs ok, {int((df['status'] != 'ok').sum())} skipped")
 
 # %%
@@ -112,6 +114,12 @@ if len(skipped):
 else:
     print("no run was skipped")
 display(ok.groupby(["task", "method"])["trainable_params"].first().unstack("method").astype("Int64"))
+collapsed = ok.groupby(["task", "fraction", "method"])["single_class"].agg(["sum", "size"])
+collapsed = collapsed[collapsed["sum"] > 0]
+if len(collapsed):  # a comparison where every run of both methods predicts one class is inconclusive
+    display(collapsed.rename(columns={"sum": "single-class runs", "size": "runs"}))
+else:
+    print("every run predicts more than one class")
 
 # %% [markdown]
 # ## Our table beside the paper's
@@ -154,11 +162,12 @@ for t in TASKS:
     for f in FRACTIONS:
         row = tests[(tests["task"] == t) & np.isclose(tests["fraction"], f)]
         pd_ = paper.paper_diff(4, col, fraction=f)
+        degenerate, note = collapse_status(ok[(ok["task"] == t) & np.isclose(ok["fraction"], f)])
         claims.append(claim_from_test(
             f"T4.{t}.f{int(round(100 * f))}.structlora>lora", NB, TIER,
             f"StructLoRA beats LoRA with {f:.0%} of the training data on {t}",
             row.iloc[0] if len(row) else None, pd_, paper_value=f"{pd_:+.1f} (Table 4, {col}, {f:.0%})",
-            note="" if len(row) else "not run"))
+            note=note if len(row) else "not run", degenerate=degenerate))
     lo_f, hi_f = min(FRACTIONS), max(FRACTIONS)
     sub = ok[ok["task"] == t].pivot_table(index=["seed", "fraction"], columns="method", values="acc")
     if lo_f < hi_f and {"lora", "structlora"} <= set(sub.columns):
@@ -167,11 +176,14 @@ for t in TASKS:
         g["method"] = np.where(np.isclose(g["fraction"], lo_f), "small", "full")
         ct = paired_test(g.assign(task=t), method="small", baseline="full", metric="gain", by=("task",))
         p_contrast = round(paper.paper_diff(4, col, fraction=lo_f) - paper.paper_diff(4, col, fraction=hi_f), 2)
+        ends = ok[(ok["task"] == t) & (np.isclose(ok["fraction"], lo_f) | np.isclose(ok["fraction"], hi_f))]
+        degenerate, note = collapse_status(ends)
         claims.append(claim_from_test(
             f"T4.{t}.gain_grows_as_data_shrinks", NB, TIER,
             f"the gain is larger with {lo_f:.0%} than with {hi_f:.0%} of the data on {t}",
             ct.iloc[0] if len(ct) else None, p_contrast,
-            paper_value=f"{p_contrast:+.1f} (Table 4, {col}: gain at {lo_f:.0%} minus gain at {hi_f:.0%})"))
+            paper_value=f"{p_contrast:+.1f} (Table 4, {col}: gain at {lo_f:.0%} minus gain at {hi_f:.0%})",
+            note=note, degenerate=degenerate))
     else:
         claims.append(claim_from_test(f"T4.{t}.gain_grows_as_data_shrinks", NB, TIER,
                                       f"the gain grows as data shrinks on {t}", None, None,
@@ -184,7 +196,8 @@ per_f = [c for c in claims if c.claim_id.endswith("structlora>lora")]
 pos = sum(c.ours_value is not None and c.ours_value > 0 for c in per_f)
 rep = sum(c.verdict == "reproduced" for c in per_f)
 trend = [c for c in claims if c.claim_id.endswith("gain_grows_as_data_shrinks")]
-lines = [f"- **{c.claim_id}**: paper {c.paper_value}; ours {c.ours} (n={c.n}) → **{c.verdict}**" for c in claims]
+lines = [f"- **{c.claim_id}**: paper {c.paper_value}; ours {c.ours} (n={c.n}) → **{c.verdict}**"
+         + (f" ({c.note})" if c.note else "") for c in claims]
 display(Markdown(
     f"StructLoRA's mean gain over LoRA is positive at {pos} of {len(per_f)} (task, fraction) points and "
     f"significantly so (reproduced) at {rep}; where it is not, StructLoRA does **not** beat LoRA at our scale. "

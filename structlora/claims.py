@@ -25,6 +25,7 @@ import pandas as pd
 
 __all__ = [
     "Claim",
+    "collapse_status",
     "write_claims",
     "read_claims",
     "build_ledger",
@@ -127,12 +128,16 @@ def _get(row, key, default=None):
 
 
 def claim_from_test(claim_id: str, notebook: str, tier: str, claim: str, test, paper_diff: float | None,
-                    paper_value: str | None = None, note: str = "", digits: int = 1) -> Claim:
+                    paper_value: str | None = None, note: str = "", digits: int = 1,
+                    degenerate: str = "") -> Claim:
     """A :class:`Claim` from one row of :func:`structlora.stats.paired_test` (a dict / Series / namedtuple
     with ``diff_mean``, ``ci_low``, ``ci_high``, ``p``, ``n`` and optionally ``diff_std``).
 
     The verdict is :func:`structlora.stats.verdict` of the measured numbers against ``paper_diff``;
-    ``test=None`` (nothing ran) gives verdict ``"skipped"`` with ``note`` saying why.
+    ``test=None`` (nothing ran) gives verdict ``"skipped"`` with ``note`` saying why. A non-empty
+    ``degenerate`` (why the comparison tests nothing, e.g. every run of both methods collapsed to one
+    class, see :func:`structlora.stats.single_class_runs`) makes the verdict ``"inconclusive"`` whatever
+    the numbers say, and is prepended to the note.
     """
     from .stats import verdict as _verdict
 
@@ -143,9 +148,23 @@ def claim_from_test(claim_id: str, notebook: str, tier: str, claim: str, test, p
     d, lo, hi, p = (_num(_get(test, k)) for k in ("diff_mean", "ci_low", "ci_high", "p"))
     n = _get(test, "n", 0)
     std = _num(_get(test, "diff_std", _get(test, "std")))
-    v = _verdict(d, lo, hi, p, paper_diff)
+    v = "inconclusive" if degenerate else _verdict(d, lo, hi, p, paper_diff)
+    note = "; ".join(x for x in (degenerate, note) if x)
     return Claim(claim_id, notebook, claim, pv, format_diff(d, std, lo, hi, digits=digits), d, lo, hi,
                  int(n or 0), tier, v, note)
+
+
+def collapse_status(runs: pd.DataFrame, column: str = "single_class") -> tuple[str, str]:
+    """``(degenerate, note)`` for :func:`claim_from_test` from the runs behind one comparison.
+
+    ``runs`` has a boolean ``column`` (see :func:`structlora.stats.single_class_runs`). When every run
+    predicts a single class the comparison tests nothing (``degenerate`` says so); when some do, the
+    note counts them and the verdict stays the statistics' own.
+    """
+    n, k = len(runs), int(runs[column].sum()) if len(runs) else 0
+    if n and k == n:
+        return f"all {n} runs of both methods predict a single class (this budget does not train them)", ""
+    return "", (f"{k} of {n} runs predict a single class" if k else "")
 
 
 def _claims_dir(root: str | os.PathLike) -> Path:

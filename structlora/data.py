@@ -37,6 +37,7 @@ __all__ = [
     "MissingAssetError",
     "list_tasks",
     "load_task",
+    "NUM_CLASSES",
     "encode",
     "normalize_text",
     "column",
@@ -429,6 +430,11 @@ _TASKS: dict[str, tuple[tuple[str, str], Callable[[], tuple[dict, str, dict]], l
     "csqa": (_MC, lambda: _build_mc("csqa"), list("ABCDE")),
     "fmnist-transfer": (("image-cls", "image-cls"), _build_fmnist_transfer, None),
 }
+
+# Number of classes (answer options for multiple choice) of each registered task, known without
+# loading it (tests check it against ``len(load_task(name).labels)``).
+NUM_CLASSES: dict[str, int] = {"sst2": 2, "mrpc": 2, "rte": 2, "boolq": 2, "piqa": 2, "arc-easy": 5, "obqa": 4,
+                               "csqa": 5, "fmnist-transfer": 5}
 
 # GLUE configs reachable online as "glue/<config>": (text column, text_pair column, test split).
 _GLUE_HUB = {

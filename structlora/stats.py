@@ -14,7 +14,7 @@ import numpy as np
 import pandas as pd
 from scipy import stats as _st
 
-__all__ = ["summarize", "paired_test", "verdict", "compare_to_paper", "VERDICTS"]
+__all__ = ["summarize", "paired_test", "verdict", "compare_to_paper", "single_class_runs", "VERDICTS"]
 
 VERDICTS = ("reproduced", "not reproduced", "inconclusive")
 DEFAULT_BY = ("task", "model", "method", "rank", "fraction")
@@ -114,6 +114,29 @@ def paired_test(df: pd.DataFrame, method: str, baseline: str = "lora", metric: s
     cols = by + ["method", "baseline", "n", "method_mean", "baseline_mean", "diff_mean", "diff_std",
                  "ci_low", "ci_high", "t", "p"]
     return pd.DataFrame(results, columns=cols)
+
+
+def single_class_runs(df: pd.DataFrame, num_classes: Mapping[str, int] | int, split: str = "test") -> pd.Series:
+    """True for runs that predict ONE class for every example of ``split`` (a collapsed run).
+
+    Read from the recorded metrics, no predictions needed: a constant predictor of a class with share
+    ``p`` has accuracy ``p``, F1 ``2p / (1 + p)`` on that class and 0 on the other ``K - 1``, so its
+    macro-F1 is exactly ``2p / ((1 + p) K)``. ``num_classes`` is ``K`` (one int, or per task name);
+    needs the columns ``<split>_accuracy`` and ``<split>_macro_f1`` (and ``task`` for a mapping).
+    Comparisons between two collapsed methods test the budget, not the methods.
+    """
+    _check_columns(df, [f"{split}_accuracy", f"{split}_macro_f1"], "single_class_runs")
+    acc = df[f"{split}_accuracy"].astype(float)
+    f1 = df[f"{split}_macro_f1"].astype(float)
+    if isinstance(num_classes, Mapping):
+        _check_columns(df, ["task"], "single_class_runs")
+        k = df["task"].map(num_classes).astype(float)
+        if k.isna().any():
+            raise KeyError(f"single_class_runs: no class count for task(s) {sorted(set(df['task'][k.isna()]))}")
+    else:
+        k = pd.Series(float(num_classes), index=df.index)
+    signature = 2.0 * acc / ((1.0 + acc) * k)
+    return pd.Series(np.isclose(f1, signature, rtol=0.0, atol=1e-9) & acc.notna(), index=df.index)
 
 
 def _nan(x: Any) -> bool:

@@ -331,3 +331,8 @@ def test_encode_image_passes_through(tasks):
     assert set(batch) == {"pixel_values", "labels"}
     assert tuple(batch["pixel_values"].shape) == (4, 1, 28, 28)
     assert batch["labels"].tolist() == column(tasks["fmnist-transfer"].test, "label")[:4].tolist()
+
+
+def test_num_classes_matches_the_loaded_tasks(tasks):
+    assert set(data.NUM_CLASSES) == set(list_tasks())
+    assert {name: len(t.labels) for name, t in tasks.items()} == data.NUM_CLASSES

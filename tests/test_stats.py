@@ -118,3 +118,37 @@ def test_compare_to_paper_tables():
     assert vt.loc["a", "verdict"] == "reproduced"           # +2.5 points, CI excludes 0
     assert vt.loc["b", "verdict"] == "not reproduced"        # identical runs: CI [0, 0] excludes +0.75
     assert vt.loc["a", "ours (display)"].startswith("+2.50 [")
+
+
+def test_single_class_runs_reads_the_constant_predictor_signature():
+    """A collapsed run is found from (accuracy, macro-F1) alone; real predictions with the same accuracy
+    are not flagged. Checked against sklearn on actual predictions."""
+    from sklearn.metrics import accuracy_score, f1_score
+
+    from structlora.stats import single_class_runs
+
+    y = np.array([0] * 52 + [1] * 48 + [2] * 0)
+    rng = np.random.default_rng(0)
+    preds = {"constant": np.zeros_like(y), "noisy": np.where(rng.random(100) < 0.5, y, 1 - y)}
+    rows = [{"task": "t2", "test_accuracy": accuracy_score(y, p), "test_macro_f1": f1_score(y, p, average="macro")}
+            for p in preds.values()]
+    y3 = np.array([0] * 40 + [1] * 30 + [2] * 30)
+    rows.append({"task": "t3", "test_accuracy": 0.4,
+                 "test_macro_f1": f1_score(y3, np.zeros_like(y3), average="macro", zero_division=0)})
+    rows.append({"task": "t3", "test_accuracy": float("nan"), "test_macro_f1": float("nan")})
+    df = pd.DataFrame(rows)
+    assert single_class_runs(df, {"t2": 2, "t3": 3}).tolist() == [True, False, True, False]
+    assert single_class_runs(df.iloc[:2], 2).tolist() == [True, False]
+    with pytest.raises(KeyError, match="t3"):
+        single_class_runs(df, {"t2": 2})
+
+
+def test_degenerate_claim_is_inconclusive_whatever_the_numbers():
+    from structlora.claims import claim_from_test
+
+    test = {"diff_mean": 0.0, "ci_low": 0.0, "ci_high": 0.0, "p": 1.0, "n": 3, "diff_std": 0.0}
+    plain = claim_from_test("c", "nb", "cpu", "x beats y", test, 2.0)
+    assert plain.verdict == "not reproduced"   # zero difference on every seed: the rule's reading
+    deg = claim_from_test("c", "nb", "cpu", "x beats y", test, 2.0, note="n=3",
+                          degenerate="every run of both methods predicts one class")
+    assert deg.verdict == "inconclusive" and deg.note == "every run of both methods predicts one class; n=3"
