@@ -59,6 +59,7 @@ os.chdir(repo_root())  # relative paths below are relative to the repository (pa
 import matplotlib.pyplot as plt
 import seaborn as sns
 from scipy import stats as sps
+from tqdm.auto import tqdm
 
 from structlora import paper, plots
 from structlora.claims import Claim, claim_from_test, format_diff, write_claims
@@ -264,8 +265,15 @@ def val_loss(model, batches) -> tuple[float, float]:
     return total / n, correct / n
 
 
+def probe_layers(n_fam: int, n_layers: int | None) -> list[int]:
+    """``n_layers`` evenly spaced layer indices of a family of ``n_fam`` (None: every layer)."""
+    if n_layers is None or n_layers >= n_fam:
+        return list(range(n_fam))
+    return sorted({int(round(x)) for x in np.linspace(0, n_fam - 1, n_layers)})
+
+
 @torch.no_grad()
-def removal_table(trained, n_examples: int, n_layers: int | None = None) -> pd.DataFrame:
+def removal_table(trained, n_examples: int, n_layers: int | None = None, label: str = "") -> pd.DataFrame:
     """One row per (module, direction): gate score, norms, Δloss / Δacc when only that direction is removed."""
     sm = trained.handle.model
     if trained.task.kind not in ("seq-cls", "image-cls"):
@@ -276,6 +284,8 @@ def removal_table(trained, n_examples: int, n_layers: int | None = None) -> pd.D
     sm.eval()
     base_loss, base_acc = val_loss(sm, batches)
     rows = []
+    bar = tqdm(desc=f"removal probe {label}".strip(), unit="dir", leave=False,
+               total=sum(len(probe_layers(len(fam.names), n_layers)) * fam.A(0).shape[0] for fam in sm.families))
     for fam in sm.families:
         sm._reset_states()
         st = sm.family_state(fam)
@@ -284,10 +294,7 @@ def removal_table(trained, n_examples: int, n_layers: int | None = None) -> pd.D
         scores = fam.gate.scores()
         s = st["s"]
         sm._reset_states()
-        n_fam = len(fam.names)
-        layers = (range(n_fam) if n_layers is None or n_layers >= n_fam
-                  else sorted({int(round(x)) for x in np.linspace(0, n_fam - 1, n_layers)}))
-        for l in layers:
+        for l in probe_layers(len(fam.names), n_layers):
             name = fam.names[l]
             A, B = fam.A(l), fam.B(l)
             norms = (B.norm(dim=0) * A.norm(dim=1)).detach()
@@ -306,6 +313,8 @@ def removal_table(trained, n_examples: int, n_layers: int | None = None) -> pd.D
                              "gate_value": float(m[l, j]), "active": bool(m[l, j] != 0),
                              "norm": float(norms[j]), "effective_norm": float(s[l] * m[l, j] * norms[j]),
                              "dloss": loss - base_loss, "dacc": 100 * (acc - base_acc)})
+                bar.update()
+    bar.close()
     out = pd.DataFrame(rows)
     out.attrs.update(base_loss=base_loss, base_acc=base_acc, n_examples=sum(len(b["labels"]) for b in batches))
     return out
@@ -317,7 +326,7 @@ for m, trained in probed.items():
     if trained.handle is None:
         print(f"{m}: skipped ({trained.record['skip_reason']})")
         continue
-    removal[m] = removal_table(trained, PROBE_EXAMPLES, PROBE_LAYERS)
+    removal[m] = removal_table(trained, PROBE_EXAMPLES, PROBE_LAYERS, label=m)
     r = removal[m]
     print(f"{m}: base validation loss {r.attrs['base_loss']:.4f} on {r.attrs['n_examples']} examples; "
           f"{int(r['active'].sum())} of {len(r)} directions active")

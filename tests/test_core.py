@@ -293,3 +293,31 @@ def test_neighbour_cache_follows_the_adjacency():
     assert fresh.neighbours() == coord.neighbours()
     two_step = DepthCoordinator(4, "adjacency", steps=2)
     assert two_step.neighbours()[0] == [0, 1, 2]
+
+
+def test_similarity_sketch_estimates_dense_gradient_cosines(monkeypatch):
+    """The in-training sketch G_l R (model.py hooks) estimates cos(dL/dW_a, dL/dW_b) of the dense gradients
+    (METHOD_NOTES: JL sketch); the edges of the similarity graph are built from it."""
+    from structlora import coordinator
+
+    seen = []
+    original = coordinator.DepthCoordinator.set_similarity
+    monkeypatch.setattr(coordinator.DepthCoordinator, "set_similarity",
+                        lambda self, cos, threshold: (seen.append(cos.clone()), original(self, cos, threshold))[1])
+    sm = make(gate=None, graph="similarity", sim_threshold=0.3, sim_refresh_every=4, sim_batches=1,
+              sim_sketch_dim=4096, base=tiny_bert(layers=4))
+    randomize_lora(sm)
+    fam = sm.families[0]
+    for layer in fam.layers:
+        layer.base_layer.weight.requires_grad_(True)
+    sm.train()
+    sm(**toy_batch(n=16, seed=0)).loss.backward()       # step 0: the sketch captures this batch
+    sm(**toy_batch(n=16, seed=1))                       # step 1 (a training forward): cosines, edges rebuilt
+    assert len(seen) == 2  # one call per family
+    flat = torch.stack([layer.base_layer.weight.grad.flatten() for layer in fam.layers])   # (L, d k)
+    dense = torch.nn.functional.cosine_similarity(flat[:, None], flat[None], dim=-1)     # (L, L)
+    assert (dense - torch.eye(len(fam.layers))).abs().max() > 0.2  # the toy gradients are not orthogonal
+    assert (seen[0] - dense).abs().max() < 0.15                    # JL error ~ 1/sqrt(p)
+    expected = (dense > 0.3).float().fill_diagonal_(0.0)
+    agree = (fam.coord.adjacency == expected) | ((dense - 0.3).abs() < 0.15)  # near-threshold pairs may flip
+    assert bool(agree.all())
