@@ -56,7 +56,7 @@ from structlora.claims import claim_from_test, collapse_status, write_claims
 from structlora.data import NUM_CLASSES
 from structlora.grid import RunSpec, run_grid
 from structlora.methods import describe_methods, list_methods
-from structlora.stats import compare_to_paper, paired_test, single_class_runs, summarize
+from structlora.stats import compare_to_paper, paired_test, single_class_runs, single_class_table, summarize
 
 pd.set_option("display.width", 200)
 pd.set_option("display.max_columns", 40)
@@ -223,11 +223,10 @@ if len(skipped):
     display(skipped.groupby(["task", "method", "skip_reason"]).size().rename("runs").reset_index())
 else:
     print("no run was skipped")
-collapsed = ok.groupby(["task", "method"])["single_class"].agg(["sum", "size"])
-collapsed = collapsed[collapsed["sum"] > 0]
+collapsed = single_class_table(ok, ["task", "method"])
 if len(collapsed):  # comparisons where every run of both methods predicts one class are inconclusive
     print("runs that predict a single class for every test example (did not train at this budget):")
-    display(collapsed.rename(columns={"sum": "single-class runs", "size": "runs"}))
+    display(collapsed)
 else:
     print("every run predicts more than one class")
 print("not applicable (never run in any tier):")

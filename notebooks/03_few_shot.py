@@ -48,7 +48,7 @@ from structlora import paper, plots
 from structlora.claims import claim_from_test, collapse_status, write_claims
 from structlora.data import NUM_CLASSES
 from structlora.grid import RunSpec, run_grid
-from structlora.stats import compare_to_paper, paired_test, single_class_runs, summarize
+from structlora.stats import compare_to_paper, paired_test, single_class_runs, single_class_table, summarize
 
 pd.set_option("display.width", 200)
 plots.setup_style()
@@ -114,10 +114,9 @@ if len(skipped):
 else:
     print("no run was skipped")
 display(ok.groupby(["task", "method"])["trainable_params"].first().unstack("method").astype("Int64"))
-collapsed = ok.groupby(["task", "fraction", "method"])["single_class"].agg(["sum", "size"])
-collapsed = collapsed[collapsed["sum"] > 0]
+collapsed = single_class_table(ok, ["task", "fraction", "method"])
 if len(collapsed):  # a comparison where every run of both methods predicts one class is inconclusive
-    display(collapsed.rename(columns={"sum": "single-class runs", "size": "runs"}))
+    display(collapsed)
 else:
     print("every run predicts more than one class")
 

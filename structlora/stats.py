@@ -14,7 +14,7 @@ import numpy as np
 import pandas as pd
 from scipy import stats as _st
 
-__all__ = ["summarize", "paired_test", "verdict", "compare_to_paper", "single_class_runs", "VERDICTS"]
+__all__ = ["summarize", "paired_test", "verdict", "compare_to_paper", "single_class_runs", "single_class_table", "VERDICTS"]
 
 VERDICTS = ("reproduced", "not reproduced", "inconclusive")
 DEFAULT_BY = ("task", "model", "method", "rank", "fraction")
@@ -137,6 +137,14 @@ def single_class_runs(df: pd.DataFrame, num_classes: Mapping[str, int] | int, sp
         k = pd.Series(float(num_classes), index=df.index)
     signature = 2.0 * acc / ((1.0 + acc) * k)
     return pd.Series(np.isclose(f1, signature, rtol=0.0, atol=1e-9) & acc.notna(), index=df.index)
+
+
+def single_class_table(df: pd.DataFrame, by: Sequence[str], column: str = "single_class") -> pd.DataFrame:
+    """Per group of ``by``, how many runs predict one class (``column``, e.g. from ``single_class_runs``)
+    and how many runs there are; only groups with at least one such run (empty frame: none)."""
+    _check_columns(df, [*by, column], "single_class_table")
+    counts = df.groupby(list(by))[column].agg(["sum", "size"])
+    return counts[counts["sum"] > 0].rename(columns={"sum": "single-class runs", "size": "runs"})
 
 
 def _nan(x: Any) -> bool:

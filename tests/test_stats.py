@@ -143,6 +143,20 @@ def test_single_class_runs_reads_the_constant_predictor_signature():
         single_class_runs(df, {"t2": 2})
 
 
+def test_single_class_table_counts_collapsed_runs_per_group():
+    from structlora.stats import single_class_table
+
+    df = pd.DataFrame({"task": ["a", "a", "a", "b", "b"], "method": ["x", "x", "y", "x", "x"],
+                       "single_class": [True, False, False, True, True]})
+    table = single_class_table(df, ["task", "method"])
+    assert list(table.columns) == ["single-class runs", "runs"]
+    assert table.to_dict("index") == {("a", "x"): {"single-class runs": 1, "runs": 2},
+                                      ("b", "x"): {"single-class runs": 2, "runs": 2}}
+    assert single_class_table(df[df["task"] == "a"].assign(single_class=False), ["method"]).empty
+    with pytest.raises(KeyError, match="fraction"):
+        single_class_table(df, ["fraction"])
+
+
 def test_degenerate_claim_is_inconclusive_whatever_the_numbers():
     from structlora.claims import claim_from_test
 
