@@ -181,10 +181,13 @@ fig;
 claims = []
 for t in TASKS:
     col = PAPER_COL[t]
+    dead = []  # ranks where every run of both methods predicts one class
     for r in RANKS:
         row = tests[(tests["task"] == t) & (tests["rank"] == r)]
         pd_ = paper.paper_diff(3, col, rank=r)
         degenerate, note = collapse_status(ok[(ok["task"] == t) & (ok["rank"] == r)])
+        if degenerate:
+            dead.append(r)
         claims.append(claim_from_test(
             f"T3.{t}.r{r}.structlora>lora", NB, TIER, f"StructLoRA beats LoRA at r={r} on {t}",
             row.iloc[0] if len(row) else None, pd_, paper_value=f"{pd_:+.1f} (Table 3, {col}, r={r})",
@@ -192,7 +195,6 @@ for t in TASKS:
 
     # low-rank contrast: per seed, mean gain at r<=8 minus mean gain at r>8 (ranks where no run trained
     # are left out: they carry no information about either method)
-    dead = [r for r in RANKS if collapse_status(ok[(ok["task"] == t) & (ok["rank"] == r)])[0]]
     low, high = [r for r in LOW if r not in dead], [r for r in HIGH if r not in dead]
     sub = ok[(ok["task"] == t) & ~ok["rank"].isin(dead)].pivot_table(index=["seed", "rank"], columns="method",
                                                                        values="acc")

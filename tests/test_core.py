@@ -302,8 +302,12 @@ def test_similarity_sketch_estimates_dense_gradient_cosines(monkeypatch):
 
     seen = []
     original = coordinator.DepthCoordinator.set_similarity
-    monkeypatch.setattr(coordinator.DepthCoordinator, "set_similarity",
-                        lambda self, cos, threshold: (seen.append(cos.clone()), original(self, cos, threshold))[1])
+
+    def spy(self, cosine, threshold):
+        seen.append(cosine.clone())
+        return original(self, cosine, threshold)
+
+    monkeypatch.setattr(coordinator.DepthCoordinator, "set_similarity", spy)
     sm = make(gate=None, graph="similarity", sim_threshold=0.3, sim_refresh_every=4, sim_batches=1,
               sim_sketch_dim=4096, base=tiny_bert(layers=4))
     randomize_lora(sm)
