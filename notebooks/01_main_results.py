@@ -34,7 +34,7 @@
 # | LLaVA-1.5-7B on COCO Caption / VQAv2 | nothing: no vision-language model or caption data is available offline; not run |
 # | GLUE MNLI / CoLA / QNLI / QQP / STS-B | not run (no offline data for MNLI/QNLI/QQP/STS-B; CoLA too) |
 #
-# Every method of `structlora.methods` that appears in Tables 1-2 (plus LoRA-FA, AdaLoRA and AdapterFusion,
+# Every method of `structlora.repro.methods` that appears in Tables 1-2 (plus LoRA-FA, AdaLoRA and AdapterFusion,
 # which the paper uses elsewhere) is trained with the same engine, rank r=8 (alpha=16) on the query/value
 # projections, AdamW + cosine schedule, test accuracy reported at the best validation step. The
 # StructLoRA ablation variants and coordination/filter baselines are in notebooks 04-06.
@@ -47,16 +47,16 @@ import numpy as np
 import pandas as pd
 from IPython.display import Markdown, display
 
-from structlora.reproduce import repo_root
+from structlora.repro.reproduce import repo_root
 
 os.chdir(repo_root())  # relative paths below are relative to the repository (papermill and nbval alike)
 
-from structlora import paper, plots
-from structlora.claims import claim_from_test, collapse_status, write_claims
-from structlora.data import NUM_CLASSES
-from structlora.grid import RunSpec, run_grid
-from structlora.methods import describe_methods, list_methods
-from structlora.stats import compare_to_paper, paired_test, single_class_runs, single_class_table, summarize
+from structlora.repro import paper, plots
+from structlora.repro.claims import claim_from_test, collapse_status, write_claims
+from structlora.repro.assets.tasks import NUM_CLASSES
+from structlora.repro.grid import RunSpec, run_grid
+from structlora.repro.methods import describe_methods, list_methods
+from structlora.repro.stats import compare_to_paper, paired_test, single_class_runs, single_class_table, summarize
 
 pd.set_option("display.width", 200)
 pd.set_option("display.max_columns", 40)
@@ -65,7 +65,7 @@ NB = "01_main_results"
 _T0 = time.perf_counter()
 
 # %% [markdown]
-# ## The paper's numbers (transcribed in `structlora.paper`)
+# ## The paper's numbers (transcribed in `structlora.repro.paper`)
 
 # %%
 # NBVAL_CHECK_OUTPUT
@@ -294,7 +294,7 @@ fig;
 # ## Verdicts
 #
 # Paired over seeds (same seed = same data order and same initial head), two-sided t-test, 95% CI of
-# the mean difference; the verdict rule is `structlora.stats.verdict`. With one seed there is no CI
+# the mean difference; the verdict rule is `structlora.repro.stats.verdict`. With one seed there is no CI
 # and the verdict is *inconclusive*.
 
 # %%

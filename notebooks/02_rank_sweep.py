@@ -41,15 +41,15 @@ import numpy as np
 import pandas as pd
 from IPython.display import Markdown, display
 
-from structlora.reproduce import repo_root
+from structlora.repro.reproduce import repo_root
 
 os.chdir(repo_root())
 
-from structlora import paper, plots
-from structlora.claims import claim_from_test, collapse_status, write_claims
-from structlora.data import NUM_CLASSES
-from structlora.grid import RunSpec, run_grid
-from structlora.stats import compare_to_paper, paired_test, single_class_runs, single_class_table, summarize
+from structlora.repro import paper, plots
+from structlora.repro.claims import claim_from_test, collapse_status, write_claims
+from structlora.repro.assets.tasks import NUM_CLASSES
+from structlora.repro.grid import RunSpec, run_grid
+from structlora.repro.stats import compare_to_paper, paired_test, single_class_runs, single_class_table, summarize
 
 pd.set_option("display.width", 200)
 plots.setup_style()
@@ -122,7 +122,7 @@ else:
 # ### Runs that did not train (one predicted class for every test example)
 #
 # A run whose test macro-F1 is the constant-predictor value `2p/((1+p)K)` predicts one class
-# (`structlora.stats.single_class_runs`). A comparison in which every run of both methods did so tests
+# (`structlora.repro.stats.single_class_runs`). A comparison in which every run of both methods did so tests
 # the budget (e.g. a learning rate too large for that rank), not the methods: its verdict is
 # *inconclusive*, and the low-rank contrast leaves such ranks out.
 

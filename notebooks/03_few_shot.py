@@ -40,15 +40,15 @@ import numpy as np
 import pandas as pd
 from IPython.display import Markdown, display
 
-from structlora.reproduce import repo_root
+from structlora.repro.reproduce import repo_root
 
 os.chdir(repo_root())
 
-from structlora import paper, plots
-from structlora.claims import claim_from_test, collapse_status, write_claims
-from structlora.data import NUM_CLASSES
-from structlora.grid import RunSpec, run_grid
-from structlora.stats import compare_to_paper, paired_test, single_class_runs, single_class_table, summarize
+from structlora.repro import paper, plots
+from structlora.repro.claims import claim_from_test, collapse_status, write_claims
+from structlora.repro.assets.tasks import NUM_CLASSES
+from structlora.repro.grid import RunSpec, run_grid
+from structlora.repro.stats import compare_to_paper, paired_test, single_class_runs, single_class_table, summarize
 
 pd.set_option("display.width", 200)
 plots.setup_style()

@@ -41,7 +41,7 @@
 # its differences are put beside the paper's BoolQ (LLaMA-7B) differences; `smollm2-135m` on `boolq`
 # (≈3.7 s per step) is left to the gpu tier. Captioning is not run (no vision-language model offline).
 #
-# How each ablation is built (`structlora.methods`): *w/o IB filter* = `structlora_no_gate`
+# How each ablation is built (`structlora.repro.methods`): *w/o IB filter* = `structlora_no_gate`
 # (gate=None, hybrid graph), *w/o GNN* = `structlora_no_coord` (concrete gate, graph=None), *w/o both* =
 # peft `lora`; the GNN depth is `gnn_steps` T ∈ {1, 2, 3} and the graph `adjacency` / `similarity` /
 # `hybrid` (the default StructLoRA is T=1, hybrid); LoRA+Cos / LoRA+Lap are peft LoRA plus the static
@@ -57,17 +57,17 @@ import numpy as np
 import pandas as pd
 from IPython.display import Markdown, display
 
-from structlora.reproduce import repo_root
+from structlora.repro.reproduce import repo_root
 
 os.chdir(repo_root())  # relative paths below are relative to the repository (papermill and nbval alike)
 
 import matplotlib.pyplot as plt
 import seaborn as sns
 
-from structlora import paper, plots
-from structlora.claims import claim_from_test, write_claims
-from structlora.grid import RunSpec, run_grid
-from structlora.stats import paired_test, summarize
+from structlora.repro import paper, plots
+from structlora.repro.claims import claim_from_test, write_claims
+from structlora.repro.grid import RunSpec, run_grid
+from structlora.repro.stats import paired_test, summarize
 
 pd.set_option("display.width", 200)
 pd.set_option("display.max_columns", 40)
@@ -76,7 +76,7 @@ NB = "04_ablations"
 _T0, _C0 = time.perf_counter(), time.process_time()
 
 # %% [markdown]
-# ## The paper's numbers (transcribed in `structlora.paper`)
+# ## The paper's numbers (transcribed in `structlora.repro.paper`)
 
 # %%
 # NBVAL_CHECK_OUTPUT
@@ -419,7 +419,7 @@ fig;
 # ## Verdicts
 #
 # Every difference is paired over seeds (two-sided t-test, 95% CI of the mean difference) and judged by
-# `structlora.stats.verdict` against the paper's difference in the column our task stands in for. With
+# `structlora.repro.stats.verdict` against the paper's difference in the column our task stands in for. With
 # one seed there is no CI and the verdict is *inconclusive*. Claims:
 #
 # 1. Table 5: full − w/o IB filter, full − w/o GNN, full − LoRA are positive.

@@ -52,7 +52,7 @@ import pandas as pd
 import torch
 from IPython.display import Markdown, display
 
-from structlora.reproduce import repo_root
+from structlora.repro.reproduce import repo_root
 
 os.chdir(repo_root())  # relative paths below are relative to the repository (papermill and nbval alike)
 
@@ -61,11 +61,11 @@ import seaborn as sns
 from scipy import stats as sps
 from tqdm.auto import tqdm
 
-from structlora import paper, plots
-from structlora.claims import Claim, claim_from_test, format_diff, write_claims
-from structlora.engine import collate
-from structlora.grid import RunSpec, run_grid, train_spec
-from structlora.stats import paired_test, summarize, verdict
+from structlora.repro import paper, plots
+from structlora.repro.claims import Claim, claim_from_test, format_diff, write_claims
+from structlora.repro.engine import collate
+from structlora.repro.grid import RunSpec, run_grid, train_spec
+from structlora.repro.stats import paired_test, summarize, verdict
 
 pd.set_option("display.width", 200)
 pd.set_option("display.max_columns", 40)

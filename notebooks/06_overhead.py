@@ -57,18 +57,18 @@ import pandas as pd
 import torch
 from IPython.display import Markdown, display
 
-from structlora.reproduce import repo_root
+from structlora.repro.reproduce import repo_root
 
 os.chdir(repo_root())  # relative paths below are relative to the repository (papermill and nbval alike)
 
 import matplotlib.pyplot as plt
 import seaborn as sns
 
-from structlora import paper, plots
-from structlora.claims import Claim, format_diff, write_claims
-from structlora.engine import collate
-from structlora.grid import LOADERS, RunSpec, run_grid, train_spec
-from structlora.stats import paired_test, verdict
+from structlora.repro import paper, plots
+from structlora.repro.claims import Claim, format_diff, write_claims
+from structlora.repro.engine import collate
+from structlora.repro.grid import LOADERS, RunSpec, run_grid, train_spec
+from structlora.repro.stats import paired_test, verdict
 
 pd.set_option("display.width", 200)
 pd.set_option("display.max_columns", 40)
@@ -295,7 +295,7 @@ def logits_of(model) -> torch.Tensor:
     return torch.cat([model(**b).logits.float() for b in batches])
 
 
-report = sm.structlora_report()
+report = sm.structlora_report().to_pandas()
 ref_logits = logits_of(sm)
 with tempfile.TemporaryDirectory() as tmp:
     exact = sm.save_pretrained(f"{tmp}/exact")

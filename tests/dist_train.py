@@ -1,12 +1,12 @@
 """Toy models and tasks for the engine/grid tests, and the 2-process training script.
 
 As a script (``torchrun --nproc_per_node 2 tests/dist_train.py OUT_DIR``) it trains a tiny BERT with
-LoRA on a toy task with ``structlora.engine.train`` (gloo on CPU) and every rank saves its trainable
+LoRA on a toy task with ``structlora.repro.engine.train`` (gloo on CPU) and every rank saves its trainable
 parameters and metrics to ``OUT_DIR/rank<k>.pt``; ``tests/test_engine.py::test_two_processes`` checks
 that both ranks end identical.
 
-As a module it provides stand-ins with the documented interfaces of ``structlora.models``,
-``structlora.data`` and ``structlora.methods`` (``ToyTask``, ``ToyHandle``, ``ToyLoaded``), tiny
+As a module it provides stand-ins with the documented interfaces of ``structlora.repro.assets.models``,
+``structlora.repro.assets.tasks`` and ``structlora.repro.methods`` (``ToyTask``, ``ToyHandle``, ``ToyLoaded``), tiny
 models (BERT / Llama / ViT with peft LoRA) and learnable toy data sets in the encoded formats.
 """
 from __future__ import annotations
@@ -28,7 +28,7 @@ VOCAB = 32
 # ------------------------------------------------------------------------------------------ stand-ins
 @dataclass
 class ToyTask:
-    """Duck-typed ``structlora.data.TaskData``."""
+    """Duck-typed ``structlora.repro.assets.tasks.TaskData``."""
 
     name: str
     kind: str
@@ -46,7 +46,7 @@ class ToyTask:
 
 @dataclass
 class ToyHandle:
-    """Duck-typed ``structlora.methods.MethodHandle``."""
+    """Duck-typed ``structlora.repro.methods.MethodHandle``."""
 
     name: str
     model: nn.Module
@@ -60,7 +60,7 @@ class ToyHandle:
 
 @dataclass
 class ToyLoaded:
-    """Duck-typed ``structlora.models.LoadedModel``."""
+    """Duck-typed ``structlora.repro.assets.models.LoadedModel``."""
 
     name: str
     kind: str
@@ -198,7 +198,7 @@ def toy_image_data(n_train: int = 64, n_eval: int = 32, seed: int = 3) -> tuple[
 
 
 # ------------------------------------------------------------------------------------------ grid loaders
-# Stand-ins for structlora.grid.LOADERS (module-level so that spawned grid workers can import them).
+# Stand-ins for structlora.repro.grid.LOADERS (module-level so that spawned grid workers can import them).
 CALLS: dict[str, int] = {"load_task": 0, "load_model": 0, "build_method": 0}
 TOY_METHODS = ["lora", "skipme", "sensitivity_lora"]
 
@@ -227,7 +227,7 @@ def toy_build_method(name: str, loaded: ToyLoaded, rank: int = 8, seed: int = 0,
                      **kwargs: Any) -> ToyHandle:
     from peft import LoraConfig, get_peft_model
 
-    from structlora.methods import MethodSkipped
+    from structlora.repro.methods import MethodSkipped
 
     CALLS["build_method"] += 1
     if name == "skipme":
@@ -260,7 +260,7 @@ TOY_LOADERS = {"load_task": toy_load_task, "load_model": toy_load_model, "encode
 def dist_setup(world: int) -> tuple[ToyTask, DatasetDict, ToyHandle, Any]:
     """Task, data, a dropout-free toy BERT and the config whose 4 micro-batches per step are spread
     over ``world`` processes (``grad_accum = 4 // world``): the same arithmetic for any ``world``."""
-    from structlora.engine import TrainConfig
+    from structlora.repro.engine import TrainConfig
 
     task, enc = toy_seq_data(n_train=128, n_eval=32)
     handle = toy_handle(toy_bert(seed=0, dropout=0.0))
@@ -271,7 +271,7 @@ def dist_setup(world: int) -> tuple[ToyTask, DatasetDict, ToyHandle, Any]:
 def main(out_dir: str) -> None:
     """Train the toy BERT on the launched processes; each rank saves its parameters and metrics."""
     torch.set_num_threads(1)
-    from structlora.engine import train
+    from structlora.repro.engine import train
 
     rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
     task, enc, handle, cfg = dist_setup(world)

@@ -14,7 +14,7 @@ from peft import LoraConfig, get_peft_model
 
 from structlora import StructLoraConfig, get_structlora_model
 from structlora.coordinator import laplacian, normalized_adjacency
-from structlora.diagnostics import drift_energy, frob_inner, gram_matrix
+from structlora.lowrank import drift_energy, frob_inner, gram_matrix
 from toy import randomize_lora, tiny_bert, toy_batch
 
 TARGETS = ["query", "value"]
@@ -149,7 +149,7 @@ def test_concrete_gates_reach_exact_zeros_and_export_drops_them(tmp_path):
             gate.logits[:, :2] = 0.0
             gate.logits[:, 2:] = 6.0
     _train(sm, steps=12)
-    report = sm.structlora_report()
+    report = sm.structlora_report().to_pandas()
     assert (report["kept"] == 2).all(), report[["module", "kept"]]  # exact zeros, from the compression term alone
     summary = sm.save_pretrained(str(tmp_path / "adapter"))
     assert sum(summary["ranks"].values()) == report["kept"].sum()

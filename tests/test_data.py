@@ -1,4 +1,4 @@
-"""Tests of structlora.data on the real offline data (each test takes at most a few seconds)."""
+"""Tests of structlora.repro.assets.tasks on the real offline data (each test takes at most a few seconds)."""
 from __future__ import annotations
 
 import dataclasses
@@ -14,8 +14,8 @@ import datasets
 import numpy as np
 import pytest
 
-from structlora import data
-from structlora.data import MissingAssetError, column, encode, list_tasks, load_task, normalize_text
+from structlora.repro.assets import tasks as data
+from structlora.repro.assets.tasks import MissingAssetError, column, encode, list_tasks, load_task, normalize_text
 
 # train / validation / test sizes, as documented in docs/splits.md
 SIZES = {

@@ -1,4 +1,4 @@
-"""structlora.engine: learning, determinism, best-checkpoint selection, MC scoring, resume, 2 processes."""
+"""structlora.repro.engine: learning, determinism, best-checkpoint selection, MC scoring, resume, 2 processes."""
 from __future__ import annotations
 
 import os
@@ -13,7 +13,7 @@ import torch
 
 from dist_train import (dist_setup, toy_bert, toy_handle, toy_image_data, toy_llama, toy_mc_data, toy_seq_data,
                         toy_vit)
-from structlora.engine import (TrainConfig, batch_indices, collate, evaluate, load_trainable_state,
+from structlora.repro.engine import (TrainConfig, batch_indices, collate, evaluate, load_trainable_state,
                                score_choices, train, trainable_state)
 
 HERE = Path(__file__).resolve().parent
@@ -252,8 +252,8 @@ class _DieAt:
 def test_resume_is_exact_for_methods_with_state(method, seq, tmp_path):
     """The controllers' state (rank sampler, dropout masks, pruning masks + zeroed W0 rows, AdaLoRA
     importance) is checkpointed, so a killed-and-resumed run equals the uninterrupted one."""
-    from structlora.methods import build_method
-    from structlora.models import LoadedModel
+    from structlora.repro.methods import build_method
+    from structlora.repro.assets.models import LoadedModel
 
     task, enc = seq
     cfg = TrainConfig(lr=1e-2, batch_size=16, max_steps=10, eval_every=4, seed=5)

@@ -11,9 +11,9 @@ import torch
 from peft import LoraConfig, get_peft_model
 
 from structlora import StructLoraConfig, get_structlora_model
-from structlora.diagnostics import (cos_adj, cos_penalty, cosine_matrix, drift_energy, factors_by_family,
-                                    frob_inner, gradient_cosines, gram_matrix, laplacian_penalty,
-                                    singular_values, svd_factors, update_diagnostics)
+from structlora.diagnostics import factors_by_family, gradient_cosines, update_diagnostics
+from structlora.lowrank import (cos_adj, cos_penalty, cosine_matrix, drift_energy, frob_inner, gram_matrix,
+                                laplacian_penalty, singular_values, svd_factors)
 from toy import randomize_lora, tiny_bert, toy_batch
 
 
@@ -165,7 +165,7 @@ def test_update_diagnostics_on_plain_lora_and_structlora():
 
 def test_report_lists_every_module():
     sm = structured()
-    report = sm.structlora_report()
+    report = sm.structlora_report().to_pandas()
     assert len(report) == 8 and set(report["family"].str.rsplit(".", n=1).str[-1]) == {"query", "value"}
     assert (report["kept"] <= report["r"]).all() and (report["kept"] < report["r"]).any()
     _ = frob_inner  # exported name used by notebooks

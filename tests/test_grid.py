@@ -1,4 +1,4 @@
-"""structlora.grid with toy loaders: records, resumption, corrupt records, skips, errors, parallel runs."""
+"""structlora.repro.grid with toy loaders: records, resumption, corrupt records, skips, errors, parallel runs."""
 from __future__ import annotations
 
 import json
@@ -8,8 +8,8 @@ import torch
 
 import dist_train
 from dist_train import CALLS, TOY_LOADERS
-from structlora import grid
-from structlora.grid import RunSpec, load_records, read_record, record_path, run, run_grid
+from structlora.repro import grid
+from structlora.repro.grid import RunSpec, load_records, read_record, record_path, run, run_grid
 
 
 @pytest.fixture(autouse=True, scope="module")

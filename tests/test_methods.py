@@ -1,4 +1,4 @@
-"""The methods registry (structlora.methods) and our own baselines, on tiny random toy models.
+"""The methods registry (structlora.repro.methods) and our own baselines, on tiny random toy models.
 
 Everything here runs in a few seconds per test on 2 CPU cores: the toy models have hidden size 32 and
 2-3 layers. The registry-wide training sweep trains every method for a few dozen steps on a learnable
@@ -13,7 +13,7 @@ import pytest
 import torch
 from torch import nn
 
-from structlora.methods import (
+from structlora.repro.methods import (
     MethodHandle,
     MethodSkipped,
     build_method,
@@ -23,7 +23,7 @@ from structlora.methods import (
     list_methods,
     lora_param_count,
 )
-from structlora.models import LoadedModel
+from structlora.repro.assets.models import LoadedModel
 
 warnings.filterwarnings("ignore", category=UserWarning)
 warnings.filterwarnings("ignore", category=FutureWarning)
@@ -65,7 +65,7 @@ def _toy_llama() -> nn.Module:
 def _toy_vit(num_labels: int = 3) -> nn.Module:
     from timm.models.vision_transformer import VisionTransformer
 
-    from structlora.vit import ImageClassifier
+    from structlora.repro.assets.vit import ImageClassifier
 
     backbone = VisionTransformer(img_size=8, patch_size=4, in_chans=1, embed_dim=32, depth=2, num_heads=2,
                                  mlp_ratio=2, num_classes=5)
@@ -273,7 +273,7 @@ def test_lora_dropout_masks_resample_and_are_off_in_eval(encoder):
 
 
 def test_sensitivity_lora_allocates_the_uniform_budget(encoder):
-    from structlora.baselines.sensitivity_lora import allocate_ranks
+    from structlora.repro.methods.sensitivity_lora import allocate_ranks
 
     ranks = allocate_ranks({"a": 10.0, "b": 1.0, "c": 0.0}, total_rank=12)
     assert sum(ranks.values()) == 12 and min(ranks.values()) >= 1 and ranks["a"] > ranks["b"] >= ranks["c"]
@@ -335,7 +335,7 @@ def test_dylora_and_lora_dropout_keep_peft_merge_exact(encoder):
 
 
 def test_adapter_starts_as_identity_and_finds_sites(encoder, causal_lm, vit):
-    from structlora.baselines.adapter import find_adapter_sites
+    from structlora.repro.methods.adapter import find_adapter_sites
 
     handle = build_method("adapter", encoder, rank=RANK)
     batch = _toy_task(4, 0)

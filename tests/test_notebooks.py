@@ -137,21 +137,21 @@ def test_committed_ipynb_is_smoke_and_clean(stem):
 @pytest.mark.parametrize("stem", STEMS)
 def test_notebook_writes_claims_and_figure(stem):
     src = (NB_DIR / f"{stem}.py").read_text(encoding="utf-8")
-    assert "write_claims(" in src, f"{stem}: must end by writing its claims (structlora.claims.write_claims)"
+    assert "write_claims(" in src, f"{stem}: must end by writing its claims (structlora.repro.claims.write_claims)"
     assert "save_figure(" in src or "savefig(" in src, f"{stem}: must save a figure under results/figures/"
     assert "NBVAL_CHECK_OUTPUT" in src, f"{stem}: mark the deterministic cells with # NBVAL_CHECK_OUTPUT"
 
 
 # ------------------------------------------------------------------------------------------------ claims
 def _claim(i="a", tier="cpu", nb="01_x", verdict="inconclusive", **kw):
-    from structlora.claims import Claim
+    from structlora.repro.claims import Claim
 
     return Claim(claim_id=i, notebook=nb, claim="StructLoRA > LoRA", paper_value="+1.0", ours="+0.5",
                  ours_value=kw.get("ours_value", 0.5), ci_low=-1.0, ci_high=2.0, n=3, tier=tier, verdict=verdict)
 
 
 def test_claims_roundtrip_and_tiers(tmp_path):
-    from structlora.claims import build_ledger, read_claims, write_claims
+    from structlora.repro.claims import build_ledger, read_claims, write_claims
 
     p = write_claims("01_x", "cpu", [_claim("a"), _claim("b", verdict="reproduced")], root=tmp_path)
     assert p == tmp_path / "claims" / "01_x.cpu.json"
@@ -169,7 +169,7 @@ def test_claims_roundtrip_and_tiers(tmp_path):
 
 
 def test_claims_validation(tmp_path):
-    from structlora.claims import write_claims
+    from structlora.repro.claims import write_claims
 
     with pytest.raises(ValueError):
         _claim(verdict="great")
@@ -182,7 +182,7 @@ def test_claims_validation(tmp_path):
 
 
 def test_format_diff():
-    from structlora.claims import format_diff
+    from structlora.repro.claims import format_diff
 
     assert format_diff(0.8, 1.2, -1.1, 2.7) == "+0.8 ± 1.2 (95% CI [-1.1, 2.7])"
     assert format_diff(float("nan")) == "n/a"
@@ -191,7 +191,7 @@ def test_format_diff():
 
 # ------------------------------------------------------------------------------------------------- paper
 def test_paper_tables_match_printed_deltas():
-    from structlora import paper
+    from structlora.repro import paper
 
     # the "(+d)" printed in Tables 3/4 and the Δ column of Table 5
     printed3 = {"boolq": [2.3, 2.3, 2.2, 1.4, 0.9], "cifar100": [1.8, 2.5, 2.6, 1.5, 1.1],
@@ -214,9 +214,9 @@ def test_paper_tables_match_printed_deltas():
 
 
 def test_paper_methods_are_registered():
-    from structlora import paper
+    from structlora.repro import paper
 
-    methods = pytest.importorskip("structlora.methods")
+    methods = pytest.importorskip("structlora.repro.methods")
     known = set(methods.list_methods())
     assert set(paper.TABLE1) <= known
     assert set(paper.TABLE2) <= known
@@ -240,7 +240,7 @@ def _fake_repo(tmp_path: Path, cells: list[str], stem: str = "01_toy") -> Path:
 
 
 def test_plan_selects_and_reads_params(tmp_path):
-    from structlora.reproduce import plan
+    from structlora.repro.reproduce import plan
 
     root = _fake_repo(tmp_path, ["print(X)"])
     (root / "notebooks" / "02_other.py").write_text("# %%\nTIER = 'smoke'\n")
@@ -256,7 +256,7 @@ def test_plan_selects_and_reads_params(tmp_path):
 
 def test_reproduce_runs_resumes_and_reports_failures(tmp_path, capsys):
     pytest.importorskip("papermill")
-    from structlora.reproduce import run_all
+    from structlora.repro.reproduce import run_all
 
     root = _fake_repo(tmp_path, ["Y = X * 10", "print('Y is', Y)"])
     assert run_all("cpu", root=root, ledger=False) == 0

@@ -1,4 +1,4 @@
-"""structlora.stats: summaries, paired tests (vs scipy and by hand), every verdict branch, paper tables."""
+"""structlora.repro.stats: summaries, paired tests (vs scipy and by hand), every verdict branch, paper tables."""
 from __future__ import annotations
 
 import math
@@ -8,7 +8,7 @@ import pandas as pd
 import pytest
 from scipy import stats as st
 
-from structlora.stats import compare_to_paper, paired_test, summarize, verdict
+from structlora.repro.stats import compare_to_paper, paired_test, summarize, verdict
 
 
 def _frame(values: dict[str, list[float]], task: str = "sst2", seeds=None) -> pd.DataFrame:
@@ -125,7 +125,7 @@ def test_single_class_runs_reads_the_constant_predictor_signature():
     are not flagged. Checked against sklearn on actual predictions."""
     from sklearn.metrics import accuracy_score, f1_score
 
-    from structlora.stats import single_class_runs
+    from structlora.repro.stats import single_class_runs
 
     y = np.array([0] * 52 + [1] * 48 + [2] * 0)
     rng = np.random.default_rng(0)
@@ -144,7 +144,7 @@ def test_single_class_runs_reads_the_constant_predictor_signature():
 
 
 def test_single_class_table_counts_collapsed_runs_per_group():
-    from structlora.stats import single_class_table
+    from structlora.repro.stats import single_class_table
 
     df = pd.DataFrame({"task": ["a", "a", "a", "b", "b"], "method": ["x", "x", "y", "x", "x"],
                        "single_class": [True, False, False, True, True]})
@@ -158,7 +158,7 @@ def test_single_class_table_counts_collapsed_runs_per_group():
 
 
 def test_degenerate_claim_is_inconclusive_whatever_the_numbers():
-    from structlora.claims import claim_from_test
+    from structlora.repro.claims import claim_from_test
 
     test = {"diff_mean": 0.0, "ci_low": 0.0, "ci_high": 0.0, "p": 1.0, "n": 3, "diff_std": 0.0}
     plain = claim_from_test("c", "nb", "cpu", "x beats y", test, 2.0)

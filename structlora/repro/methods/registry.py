@@ -14,7 +14,7 @@ One name -> one builder with a uniform interface::
 Conventions shared by every builder:
 
 * ``loaded.model`` is deep-copied first (``inplace=True`` adapts it in place instead), so building
-  several methods from one :class:`~structlora.models.LoadedModel` never stacks adapters.
+  several methods from one :class:`~structlora.repro.assets.models.LoadedModel` never stacks adapters.
 * ``torch.manual_seed(seed)`` is called right before any new parameter is created.
 * the peft ``task_type`` follows ``loaded.kind``: ``SEQ_CLS`` for "seq-cls", ``CAUSAL_LM`` for "causal-lm",
   none for "image-cls". The classification head (seq-cls / image-cls) is trainable for every method
@@ -39,11 +39,11 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from .baselines import adapter as _adapter
-from .baselines.dylora import apply_dylora
-from .baselines.lora_dropout import apply_lora_dropout
-from .baselines.loraprune import apply_loraprune
-from .baselines.sensitivity_lora import (
+from . import adapter as _adapter
+from .dylora import apply_dylora
+from .lora_dropout import apply_lora_dropout
+from .loraprune import apply_loraprune
+from .sensitivity_lora import (
     allocate_ranks,
     estimate_sensitivity,
     rank_and_alpha_patterns,
@@ -53,7 +53,7 @@ from .baselines.sensitivity_lora import (
 if TYPE_CHECKING:  # pragma: no cover
     import pandas
 
-    from .models import LoadedModel
+    from ..assets.models import LoadedModel
 
 __all__ = [
     "BUDGET_POLICY",
@@ -444,7 +444,7 @@ _STRUCT_VARIANTS: dict[str, dict[str, Any]] = {
 
 
 def _build_structlora(name, loaded, model, rank, seed, total_steps, kw, heads):
-    from . import StructLoraConfig, get_structlora_model
+    from ... import StructLoraConfig, get_structlora_model
 
     defaults = {**_lora_defaults(loaded, model, rank, heads), "structlora_seed": seed, **_STRUCT_VARIANTS[name]}
     cfg = _config(StructLoraConfig, name, defaults, kw)

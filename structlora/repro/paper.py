@@ -2,7 +2,7 @@
 
 Transcribed by hand from ``/work/shared/paper/structlora-paper.txt``: Tables 1-7, 9 and 13. Nothing here
 is computed; the notebooks put these numbers beside ours. Method keys use the names of
-:func:`structlora.methods.list_methods` (``"lora"``, ``"structlora"``, ``"sensitivity_lora"``, ...);
+:func:`structlora.repro.methods.list_methods` (``"lora"``, ``"structlora"``, ``"sensitivity_lora"``, ...);
 column keys are lower-case dataset ids. Accuracy in %, CIDEr as printed.
 
 ``PAPER_TASK`` says which paper column each of OUR tasks is compared with (our models are small offline

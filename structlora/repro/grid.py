@@ -8,7 +8,7 @@
   JSON, lacks keys, has another schema or was written for another spec is reported with a warning and
   recomputed, never read as a result. An interrupted run resumes from ``results_dir/<key>.ckpt/``
   (``engine.train``'s checkpoint, written at every evaluation and deleted once the record exists).
-* A method that cannot run here (``structlora.methods.MethodSkipped``) gives a record with status
+* A method that cannot run here (``structlora.repro.methods.MethodSkipped``) gives a record with status
   ``"skipped"`` and the reason: never silently dropped.
 * Configuration errors (unknown method, a task whose ``model_kind`` is not the model's kind) are
   raised before any training.
@@ -39,6 +39,7 @@ from typing import TYPE_CHECKING, Any, Callable, NamedTuple, Sequence
 
 import torch
 
+from .._io import atomic_write_json
 from . import engine
 
 if TYPE_CHECKING:
@@ -72,19 +73,19 @@ CALIBRATION_BATCHES = 4  # train batches handed to methods that calibrate (sensi
 
 # --------------------------------------------------------------------------------------------- loaders
 def _load_task(name: str, fraction: float = 1.0, seed: int = 0) -> Any:
-    from .data import load_task
+    from .assets.tasks import load_task
 
     return load_task(name, fraction, seed)
 
 
 def _load_model(name: str, task: str | None = None, num_labels: int | None = None, seed: int = 0) -> Any:
-    from .models import load_model
+    from .assets.models import load_model
 
     return load_model(name, task=task, num_labels=num_labels, seed=seed)
 
 
 def _encode(task: Any, tokenizer: Any, max_length: int) -> Any:
-    from .data import encode
+    from .assets.tasks import encode
 
     return encode(task, tokenizer, max_length)
 
@@ -103,7 +104,7 @@ def _list_methods() -> list[str]:
 
 
 def _update_diagnostics(model: torch.nn.Module) -> dict[str, float]:
-    from .diagnostics import update_diagnostics
+    from ..diagnostics import update_diagnostics
 
     return update_diagnostics(model)
 
@@ -285,16 +286,6 @@ def read_record(path: str | Path, spec: RunSpec | None = None) -> dict[str, Any]
     return record
 
 
-def _write_json_atomic(obj: Any, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=1, sort_keys=True, default=str)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def _versions() -> dict[str, str]:
     from importlib import metadata
 
@@ -305,7 +296,7 @@ def _versions() -> dict[str, str]:
         except metadata.PackageNotFoundError:
             out[pkg] = "unknown"
     try:
-        from . import __version__
+        from .. import __version__
 
         out["structlora"] = __version__
     except Exception:  # pragma: no cover
@@ -439,7 +430,7 @@ def train_spec(spec: RunSpec, results_dir: str | Path | None = "results/runs", p
             train_config=result.config, notes=getattr(handle, "notes", ""))
     record["finished_at"] = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
     if results_dir is not None and _is_main_process():
-        _write_json_atomic(record, record_path(spec, results_dir))
+        atomic_write_json(record_path(spec, results_dir), record)
         if ckpt is not None and ckpt.exists():
             shutil.rmtree(ckpt, ignore_errors=True)
     return TrainedRun(record, handle, task, encoded, loaded)

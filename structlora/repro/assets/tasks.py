@@ -30,7 +30,8 @@ import datasets
 import numpy as np
 import pyarrow as pa
 
-from structlora._cache import cache_dir
+from ..._io import atomic_dir
+from ..cache import cache_dir
 
 __all__ = [
     "TaskData",
@@ -355,7 +356,7 @@ def _fmnist_root() -> Path:
 
 
 def _read_fmnist_fallback(split: str) -> tuple[np.ndarray, np.ndarray]:
-    """Used only when ``structlora.vit`` (which has the same reader) cannot be imported."""
+    """Used only when ``structlora.repro.assets.vit`` (which has the same reader) cannot be imported."""
     prefix = {"train": "train", "test": "t10k"}[split]
 
     def read(path: Path, offset: int) -> np.ndarray:
@@ -373,7 +374,7 @@ def _fmnist_reader() -> tuple[Callable[[str], tuple[np.ndarray, np.ndarray]], fl
             f"Fashion-MNIST is missing from {_fmnist_root()}; install the Debian package: "
             "`apt-get update && apt-get install -y dataset-fashion-mnist` (or run `make setup` as root)")
     try:
-        from structlora.vit import FMNIST_MEAN, FMNIST_STD, read_fashion_mnist
+        from .vit import FMNIST_MEAN, FMNIST_STD, read_fashion_mnist
     except ImportError:
         return _read_fmnist_fallback, 0.2860, 0.3530
     return read_fashion_mnist, FMNIST_MEAN, FMNIST_STD
@@ -400,7 +401,7 @@ def _build_fmnist_transfer() -> tuple[dict[str, datasets.Dataset], str, dict[str
     read, mean, std = _fmnist_reader()
     names = FMNIST_CLASSES[5:]
     splits = {}
-    x_tr, y_tr = (np.asarray(a) for a in read("train"))  # structlora.vit returns torch tensors
+    x_tr, y_tr = (np.asarray(a) for a in read("train"))  # structlora.repro.assets.vit returns torch tensors
     pool = np.nonzero(y_tr >= 5)[0]
     parts = _split_indices(y_tr[pool], None, {"validation": 1000, "train_subset": 5000})
     for split, key in (("train", "train_subset"), ("validation", "validation")):
@@ -625,10 +626,6 @@ def encode(task: TaskData, tokenizer: Any, max_length: int) -> datasets.DatasetD
     if not (final / "dataset_dict.json").exists():
         encoded = datasets.DatasetDict({s: _encode_split(task, getattr(task, s), tokenizer, max_length)
                                         for s in SPLITS})
-        tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=root))
-        encoded.save_to_disk(str(tmp))
-        try:
-            os.rename(tmp, final)  # atomic; fails if another process finished first
-        except OSError:
-            shutil.rmtree(tmp, ignore_errors=True)
+        with atomic_dir(final) as tmp:
+            encoded.save_to_disk(str(tmp))
     return datasets.load_from_disk(str(final))

@@ -26,6 +26,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
+from .._io import atomic_write
+
 __all__ = ["TIERS", "NotebookJob", "discover", "plan", "run_all", "main"]
 
 TIERS = ("smoke", "cpu", "gpu")
@@ -203,9 +205,8 @@ def clean_executed(src: Path, dst: Path) -> None:
             cell.metadata.pop(k, None)
         if "tags" in cell.metadata and not cell.metadata["tags"]:
             del cell.metadata["tags"]
-    tmp = dst.with_name(f".{dst.name}.tmp")
-    nbformat.write(nb, tmp)
-    os.replace(tmp, dst)
+    text = nbformat.writes(nb)
+    atomic_write(dst, text if text.endswith("\n") else text + "\n")
 
 
 def run_all(tier: str = "cpu", only: Sequence[str] | None = None, force: bool = False, keep_going: bool = False,

@@ -28,6 +28,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..._io import atomic_dir
+from ..cache import cache_dir
+
 __all__ = [
     "FMNIST_CLASSES",
     "FMNIST_DIR",
@@ -153,7 +156,6 @@ class PretrainRecipe:
 
 def default_vit_dir() -> Path:
     """Where ``pretrain_vit`` caches vit-tiny-fmnist by default."""
-    from structlora._cache import cache_dir
     return cache_dir("models") / _NAME
 
 
@@ -180,7 +182,6 @@ def pretrain_vit(force: bool = False, *, n_images: int = PretrainRecipe.n_images
     if not force and _read_meta(out, recipe) is not None:
         return out
 
-    from structlora.models import _atomic_dir  # lazy: models imports this module lazily too
     t0 = time.time()
     images, labels = read_fashion_mnist("train")
     test_images, test_labels = read_fashion_mnist("test")
@@ -199,7 +200,7 @@ def pretrain_vit(force: bool = False, *, n_images: int = PretrainRecipe.n_images
         tqdm.write(f"vit-tiny-fmnist: test accuracy on classes 0-4 = {accuracy:.4f} ({n_eval} images), {seconds:.0f} s")
 
     from safetensors.torch import save_file
-    with _atomic_dir(out) as tmp:
+    with atomic_dir(out) as tmp:
         save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp / _WEIGHTS))
         import timm
         meta = {
@@ -294,11 +295,11 @@ def load_pretrained_vit(path: str | Path | None = None) -> tuple[nn.Module, dict
     path = Path(path) if path is not None else pretrain_vit()
     meta = _read_meta(path)
     if meta is None:
-        raise FileNotFoundError(f"no pretrained vit-tiny-fmnist under {path} (run structlora.vit.pretrain_vit())")
+        raise FileNotFoundError(f"no pretrained vit-tiny-fmnist under {path} (run structlora.repro.assets.vit.pretrain_vit())")
     digest = _sha256(path / _WEIGHTS)
     if digest != meta["sha256"]:
         raise ValueError(f"{path / _WEIGHTS} is corrupted (sha256 {digest} != {meta['sha256']} in meta.json); "
-                         "rebuild it with structlora.vit.pretrain_vit(force=True)")
+                         "rebuild it with structlora.repro.assets.vit.pretrain_vit(force=True)")
     model = build_vit(meta["config"]["num_classes"])
     model.load_state_dict(load_file(str(path / _WEIGHTS)), strict=True)
     return model.eval(), meta
