@@ -26,7 +26,7 @@ test-slow: setup
 	$(PY) -m pytest -q -m slow tests
 
 reproduce: setup
-	$(PY) -m structlora reproduce --tier $(TIER) $(if $(ONLY),--only $(ONLY))
+	$(PY) -m structlora reproduce --tier $(TIER) $(if $(ONLY),--only $(ONLY)) $(if $(RETRAIN),--retrain)
 
 bench: setup
 	$(PY) benchmarks/overhead.py

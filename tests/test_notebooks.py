@@ -280,3 +280,113 @@ def test_cli_help():
     r = subprocess.run([sys.executable, "-m", "structlora", "reproduce", "--help"], capture_output=True, text=True,
                        cwd=ROOT, timeout=120)
     assert r.returncode == 0 and "--tier" in r.stdout and "--only" in r.stdout and "--force" in r.stdout
+
+
+# ------------------------------------------------------------------------------------------ Colab cell
+_INSTALL_MARK = 'importlib.util.find_spec("structlora") is None'
+
+
+def _first_code_cell(stem: str) -> str:
+    nb = jupytext.read(NB_DIR / f"{stem}.py")
+    return next(c.source for c in nb.cells if c.cell_type == "code")
+
+
+def test_every_notebook_starts_with_the_same_install_cell():
+    cells = {stem: _first_code_cell(stem) for stem in STEMS}
+    assert all(_INSTALL_MARK in c for c in cells.values()), [s for s, c in cells.items() if _INSTALL_MARK not in c]
+    assert len(set(cells.values())) == 1, "the install cells of the notebooks differ"
+
+
+def test_install_cell_is_a_no_op_where_structlora_is_importable(tmp_path: Path):
+    code = _first_code_cell(STEMS[0]) + "\nimport os\nprint(os.getcwd())\n"
+    res = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.strip() == str(tmp_path) and res.stderr == ""   # no chdir, nothing printed
+    assert list(tmp_path.iterdir()) == []                              # nothing cloned or written
+
+
+def test_install_cell_installs_where_structlora_is_missing(tmp_path: Path):
+    """Without site-packages (``-S``) structlora is not importable: the cell goes for the clone."""
+    code = _first_code_cell(STEMS[0])
+    env = {**os.environ, "STRUCTLORA_REPO": str(tmp_path / "no-such-repo"), "GIT_TERMINAL_PROMPT": "0"}
+    res = subprocess.run([sys.executable, "-S", "-c", code], cwd=tmp_path, capture_output=True, text=True,
+                         timeout=60, env=env)
+    assert res.returncode != 0 and "no-such-repo" in res.stderr, res.stderr
+
+
+# ------------------------------------------------------------------------- params and deterministic copies
+def test_a_mistyped_or_missing_parameter_fails_before_any_run(tmp_path):
+    from structlora.repro.reproduce import plan
+
+    root = _fake_repo(tmp_path, ["print(X)"])
+    pfile = root / "params" / "cpu" / "01_toy.yml"
+    pfile.write_text("TIER: cpu\nXX: 2\n")  # XX for X
+    with pytest.raises(SystemExit) as e:
+        plan("cpu", root=root)
+    msg = str(e.value)
+    assert "01_toy.yml" in msg and "unknown parameter 'XX'" in msg and "did you mean 'X'" in msg
+    assert "missing parameter 'X'" in msg
+    pfile.write_text("TIER: cpu\n")
+    with pytest.raises(SystemExit, match="missing parameter 'X'"):
+        plan("cpu", root=root)
+
+
+def test_every_committed_params_file_matches_its_notebook():
+    from structlora.repro.reproduce import plan
+
+    for tier in ("cpu", "gpu"):
+        assert len(plan(tier, root=ROOT)) == len(STEMS)  # raises SystemExit on an unknown / missing key
+
+
+def test_executed_copies_are_deterministic_and_carry_no_machine_paths(tmp_path):
+    import nbformat
+
+    from structlora.repro.reproduce import clean_executed
+
+    home = str(Path.home())
+    nb = nbformat.v4.new_notebook()
+    cell = nbformat.v4.new_code_cell("x = 1")
+    cell.outputs = [
+        nbformat.v4.new_output("stream", name="stderr", text=(
+            f"{ROOT}/.venv/lib/python3.11/site-packages/x.py:3: FutureWarning: old\n  warnings.warn(\n")),
+        nbformat.v4.new_output("stream", name="stderr", text=" 50%|#####     | 1/2 [00:01<00:01]\r"),
+        nbformat.v4.new_output("stream", name="stderr", text="\n[transformers] X LOAD REPORT from: /a/b\n"
+                               "Key | Status\nclassifier.bias | MISSING\n\nNotes:\n- MISSING: new\n"),
+        nbformat.v4.new_output("stream", name="stdout", text=f"wrote {ROOT}/results/figures/a.png\n"),
+        nbformat.v4.new_output("display_data", data={"application/vnd.jupyter.widget-view+json": {"model_id": "ab"},
+                                                     "text/plain": "  3%|"}),
+        nbformat.v4.new_output("stream", name="stderr", text="a real error message\n"),
+    ]
+    nb.cells = [cell]
+    nb.metadata["papermill"] = {"start_time": "2026-12-01T00:00:00", "parameters": {"X": 2},
+                                "input_path": f"{home}/tmp/x.ipynb"}
+    src = tmp_path / "in.ipynb"
+    nbformat.write(nb, src)
+    clean_executed(src, tmp_path / "a.ipynb", ROOT, marker={"status": "ok"})
+    clean_executed(src, tmp_path / "b.ipynb", ROOT, marker={"status": "ok"})
+    a = (tmp_path / "a.ipynb").read_text()
+    assert a == (tmp_path / "b.ipynb").read_text()
+    assert str(ROOT) not in a and home not in a and "Warning" not in a and "LOAD REPORT" not in a
+    assert "widget-view" not in a and "50%" not in a and "2026-12-01" not in a
+    out = json.loads(a)
+    texts = ["".join(o["text"]) for o in out["cells"][0]["outputs"]]
+    assert texts == ["wrote results/figures/a.png\n", "a real error message\n"]   # errors and results stay
+    assert out["cells"][0]["id"] == "cell-000" and out["metadata"]["structlora"]["parameters"] == {"X": 2}
+
+
+def test_reproduce_says_what_it_serves_and_how_to_retrain(tmp_path, capsys):
+    pytest.importorskip("papermill")
+    from structlora.repro.reproduce import run_all
+
+    root = _fake_repo(tmp_path, ["Y = X * 10"])
+    runs = root / "results" / "runs"
+    runs.mkdir(parents=True)
+    for i in range(3):
+        (runs / f"run{i}.json").write_text("{}")
+    (runs / ".run0.json.123.tmp").write_text("")
+    assert run_all("cpu", root=root, ledger=False) == 0
+    out = capsys.readouterr().out
+    assert "serving 3 run record(s) from results/runs" in out and "--retrain" in out
+    first = (root / "results" / "executed" / "01_toy.cpu.ipynb").read_bytes()
+    assert run_all("cpu", root=root, ledger=False, force=True) == 0
+    assert (root / "results" / "executed" / "01_toy.cpu.ipynb").read_bytes() == first  # same bytes on a re-run

@@ -25,6 +25,7 @@ from .._io import atomic_write
 
 __all__ = [
     "setup_style",
+    "stripplot",
     "figure_path",
     "save_figure",
     "method_bars",
@@ -67,6 +68,17 @@ def setup_style(context: str = "notebook") -> None:
     sns.set_theme(context=context, style="whitegrid", palette="deep")
     plt.rcParams.update({"figure.dpi": 100, "savefig.dpi": 120, "figure.autolayout": False,
                          "axes.titlesize": "medium", "svg.hashsalt": "structlora"})
+
+
+def stripplot(*, seed: int = 0, **kwargs) -> plt.Axes:
+    """``seaborn.stripplot`` with its jitter drawn from a seeded generator, so a re-run draws the same
+    points and `save_figure` writes the same bytes (seaborn jitters with numpy's global RNG)."""
+    state = np.random.get_state()
+    np.random.seed(seed)
+    try:
+        return sns.stripplot(**kwargs)
+    finally:
+        np.random.set_state(state)
 
 
 def figure_path(notebook: str, name: str, tier: str, root: str | os.PathLike = "results") -> Path:
@@ -121,7 +133,7 @@ def method_bars(df: pd.DataFrame, metric: str = "test_accuracy", *, x: str = "me
         present = [m for m in order if m in set(sub[x])]
         sns.barplot(data=sub, x=x, y="_y", hue=x, order=present, hue_order=present, palette=pal, errorbar="sd",
                     ax=ax, legend=False, alpha=0.85, capsize=0.15, err_kws={"linewidth": 1.0})
-        sns.stripplot(data=sub, x=x, y="_y", order=present, color="black", size=3, ax=ax, jitter=0.15)
+        stripplot(data=sub, x=x, y="_y", order=present, color="black", size=3, ax=ax, jitter=0.15)
         if paper is not None and len(paper):
             pp = paper if p is None else paper[paper[col] == p]
             pos = {m: k for k, m in enumerate(present)}

@@ -7,18 +7,28 @@ parameters cell), into ``results/executed/<notebook>.<tier>.ipynb``, then builds
 
 * The jupytext ``.py`` file is the source of truth: when a notebook has one, it is converted in memory
   and executed (so an ``.ipynb`` that was not re-synced can never run stale code).
-* Resuming: the training engine caches every finished run under the notebook's ``results_dir``, so an
-  interrupted job picks up where it stopped. A notebook whose executed copy finished without error, is
-  newer than its source and parameter file, and was run with the same parameters, is skipped unless
-  ``--force``.
+* Parameters are checked before anything runs: a key of a params file that the notebook's parameters
+  cell does not define (a typo such as ``SEED`` for ``SEEDS``), or a parameter the file leaves out,
+  stops the job naming the key, the file and the close match.
+* Resuming: the training engine caches every finished run as a JSON record under the notebook's
+  ``RESULTS_DIR``; the job says up front how many records it serves, so a re-run re-executes the
+  notebooks from them in minutes (``--retrain`` recomputes every run instead). A notebook whose executed
+  copy finished without error from the same source, parameters file and parameters (sha256) is
+  skipped unless ``--force``.
+* Executed copies are deterministic: fixed cell ids, no timestamps or absolute paths, no library
+  warnings or progress bars (those stay live-only), so a re-run from the same records rewrites
+  nothing that is committed.
 * A failing cell stops the job (``--keep-going`` runs the remaining notebooks first) with the notebook
   name, the cell number, the first line of its source, the error and the path of the executed copy;
   the exit code is non-zero.
 """
 from __future__ import annotations
 
+import difflib
+import hashlib
 import json
 import os
+import re
 import sys
 import tempfile
 import time
@@ -75,6 +85,47 @@ def _select(found: list[tuple[str, Path]], only: Sequence[str] | None) -> list[t
     return chosen
 
 
+def notebook_parameters(source: Path) -> dict[str, Any]:
+    """The names (and literal smoke values) assigned in the notebook's ``parameters`` cell."""
+    import ast
+
+    if source.suffix == ".py":
+        import jupytext
+
+        nb = jupytext.read(source)
+    else:
+        import nbformat
+
+        nb = nbformat.read(source, as_version=4)
+    cells = [c for c in nb.cells if c.cell_type == "code" and "parameters" in c.metadata.get("tags", [])]
+    if len(cells) != 1:
+        raise SystemExit(f"{source}: expected exactly one cell tagged 'parameters', found {len(cells)}")
+    names: dict[str, Any] = {}
+    for node in ast.parse(cells[0].source).body:
+        targets = node.targets if isinstance(node, ast.Assign) else [node.target] if isinstance(node, ast.AnnAssign) else []
+        for t in targets:
+            if isinstance(t, ast.Name):
+                try:
+                    names[t.id] = ast.literal_eval(node.value) if node.value is not None else None
+                except ValueError:
+                    names[t.id] = None
+    return names
+
+
+def check_params(stem: str, params_file: Path, params: dict[str, Any], names: dict[str, Any]) -> None:
+    """Fail before any run when ``params`` has a key the notebook does not define, or lacks one it does."""
+    unknown = [k for k in params if k not in names]
+    missing = [k for k in names if k not in params and k != "TIER"]
+    problems = []
+    for k in unknown:
+        close = difflib.get_close_matches(k, list(names), n=1)
+        problems.append(f"unknown parameter {k!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
+    for k in missing:
+        problems.append(f"missing parameter {k!r} (the notebook's smoke value would run silently)")
+    if problems:
+        raise SystemExit(f"{params_file}: " + "; ".join(problems) + f". Notebook {stem} defines: {', '.join(names)}")
+
+
 def load_params(path: Path) -> dict[str, Any]:
     import yaml
 
@@ -105,6 +156,7 @@ def plan(tier: str, only: Sequence[str] | None = None, root: Path | None = None,
                 raise SystemExit(f"missing parameter file {pfile.relative_to(root)} for notebook {stem} "
                                  f"(tier {tier}); every notebook needs one per non-smoke tier")
             params = load_params(pfile)
+            check_params(stem, pfile, params, notebook_parameters(src))
         if params.get("TIER", tier) != tier:
             raise SystemExit(f"{pfile}: TIER is {params['TIER']!r} but the job runs tier {tier!r}")
         if tier != "smoke":  # smoke: the notebook's own parameters cell, nothing injected
@@ -120,20 +172,23 @@ def _sources(job: NotebookJob) -> list[Path]:
     return [p for p in paths if p.exists()]
 
 
+def sources_sha256(job: NotebookJob) -> str:
+    """sha256 over the notebook source, its params file and the parameters (what decides its outputs)."""
+    h = hashlib.sha256()
+    for p in _sources(job):
+        h.update(p.read_bytes())
+    h.update(json.dumps(job.parameters, sort_keys=True, default=str).encode())
+    return h.hexdigest()
+
+
 def up_to_date(job: NotebookJob) -> bool:
-    """Executed copy exists, finished without error, is newer than the sources, same parameters."""
-    out = job.output
-    if not out.exists():
-        return False
-    if any(p.stat().st_mtime > out.stat().st_mtime for p in _sources(job)):
-        return False
+    """The executed copy finished without error from the same sources and parameters (by sha256, not
+    by file times, which a fresh clone resets)."""
     try:
-        meta = json.loads(out.read_text(encoding="utf-8")).get("metadata", {}).get("papermill", {})
+        meta = json.loads(job.output.read_text(encoding="utf-8")).get("metadata", {}).get("structlora", {})
     except (OSError, json.JSONDecodeError):
         return False
-    if meta.get("exception") or meta.get("end_time") is None:
-        return False
-    return meta.get("parameters", {}) == json.loads(json.dumps(job.parameters))
+    return meta.get("status") == "ok" and meta.get("sources_sha256") == sources_sha256(job)
 
 
 def _input_notebook(job: NotebookJob, tmpdir: Path) -> Path:
@@ -143,10 +198,17 @@ def _input_notebook(job: NotebookJob, tmpdir: Path) -> Path:
 
         nb = jupytext.read(job.source)
         nb.metadata.setdefault("kernelspec", {"name": "python3", "display_name": "Python 3", "language": "python"})
-        path = tmpdir / f"{job.stem}.ipynb"
-        jupytext.write(nb, path)
-        return path
-    return job.source
+    else:
+        import nbformat
+
+        nb = nbformat.read(job.source, as_version=4)
+    for i, cell in enumerate(nb.cells):  # jupytext draws random ids: fixed ones keep executed copies diffable
+        cell["id"] = f"cell-{i:03d}"
+    path = tmpdir / f"{job.stem}.ipynb"
+    import nbformat
+
+    nbformat.write(nb, path)
+    return path
 
 
 def _describe_failure(job: NotebookJob, err: BaseException) -> str:
@@ -181,6 +243,9 @@ def run_job(job: NotebookJob, root: Path, cell_progress: bool = True, log_output
                 log_output=log_output, cwd=str(root), request_save_on_cell_execute=True,
             )
             job.status = "ok"
+            clean_executed(job.output, job.output, root,
+                           marker={"status": "ok", "tier": job.parameters.get("TIER", "smoke"),
+                                   "sources_sha256": sources_sha256(job)})
         except BaseException as err:  # noqa: BLE001 - reported, then re-raised as a job failure
             job.status = "failed"
             job.message = _describe_failure(job, err)
@@ -191,34 +256,133 @@ def run_job(job: NotebookJob, root: Path, cell_progress: bool = True, log_output
 
 
 _VOLATILE_CELL_META = ("papermill", "execution", "ExecuteTime")
+_WIDGET = "application/vnd.jupyter.widget-view+json"
+_WARNING = re.compile(r"^\S+:\d+: \w*Warning: ")
+_PROGRESS = re.compile(r"\r|\d+%\|")
 
 
-def clean_executed(src: Path, dst: Path) -> None:
-    """Copy an executed notebook to ``dst`` without volatile metadata (papermill timings, execution
-    timestamps, empty tag lists), so the committed smoke-tier ``.ipynb`` diffs only where outputs change."""
+def strip_noise(text: str) -> str:
+    """stderr text without what is not a result: python warnings (``file:line: XWarning: message`` and
+    the source line below it), transformers' load report (a fresh classification head is "MISSING", as
+    expected) and text progress bars."""
+    lines, out, i = text.splitlines(keepends=True), [], 0
+    while i < len(lines):
+        ln = lines[i]
+        if "LOAD REPORT" in ln:
+            i += 1
+            while i < len(lines) and not lines[i].startswith("Notes:"):
+                i += 1
+            i += 1
+            while i < len(lines) and lines[i].startswith("- "):
+                i += 1
+            continue
+        if _WARNING.match(ln):
+            for k in range(i + 1, min(i + 6, len(lines))):
+                if lines[k].startswith("  "):
+                    i = k
+                    break
+            i += 1
+            continue
+        if not _PROGRESS.search(ln):
+            out.append(ln)
+        i += 1
+    return "".join(out) if "".join(out).strip() else ""
+
+
+def _clean_outputs(outputs: list, root: Path) -> list:
+    kept = []
+    prefixes = sorted({str(root.resolve()) + os.sep, str(root) + os.sep, str(Path.home()) + os.sep}, key=len,
+                      reverse=True)
+
+    def rel(text: str) -> str:
+        for p in prefixes:
+            text = text.replace(p, "")
+        return text
+
+    for out in outputs:
+        if out.get("output_type") == "stream":
+            text = out.get("text", "")
+            if out.get("name") == "stderr":
+                text = strip_noise(text)
+            out["text"] = rel(text)
+            if not out["text"].strip():
+                continue
+        elif "data" in out:
+            if _WIDGET in out["data"]:
+                continue  # a live progress bar: its state is not saved, its text fallback is a timing
+            for mime, val in list(out["data"].items()):
+                if isinstance(val, str) and mime.startswith("text/"):
+                    out["data"][mime] = rel(val)
+        elif out.get("output_type") == "error":
+            out["traceback"] = [rel(t) for t in out.get("traceback", [])]
+        kept.append(out)
+    return kept
+
+
+def clean_executed(src: Path, dst: Path, root: Path | None = None, marker: dict[str, Any] | None = None) -> None:
+    """Copy an executed notebook to ``dst`` without volatile content: papermill timings and paths,
+    execution timestamps, widget state, library warnings and progress bars on stderr, the machine's
+    absolute paths (made relative to the repository), empty tag lists. ``marker`` is stored as
+    ``metadata.structlora`` (what `up_to_date` reads). A re-run from the same records and sources thus
+    writes the same bytes."""
     import nbformat
 
+    root = root or repo_root()
     nb = nbformat.read(src, as_version=4)
-    nb.metadata.pop("papermill", None)
-    for cell in nb.cells:
+    pm_meta = nb.metadata.pop("papermill", {}) or {}
+    nb.metadata.pop("widgets", None)
+    if marker is not None:
+        nb.metadata["structlora"] = {**marker, "parameters": pm_meta.get("parameters", {})}
+    for i, cell in enumerate(nb.cells):
+        cell["id"] = f"cell-{i:03d}"
         for k in _VOLATILE_CELL_META:
             cell.metadata.pop(k, None)
         if "tags" in cell.metadata and not cell.metadata["tags"]:
             del cell.metadata["tags"]
+        if cell.cell_type == "code":
+            cell.outputs = _clean_outputs(cell.outputs, root)
     text = nbformat.writes(nb)
     atomic_write(dst, text if text.endswith("\n") else text + "\n")
 
 
+RETRAIN_ENV = "STRUCTLORA_RETRAIN"
+
+
+def count_records(folder: Path) -> int:
+    """Finished run records (``<key>.json``) in a results folder."""
+    return sum(1 for p in folder.glob("*.json") if not p.name.startswith(".")) if folder.is_dir() else 0
+
+
+def announce(tier: str, jobs: list[NotebookJob], root: Path, retrain: bool) -> str:
+    """What the job is about to do: the notebooks, the run records it serves, how to retrain."""
+    folders = sorted({str(j.parameters.get("RESULTS_DIR", "results/smoke/runs" if tier == "smoke" else "results/runs"))
+                      for j in jobs})
+    n = sum(count_records(root / f) for f in folders)
+    lines = [f"structlora reproduce: tier {tier}, {len(jobs)} notebook(s): {', '.join(j.stem for j in jobs)}"]
+    if retrain:
+        lines.append(f"  --retrain: every run is trained again ({n} existing record(s) in {', '.join(folders)} "
+                     f"are recomputed and overwritten); see params/{tier}/*.yml for the expected times")
+    else:
+        lines.append(f"  serving {n} run record(s) from {', '.join(folders)}: finished runs are read back, not "
+                     "retrained; only runs without a record train")
+        lines.append("  to retrain every run from scratch: python -m structlora reproduce --retrain "
+                     f"--tier {tier} (or make reproduce RETRAIN=1)")
+    return "\n".join(lines)
+
+
 def run_all(tier: str = "cpu", only: Sequence[str] | None = None, force: bool = False, keep_going: bool = False,
             ledger: bool = True, log_output: bool = False, root: Path | None = None,
-            update_notebooks: bool = False) -> int:
+            update_notebooks: bool = False, retrain: bool = False) -> int:
     """Run the notebooks of ``tier``; returns the process exit code (0 = all ok)."""
     from tqdm.auto import tqdm
 
     root = root or repo_root()
     results = root / "results"
     jobs = plan(tier, only, root, results)
-    print(f"structlora reproduce: tier {tier}, {len(jobs)} notebook(s): {', '.join(j.stem for j in jobs)}", flush=True)
+    print(announce(tier, jobs, root, retrain), flush=True)
+    if retrain:
+        os.environ[RETRAIN_ENV] = "1"  # read by grid.run_grid in the notebooks' kernels
+        force = True
     t_all = time.perf_counter()
     failed = False
     bar = tqdm(jobs, desc=f"reproduce [{tier}]", unit="nb", position=0, dynamic_ncols=True)
@@ -236,7 +400,7 @@ def run_all(tier: str = "cpu", only: Sequence[str] | None = None, force: bool = 
             tqdm.write(f"[ok]   {job.stem}: {job.wall_s / 60:.1f} min -> {job.output.relative_to(root)}")
             if update_notebooks:
                 dst = root / "notebooks" / f"{job.stem}.ipynb"
-                clean_executed(job.output, dst)
+                clean_executed(job.output, dst, root)
                 tqdm.write(f"       updated {dst.relative_to(root)} with the {tier}-tier outputs")
         else:
             failed = True
@@ -273,7 +437,10 @@ def add_arguments(p) -> None:
     p.add_argument("--only", action="append", metavar="NB",
                    help="run only notebooks whose name starts with NB (e.g. 02 or 02_rank_sweep); repeatable, "
                         "comma-separated lists accepted")
-    p.add_argument("--force", action="store_true", help="rerun notebooks whose executed copy is up to date")
+    p.add_argument("--force", action="store_true", help="re-execute notebooks whose executed copy is up to date "
+                   "(finished runs are still read back from their records)")
+    p.add_argument("--retrain", action="store_true", help="train every run again, ignoring and overwriting the "
+                   "committed run records (hours on the cpu tier: see params/<tier>/*.yml); implies --force")
     p.add_argument("--keep-going", action="store_true", help="run the remaining notebooks after a failure")
     p.add_argument("--no-ledger", action="store_true", help="do not rebuild results/CLAIMS.md at the end")
     p.add_argument("--log-output", action="store_true", help="stream the notebooks' cell output to the terminal")
@@ -286,4 +453,5 @@ def main(args) -> int:
     if args.update_notebooks and args.tier != "smoke":
         raise SystemExit("--update-notebooks: the committed notebooks carry smoke-tier outputs only (use --tier smoke)")
     return run_all(tier=args.tier, only=args.only, force=args.force, keep_going=args.keep_going,
-                   ledger=not args.no_ledger, log_output=args.log_output, update_notebooks=args.update_notebooks)
+                   ledger=not args.no_ledger, log_output=args.log_output, update_notebooks=args.update_notebooks,
+                   retrain=args.retrain)
