@@ -38,6 +38,23 @@ same seed gives the same numbers on CPU, and an interrupted run resumed from its
 the same parameters as an uninterrupted one. State a method keeps outside parameters, buffers and the
 optimizer is checkpointed only when ``handle.controller`` offers ``state_dict()`` / ``load_state_dict()``
 (otherwise, e.g. an importance estimate kept in Python, a resumed run restarts it from its built state).
+The similarity-capture state of a model with ``families`` (``structlora.model.StructLoraModel``:
+``capturing``, ``captured``, ``sketches`` of each family) is checkpointed too, so a run killed inside a
+capture window resumes exactly.
+
+A checkpoint is tied to its run: ``train(..., run_id=...)`` stores ``run_id`` (the grid passes the
+spec key) and the configuration; a checkpoint that cannot be read, has another format, another
+``run_id`` or another configuration is reported with a warning naming its path, deleted, and the run
+starts afresh. The cost of a resumed run covers all its processes: training time and timed steps are
+summed over sessions through the checkpoint and ``peak_mem_mb`` is the maximum over sessions
+(``cost_partial`` is True only when a checkpoint did not carry them).
+
+Divergence
+----------
+Every optimizer step checks that the loss and every trainable gradient are finite (before clipping)
+and, after the step and ``on_step``, every trainable parameter; the first non-finite value raises
+``DivergedError`` naming the step and the parameter (``history`` so far attached). Finite-ness is
+checked with one device synchronisation per step.
 """
 from __future__ import annotations
 
@@ -48,6 +65,7 @@ import random
 import resource
 import sys
 import time
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -71,6 +89,7 @@ __all__ = [
     "trainable_state",
     "load_trainable_state",
     "PeakMemory",
+    "DivergedError",
 ]
 
 log = logging.getLogger(__name__)
@@ -78,13 +97,44 @@ log = logging.getLogger(__name__)
 _CLS_KINDS = ("seq-cls", "image-cls")
 _MC_KIND = "multiple-choice"
 _CKPT_NAME = "state.pt"
-_CKPT_FORMAT = 1
+_CKPT_FORMAT = 2  # 2: run_id, cumulative cost, similarity-capture state
 # Fields that must agree between a checkpoint and the run resuming from it.
 _RESUME_KEYS = ("lr", "batch_size", "max_steps", "eval_every", "warmup_ratio", "weight_decay", "seed",
                 "grad_accum", "max_grad_norm", "betas")
 
 
 # --------------------------------------------------------------------------------------------- config
+def _check_real(name: str, value: Any) -> None:
+    """``value`` is a finite real number (not a bool), else ``ValueError`` naming ``name``."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ValueError(f"TrainConfig.{name} must be a finite number, got {value!r}")
+
+
+def _check_int(name: str, value: Any, minimum: int | None) -> None:
+    """``value`` is an int (not a bool) >= ``minimum`` (when given), else ``ValueError`` naming ``name``."""
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise ValueError(f"TrainConfig.{name} must be an int, got {value!r}")
+    if minimum is not None and value < minimum:
+        raise ValueError(f"TrainConfig.{name} must be >= {minimum}, got {value!r}")
+
+
+class DivergedError(FloatingPointError):
+    """A non-finite loss, gradient or parameter stopped training.
+
+    ``step`` is the optimizer step (1-based) at which it was found, ``quantity`` one of ``"loss"``,
+    ``"gradient"``, ``"parameter"``, ``name`` the parameter's name (None for the loss) and ``history``
+    the evaluations before it.
+    """
+
+    def __init__(self, step: int, quantity: str, name: str | None, history: list[dict[str, float]] | None = None,
+                 value: float | None = None) -> None:
+        where = f" of {name!r}" if name else ""
+        shown = f" ({value})" if value is not None else ""
+        super().__init__(f"diverged at step {step}: non-finite {quantity}{where}{shown}")
+        self.step, self.quantity, self.name = step, quantity, name
+        self.history = list(history or [])
+
+
 @dataclass
 class TrainConfig:
     """Hyper-parameters of one training run.
@@ -110,15 +160,28 @@ class TrainConfig:
     betas: tuple[float, float] = (0.9, 0.999)
 
     def __post_init__(self) -> None:
+        for name in ("lr", "warmup_ratio", "weight_decay"):
+            _check_real(name, getattr(self, name))
         if self.lr <= 0:
-            raise ValueError(f"lr must be > 0, got {self.lr}")
+            raise ValueError(f"TrainConfig.lr must be > 0, got {self.lr}")
         for name in ("batch_size", "max_steps", "grad_accum", "eval_batch_size"):
-            if int(getattr(self, name)) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+            _check_int(name, getattr(self, name), 1)
+        _check_int("seed", self.seed, 0)
+        _check_int("eval_every", self.eval_every, None)
         if not 0.0 <= self.warmup_ratio < 1.0:
-            raise ValueError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
-        if self.max_eval_examples is not None and self.max_eval_examples < 1:
-            raise ValueError(f"max_eval_examples must be None or >= 1, got {self.max_eval_examples}")
+            raise ValueError(f"TrainConfig.warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
+        if self.weight_decay < 0:
+            raise ValueError(f"TrainConfig.weight_decay must be >= 0, got {self.weight_decay}")
+        if self.max_eval_examples is not None:
+            _check_int("max_eval_examples", self.max_eval_examples, 1)
+        if self.max_grad_norm is not None:
+            _check_real("max_grad_norm", self.max_grad_norm)
+            if self.max_grad_norm <= 0:
+                raise ValueError(f"TrainConfig.max_grad_norm must be None or > 0, got {self.max_grad_norm}")
+        if len(tuple(self.betas)) != 2:
+            raise ValueError(f"TrainConfig.betas must be two numbers, got {self.betas!r}")
+        for b in self.betas:
+            _check_real("betas", b)
         self.betas = tuple(float(b) for b in self.betas)  # type: ignore[assignment]
 
     @property
@@ -133,9 +196,11 @@ class TrainResult:
 
     ``history`` has one dict per evaluation: ``step``, ``loss`` (mean training loss since the previous
     evaluation), ``lr`` and ``val_<metric>`` for every validation metric. ``wall_time_s`` is the whole
-    run (summed over resumed sessions), ``steps_per_s`` the optimizer steps of this session over their
-    training time (evaluations excluded). ``peak_mem_mb`` is described by ``peak_mem_kind``
-    (see ``PeakMemory``).
+    run (summed over resumed sessions), ``steps_per_s`` the optimizer steps over their training time
+    (evaluations excluded), both summed over all sessions of a resumed run (``train_steps``,
+    ``train_time_s``, ``eval_time_s``); ``peak_mem_mb`` (described by ``peak_mem_kind``, see
+    ``PeakMemory``) is the maximum over sessions. ``sessions`` counts the processes that worked on the
+    run; ``cost_partial`` is True when some session's cost is unknown (a checkpoint without it).
     """
 
     best_step: int
@@ -149,6 +214,9 @@ class TrainResult:
     train_time_s: float = 0.0
     eval_time_s: float = 0.0
     resumed_from: int | None = None
+    train_steps: int = 0
+    sessions: int = 1
+    cost_partial: bool = False
     world_size: int = 1
     metric: str = ""
     config: dict[str, Any] = field(default_factory=dict)
@@ -646,7 +714,7 @@ def _better(score: float, best: float | None, greater: bool) -> bool:
 
 def train(handle: Any, task: Any, encoded: Mapping[str, Any], cfg: TrainConfig, tokenizer: Any | None = None,
           checkpoint_dir: str | Path | None = None, progress: bool = True, progress_leave: bool = True,
-          desc: str | None = None) -> TrainResult:
+          desc: str | None = None, run_id: str | None = None) -> TrainResult:
     """Fine-tune ``handle.model`` on ``encoded["train"]`` and report test metrics at the best validation step.
 
     ``handle`` is a ``structlora.repro.methods.MethodHandle`` (``model``; optional ``extra_loss()`` added to
@@ -655,7 +723,9 @@ def train(handle: Any, task: Any, encoded: Mapping[str, Any], cfg: TrainConfig, 
     ``task`` supplies ``kind``, ``metric`` and ``compute_metrics``. The selection metric is
     ``task.metric``, higher is better unless ``task.greater_is_better`` is False. Evaluation happens
     every ``cfg.eval_every`` steps (``<= 0``: only at the end) and after the last step.
-    ``progress`` shows one tqdm bar (main process only) with the running loss.
+    ``progress`` shows one tqdm bar (main process only) with the running loss. ``run_id`` ties the
+    checkpoint to one run (a checkpoint of another run is discarded, see the module docstring).
+    Raises ``DivergedError`` at the first non-finite loss, gradient or parameter.
     """
     kind = task.kind
     if kind not in _CLS_KINDS + (_MC_KIND,):
@@ -696,10 +766,11 @@ def train(handle: Any, task: Any, encoded: Mapping[str, Any], cfg: TrainConfig, 
 
     step, history, best_state, best_step, best_val, best_score = 0, [], None, 0, {}, None
     prior_wall, resumed_from = 0.0, None
+    prior = {"train_time_s": 0.0, "eval_time_s": 0.0, "train_steps": 0, "peak_mem_mb": 0.0, "sessions": 0,
+             "cost_partial": False}
     ckpt_path = Path(checkpoint_dir) / _CKPT_NAME if checkpoint_dir is not None else None
-    if ckpt_path is not None and ckpt_path.exists():
-        ck = torch.load(ckpt_path, map_location="cpu", weights_only=False)
-        _check_resume(ck, cfg, dist.world, ckpt_path)
+    ck = _load_checkpoint(ckpt_path, cfg, dist, run_id) if ckpt_path is not None else None
+    if ck is not None:
         load_trainable_state(model, ck["model"])
         optimizer.load_state_dict(ck["optimizer"])
         scheduler.load_state_dict(ck["scheduler"])
@@ -708,6 +779,8 @@ def train(handle: Any, task: Any, encoded: Mapping[str, Any], cfg: TrainConfig, 
         ctl = _controller(handle)
         if ctl is not None and ck.get("controller") is not None:
             ctl.load_state_dict(ck["controller"])
+        _set_capture_state(model, ck.get("capture"))
+        prior.update(ck.get("cost") or {"cost_partial": True})
         step, history, best_state = ck["step"], ck["history"], ck["best_state"]
         best_step, best_val, best_score = ck["best_step"], ck["best_val"], ck["best_score"]
         prior_wall, resumed_from = ck["wall_time_s"], ck["step"]
@@ -744,6 +817,7 @@ def train(handle: Any, task: Any, encoded: Mapping[str, Any], cfg: TrainConfig, 
                 step_loss += loss.detach().double() * weight
             sync()
             step_loss = dist.mean_(step_loss)
+            _check_step_finite(step + 1, step_loss, named, history)
             if cfg.max_grad_norm is not None:
                 torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
             optimizer.step()
@@ -752,6 +826,7 @@ def train(handle: Any, task: Any, encoded: Mapping[str, Any], cfg: TrainConfig, 
             steps_this_session += 1
             if on_step is not None:
                 on_step(step, cfg.max_steps)
+            _check_params_finite(step, named, history)
             loss_value = float(step_loss)
             window_loss, window_n = window_loss + loss_value, window_n + 1
             ema = loss_value if ema is None else 0.9 * ema + 0.1 * loss_value
@@ -780,10 +855,16 @@ def train(handle: Any, task: Any, encoded: Mapping[str, Any], cfg: TrainConfig, 
                     bar.set_postfix(loss=f"{ema:.4f}", **{f"val_{metric}": f"{score:.4f}"}, refresh=False)
                 if ckpt_path is not None:
                     ctl = _controller(handle)
+                    cost = {"train_time_s": prior["train_time_s"] + train_time,
+                            "eval_time_s": prior["eval_time_s"] + eval_time,
+                            "train_steps": prior["train_steps"] + steps_this_session,
+                            "peak_mem_mb": max(prior["peak_mem_mb"], mem.peak_mb()),
+                            "sessions": prior["sessions"] + 1, "cost_partial": prior["cost_partial"]}
                     _save_checkpoint(ckpt_path, dist, cfg, step, model, optimizer, scheduler, history,
                                      best_state, best_step, best_val, best_score,
                                      prior_wall + time.perf_counter() - t_start,
-                                     ctl.state_dict() if ctl is not None else None)
+                                     ctl.state_dict() if ctl is not None else None,
+                                     run_id=run_id, cost=cost, capture=_capture_state(model))
     finally:
         bar.close()
 
@@ -794,10 +875,15 @@ def train(handle: Any, task: Any, encoded: Mapping[str, Any], cfg: TrainConfig, 
                     _dist=dist) if test_ds is not None else {}
     eval_time += time.perf_counter() - t1
     wall = prior_wall + time.perf_counter() - t_start
+    total_train = prior["train_time_s"] + train_time
+    total_steps = int(prior["train_steps"]) + steps_this_session
     return TrainResult(
         best_step=best_step, val_metrics=dict(best_val), test_metrics=test, history=history, wall_time_s=wall,
-        peak_mem_mb=mem.peak_mb(), steps_per_s=steps_this_session / train_time if train_time > 0 else 0.0,
-        peak_mem_kind=mem.kind, train_time_s=train_time, eval_time_s=eval_time, resumed_from=resumed_from,
+        peak_mem_mb=max(float(prior["peak_mem_mb"]), mem.peak_mb()),
+        steps_per_s=total_steps / total_train if total_train > 0 else 0.0,
+        peak_mem_kind=mem.kind, train_time_s=total_train, eval_time_s=prior["eval_time_s"] + eval_time,
+        resumed_from=resumed_from, train_steps=total_steps, sessions=int(prior["sessions"]) + 1,
+        cost_partial=bool(prior["cost_partial"]) or total_steps != step,
         world_size=dist.world, metric=metric, config=_config_dict(cfg))
 
 
@@ -815,32 +901,152 @@ def _config_dict(cfg: TrainConfig) -> dict[str, Any]:
     return d
 
 
-def _check_resume(ck: Mapping[str, Any], cfg: TrainConfig, world: int, path: Path) -> None:
+def _non_finite(t: torch.Tensor) -> bool:
+    return not bool(torch.isfinite(t).all())
+
+
+def _check_step_finite(step: int, loss: torch.Tensor, named: list[tuple[str, nn.Parameter]],
+                       history: list[dict[str, float]]) -> None:
+    """Raise ``DivergedError`` when the step's loss or a trainable gradient is not finite.
+
+    One synchronisation: the flags of all gradients are stacked and read once; the offending
+    parameter is looked up only on failure.
+    """
+    grads = [(n, p.grad) for n, p in named if p.grad is not None]
+    flags = torch.stack([torch.isfinite(loss).all().to(loss.device)] +
+                        [torch.isfinite(g).all().to(loss.device) for _, g in grads])
+    if bool(flags.all()):
+        return
+    if not bool(flags[0]):
+        bad = next((n for n, g in grads if _non_finite(g)), None)
+        raise DivergedError(step, "loss", None, history, float(loss)) if bad is None else \
+            _diverged_with(step, "loss", float(loss), bad, history)
+    name = next(n for (n, g), ok in zip(grads, flags[1:].tolist()) if not ok)
+    raise DivergedError(step, "gradient", name, history)
+
+
+def _diverged_with(step: int, quantity: str, value: float, grad_name: str,
+                   history: list[dict[str, float]]) -> DivergedError:
+    err = DivergedError(step, quantity, None, history, value)
+    err.name = grad_name
+    err.args = (f"{err.args[0]}; first non-finite gradient: {grad_name!r}",)
+    return err
+
+
+def _check_params_finite(step: int, named: list[tuple[str, nn.Parameter]], history: list[dict[str, float]]) -> None:
+    """Raise ``DivergedError`` naming the first trainable parameter that is not finite."""
+    flags = torch.stack([torch.isfinite(p.detach()).all().to(named[0][1].device) for _, p in named])
+    if bool(flags.all()):
+        return
+    name = next(n for (n, _), ok in zip(named, flags.tolist()) if not ok)
+    raise DivergedError(step, "parameter", name, history)
+
+
+# --------------------------------------------------------------------------------------------- capture state
+_CAPTURE_FIELDS = ("capturing", "captured", "sketches")
+
+
+def _family_owners(model: nn.Module) -> list[tuple[str, Any]]:
+    """The (name, module) pairs of ``model`` that carry a ``families`` list (StructLoRA models)."""
+    return [(n, m) for n, m in model.named_modules() if isinstance(getattr(m, "families", None), list)]
+
+
+def _capture_state(model: nn.Module) -> dict[str, list[dict[str, Any]]] | None:
+    """The similarity-capture fields of every family (CPU copies), or None when the model has none."""
+    owners = _family_owners(model)
+    if not owners:
+        return None
+    out: dict[str, list[dict[str, Any]]] = {}
+    for name, owner in owners:
+        out[name] = []
+        for fam in owner.families:
+            entry = {}
+            for f in _CAPTURE_FIELDS:
+                value = getattr(fam, f, None)
+                entry[f] = value.detach().to("cpu", copy=True) if isinstance(value, torch.Tensor) else value
+            out[name].append(entry)
+    return out
+
+
+def _set_capture_state(model: nn.Module, state: Mapping[str, Sequence[Mapping[str, Any]]] | None) -> None:
+    """Restore what ``_capture_state`` saved (tensors go back to the family's device)."""
+    if not state:
+        return
+    owners = dict(_family_owners(model))
+    for name, entries in state.items():
+        owner = owners.get(name)
+        if owner is None or len(owner.families) != len(entries):
+            raise KeyError(f"checkpointed capture state of {name!r} does not match the model's families")
+        for fam, entry in zip(owner.families, entries):
+            for f in _CAPTURE_FIELDS:
+                value = entry.get(f)
+                if isinstance(value, torch.Tensor):
+                    device = fam.A(0).device if callable(getattr(fam, "A", None)) else value.device
+                    value = value.to(device)
+                setattr(fam, f, value)
+
+
+# --------------------------------------------------------------------------------------------- checkpoint
+def _check_resume(ck: Any, cfg: TrainConfig, world: int, run_id: str | None) -> str | None:
+    """Why checkpoint ``ck`` cannot be resumed by this run (None when it can)."""
+    if not isinstance(ck, dict):
+        return f"not a checkpoint ({type(ck).__name__})"
     if ck.get("format") != _CKPT_FORMAT:
-        raise ValueError(f"{path}: unknown checkpoint format {ck.get('format')!r}; delete it to start afresh")
+        return f"unknown checkpoint format {ck.get('format')!r} (expected {_CKPT_FORMAT})"
+    if ck.get("run_id") != run_id:
+        return f"written by another run ({ck.get('run_id')!r}, this run is {run_id!r})"
     mine, theirs = _config_dict(cfg), ck.get("config", {})
     diff = {k: (theirs.get(k), mine[k]) for k in _RESUME_KEYS if theirs.get(k) != mine[k]}
     if diff:
-        raise ValueError(f"{path} was written by a run with a different configuration "
-                         f"(checkpoint vs now: {diff}); delete it or use another checkpoint_dir")
-    if ck.get("world_size", 1) != world:
-        log.warning("%s: written with %d process(es), resuming with %d (dropout RNG streams differ)",
-                    path, ck.get("world_size", 1), world)
+        return f"written by a run with a different configuration (checkpoint vs now: {diff})"
+    return None
+
+
+def _load_checkpoint(path: Path, cfg: TrainConfig, dist: _Dist, run_id: str | None) -> dict[str, Any] | None:
+    """The checkpoint at ``path`` when this run can resume from it, else None.
+
+    A checkpoint that cannot be read or belongs to another run/configuration is reported with a
+    warning naming ``path`` and deleted (by the main process), so that the run restarts.
+    """
+    if not path.exists():
+        return None
+    try:
+        ck = torch.load(path, map_location="cpu", weights_only=False)
+        problem = _check_resume(ck, cfg, dist.world, run_id)
+    except Exception as exc:  # truncated, garbage, pickled from another code version, ...
+        ck, problem = None, f"unreadable ({type(exc).__name__}: {exc})"
+    if problem is None:
+        if ck.get("world_size", 1) != dist.world:
+            log.warning("%s: written with %d process(es), resuming with %d (dropout RNG streams differ)",
+                        path, ck.get("world_size", 1), dist.world)
+        return ck
+    warnings.warn(f"discarding checkpoint {path}: {problem}; the run starts afresh", stacklevel=3)
+    dist.barrier()
+    if dist.is_main:
+        try:
+            path.unlink()
+        except OSError:
+            pass
+    dist.barrier()
+    return None
 
 
 def _save_checkpoint(path: Path, dist: _Dist, cfg: TrainConfig, step: int, model: nn.Module,
                      optimizer: torch.optim.Optimizer, scheduler: Any, history: list, best_state: Any,
                      best_step: int, best_val: dict, best_score: float | None, wall: float,
-                     controller_state: Any = None) -> None:
+                     controller_state: Any = None, *, run_id: str | None = None,
+                     cost: Mapping[str, Any] | None = None, capture: Any = None) -> None:
+    """Write the resumable state with ``atomic_write`` (temporary file, fsync, ``os.replace``)."""
     rngs = dist.gather_objects(_rng_state())
     if dist.is_main:
         path.parent.mkdir(parents=True, exist_ok=True)
         state = {
-            "format": _CKPT_FORMAT, "config": _config_dict(cfg), "step": step, "world_size": dist.world,
-            "model": trainable_state(model), "optimizer": optimizer.state_dict(),
+            "format": _CKPT_FORMAT, "run_id": run_id, "config": _config_dict(cfg), "step": step,
+            "world_size": dist.world, "model": trainable_state(model), "optimizer": optimizer.state_dict(),
             "scheduler": scheduler.state_dict(), "rng": rngs, "history": history, "best_state": best_state,
             "best_step": best_step, "best_val": best_val, "best_score": best_score, "wall_time_s": wall,
-            "controller": controller_state,
+            "controller": controller_state, "cost": dict(cost) if cost is not None else None,
+            "capture": capture,
         }
         atomic_write(path, lambda f: torch.save(state, f))
     dist.barrier()

@@ -10,6 +10,21 @@
   (``engine.train``'s checkpoint, written at every evaluation and deleted once the record exists).
 * A method that cannot run here (``structlora.repro.methods.MethodSkipped``) gives a record with status
   ``"skipped"`` and the reason: never silently dropped.
+* A run whose loss, gradients or parameters stop being finite (``engine.DivergedError``) gives a record
+  with status ``"diverged"``, the error (step and parameter) in ``error`` and empty metrics. Like a skip
+  it is a finished run (read back, not retrained, unless ``force``); it is never a result: statuses are
+  the closed set ``STATUSES`` = ok / skipped / diverged, and only ``"ok"`` records carry metrics, which
+  ``read_record`` checks (present, finite, accuracy-like ones in [0, 1]). ``load_records`` returns only
+  ``"ok"`` records unless asked otherwise; ``run_grid``'s frame keeps every status (filter on
+  ``status == "ok"``, as the notebooks and ``stats`` do).
+* Cost fields (``wall_time_s``, ``steps_per_s``, ``peak_mem_mb``) cover all the processes of a resumed
+  run; ``cost_is_complete(record)`` says whether they can be trusted (False for old records of resumed
+  runs, whose costs covered only the last process).
+* Concurrency: each run is trained under a lock (``<record>.lock``, ``filelock``). ``run_grid`` tries
+  every lock without waiting and leaves runs that another process holds for the end, where it waits
+  for their records, so several grids on one folder share the work. Under ``torchrun`` (an initialised
+  process group) no lock is taken: all ranks must train the same runs. Stale temporary files
+  (``structlora._io.clean_stale_tmp``) and checkpoint folders of finished runs are removed.
 * Configuration errors (unknown method, a task whose ``model_kind`` is not the model's kind) are
   raised before any training.
 * ``train_spec(spec)`` is ``run`` for notebooks that need the trained model: it always trains and
@@ -37,9 +52,13 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, NamedTuple, Sequence
 
-import torch
+import math
+import time
 
-from .._io import atomic_write_json
+import torch
+from filelock import FileLock, Timeout
+
+from .._io import atomic_write_json, clean_stale_tmp
 from . import engine
 
 if TYPE_CHECKING:
@@ -57,6 +76,9 @@ __all__ = [
     "read_record",
     "record_path",
     "records_to_frame",
+    "cost_is_complete",
+    "clean_results_dir",
+    "STATUSES",
 ]
 
 log = logging.getLogger(__name__)
@@ -67,7 +89,16 @@ RECORD_KEYS = frozenset({
     "wall_time_s", "peak_mem_mb", "steps_per_s", "history", "diagnostics", "versions", "git_commit",
     "hostname", "device", "finished_at", "schema",
 })
-STATUSES = ("ok", "skipped")
+STATUSES = ("ok", "skipped", "diverged")
+"""Closed set of record statuses: a result (``ok``), a method that cannot run here (``skipped``, with
+``skip_reason``), a run stopped by a non-finite loss/gradient/parameter (``diverged``, with ``error``)."""
+# Metrics whose value must lie in a range (others only need to be finite numbers).
+METRIC_RANGES: dict[str, tuple[float, float]] = {
+    "accuracy": (0.0, 1.0), "acc_norm": (0.0, 1.0), "f1": (0.0, 1.0), "precision": (0.0, 1.0),
+    "recall": (0.0, 1.0), "matthews_correlation": (-1.0, 1.0), "mcc": (-1.0, 1.0), "pearson": (-1.0, 1.0),
+    "spearmanr": (-1.0, 1.0),
+}
+_STALE_S = 3600.0  # temporary files / orphan checkpoints older than this are removed
 CALIBRATION_BATCHES = 4  # train batches handed to methods that calibrate (sensitivity_lora)
 
 
@@ -139,6 +170,19 @@ def _freeze(value: Any) -> Any:
     return value
 
 
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _check_finite_kwarg(name: str, value: Any) -> None:
+    """A NaN/inf method keyword would train nonsense and never equal itself (a key that cannot match)."""
+    if isinstance(value, tuple):
+        for v in value:
+            _check_finite_kwarg(name, v)
+    elif isinstance(value, float) and not math.isfinite(value):
+        raise ValueError(f"RunSpec.method_kwargs[{name!r}] must be finite, got {value!r}")
+
+
 def _thaw(value: Any) -> Any:
     return [_thaw(v) for v in value] if isinstance(value, tuple) else value
 
@@ -171,21 +215,25 @@ class RunSpec:
         for name in ("task", "model", "method"):
             if not isinstance(getattr(self, name), str) or not getattr(self, name):
                 raise ValueError(f"RunSpec.{name} must be a non-empty string, got {getattr(self, name)!r}")
-        for name in ("rank", "max_steps", "batch_size", "max_length", "grad_accum"):
+        for name, minimum in (("rank", 1), ("max_steps", 1), ("batch_size", 1), ("max_length", 1),
+                              ("grad_accum", 1), ("seed", 0), ("eval_every", 0)):
             value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"RunSpec.{name} must be an int >= 1, got {value!r}")
+            if not _is_int(value) or value < minimum:
+                raise ValueError(f"RunSpec.{name} must be an int >= {minimum}, got {value!r}")
+        if self.max_eval_examples is not None and (not _is_int(self.max_eval_examples) or self.max_eval_examples < 1):
+            raise ValueError(f"RunSpec.max_eval_examples must be None or an int >= 1, got {self.max_eval_examples!r}")
         for name in ("fraction", "lr"):  # 1 and 1.0 must give the same key
-            if isinstance(getattr(self, name), bool) or not isinstance(getattr(self, name), (int, float)):
-                raise ValueError(f"RunSpec.{name} must be a number, got {getattr(self, name)!r}")
-            object.__setattr__(self, name, float(getattr(self, name)))
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise ValueError(f"RunSpec.{name} must be a finite number, got {value!r}")
+            object.__setattr__(self, name, float(value))
         if not 0 < self.fraction <= 1:
             raise ValueError(f"RunSpec.fraction must be in (0, 1], got {self.fraction!r}")
         if self.lr <= 0:
             raise ValueError(f"RunSpec.lr must be > 0, got {self.lr!r}")
-        if self.max_eval_examples is not None and self.max_eval_examples < 1:
-            raise ValueError(f"RunSpec.max_eval_examples must be None or >= 1, got {self.max_eval_examples!r}")
         pairs = tuple(sorted((str(k), _freeze(v)) for k, v in dict(self.method_kwargs).items()))
+        for k, v in pairs:
+            _check_finite_kwarg(k, v)
         object.__setattr__(self, "method_kwargs", pairs)
 
     @classmethod
@@ -240,6 +288,50 @@ def _checkpoint_dir(spec: RunSpec, results_dir: str | Path) -> Path:
     return Path(results_dir) / f"{spec.key()}.ckpt"
 
 
+def _number_problem(where: str, value: Any, lo: float | None = None, hi: float | None = None) -> str | None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        return f"{where} is not a finite number ({value!r})"
+    if lo is not None and hi is not None and not lo <= value <= hi:
+        return f"{where} = {value!r} is outside [{lo:g}, {hi:g}]"
+    return None
+
+
+def _metrics_problem(split: str, metrics: Any, required: bool) -> str | None:
+    if not isinstance(metrics, dict):
+        return f"metrics[{split!r}] is not a dict"
+    if required and not metrics:
+        return f"metrics[{split!r}] is empty"
+    for name, value in metrics.items():
+        problem = _number_problem(f"metrics[{split!r}][{name!r}]", value, *METRIC_RANGES.get(name, (None, None)))
+        if problem:
+            return problem
+    return None
+
+
+def _ok_problem(record: dict[str, Any]) -> str | None:
+    """Why an ``"ok"`` record's results cannot be used (None when they can)."""
+    metrics = record["metrics"]
+    if not isinstance(metrics, dict):
+        return "metrics is not a dict"
+    problem = (_metrics_problem("validation", metrics.get("validation"), required=False)
+               or _metrics_problem("test", metrics.get("test"), required=True))
+    if problem:
+        return problem
+    if not isinstance(record["history"], list):
+        return "history is not a list"
+    for i, entry in enumerate(record["history"]):
+        if not isinstance(entry, dict):
+            return f"history[{i}] is not a dict"
+        problem = _number_problem(f"history[{i}]['loss']", entry.get("loss"))
+        if problem:
+            return problem
+    for key in ("wall_time_s", "peak_mem_mb", "steps_per_s"):
+        problem = _number_problem(key, record[key], 0.0, math.inf)
+        if problem:
+            return problem
+    return None
+
+
 def _validate(record: Any, spec: RunSpec | None) -> str | None:
     """Why ``record`` cannot be used (None when it is a valid record of ``spec``)."""
     if not isinstance(record, dict):
@@ -249,13 +341,20 @@ def _validate(record: Any, spec: RunSpec | None) -> str | None:
         return f"missing keys {sorted(missing)}"
     if record["schema"] != SCHEMA:
         return f"schema {record['schema']!r} != {SCHEMA}"
-    if record["status"] not in STATUSES:
-        return f"unknown status {record['status']!r}"
-    if record["status"] == "ok":
-        metrics = record["metrics"]
-        if not (isinstance(metrics, dict) and isinstance(metrics.get("validation"), dict)
-                and isinstance(metrics.get("test"), dict)):
-            return "metrics lack the validation/test dicts"
+    status = record["status"]
+    if not isinstance(status, str) or status not in STATUSES:
+        return f"unknown status {status!r} (expected one of {STATUSES})"
+    if status == "ok":
+        problem = _ok_problem(record)
+        if problem:
+            return problem
+    elif status == "skipped" and not (isinstance(record["skip_reason"], str) and record["skip_reason"]):
+        return "a skipped record without skip_reason"
+    elif status == "diverged" and not (isinstance(record.get("error"), str) and record["error"]):
+        return "a diverged record without error"
+    if status != "ok" and any(record["metrics"].get(s) for s in ("validation", "test")
+                              if isinstance(record["metrics"], dict)):
+        return f"a {status!r} record with metrics"
     try:
         stored = RunSpec.from_dict(record["spec"])
     except (TypeError, ValueError) as exc:
@@ -267,10 +366,23 @@ def _validate(record: Any, spec: RunSpec | None) -> str | None:
     return None
 
 
-def read_record(path: str | Path, spec: RunSpec | None = None) -> dict[str, Any] | None:
+def cost_is_complete(record: dict[str, Any]) -> bool:
+    """True when the record's cost fields (``wall_time_s``, ``steps_per_s``, ``peak_mem_mb``) cover the
+    whole run: an ``"ok"`` record not marked ``cost_partial``. A record written before costs were
+    carried through checkpoints (no ``cost_partial`` field) counts as complete only if it was not resumed.
+    """
+    if record.get("status") != "ok":
+        return False
+    if "cost_partial" in record:
+        return record["cost_partial"] is False
+    return record.get("resumed_from") is None
+
+
+def read_record(path: str | Path, spec: RunSpec | None = None, *, warn: bool = True) -> dict[str, Any] | None:
     """The record at ``path`` if it exists and is valid (for ``spec`` when given), else None.
 
-    An existing but invalid file (truncated, corrupt, wrong schema, another spec) triggers a warning.
+    An existing but invalid file (truncated, corrupt, too deeply nested, wrong schema, another spec,
+    an unknown status, missing/non-finite/out-of-range metrics) triggers a warning (unless ``warn`` is False).
     """
     path = Path(path)
     if not path.exists():
@@ -278,10 +390,11 @@ def read_record(path: str | Path, spec: RunSpec | None = None) -> dict[str, Any]
     try:
         record = json.loads(path.read_text())
         problem = _validate(record, spec)
-    except (OSError, ValueError) as exc:
+    except (OSError, ValueError, TypeError, AttributeError, RecursionError) as exc:
         problem = f"unreadable ({type(exc).__name__}: {exc})"
     if problem is not None:
-        warnings.warn(f"ignoring invalid run record {path}: {problem}; it will be recomputed", stacklevel=2)
+        if warn:
+            warnings.warn(f"ignoring invalid run record {path}: {problem}; it will be recomputed", stacklevel=2)
         return None
     return record
 
@@ -391,13 +504,46 @@ def _method_kwargs(spec: RunSpec, task: Any, loaded: Any, encoded: Any) -> dict[
     return kwargs
 
 
+def _lock(spec: RunSpec, results_dir: str | Path) -> FileLock | None:
+    """The run's lock (``<record>.lock``), or None under an initialised process group (no locking)."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return None
+    path = record_path(spec, results_dir)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return FileLock(str(path) + ".lock")
+
+
+def _locked(spec: RunSpec, results_dir: str | Path, blocking: bool, work: Callable[[], Any]) -> tuple[bool, Any]:
+    """``(True, work())`` run while holding the run's lock; ``(False, None)`` when ``blocking`` is False
+    and another process holds it."""
+    lock = _lock(spec, results_dir)
+    if lock is None:
+        return True, work()
+    try:
+        lock.acquire(timeout=-1 if blocking else 0)
+    except Timeout:
+        return False, None
+    try:
+        return True, work()
+    finally:
+        lock.release()
+
+
 def train_spec(spec: RunSpec, results_dir: str | Path | None = "results/runs", progress: bool = True,
                force: bool = False, *, progress_leave: bool = True) -> TrainedRun:
     """Train ``spec`` (always) and write its record under ``results_dir`` (None: write nothing).
 
     Resumes from ``results_dir/<key>.ckpt`` when a previous attempt was interrupted (``force``
     discards it). Raises ``ValueError`` for an unknown method or a task/model mismatch before training.
+    Holds the run's lock while training (waiting for another process that holds it).
     """
+    if results_dir is None:
+        return _train_spec(spec, None, progress, force, progress_leave)
+    return _locked(spec, results_dir, True, lambda: _train_spec(spec, results_dir, progress, force, progress_leave))[1]
+
+
+def _train_spec(spec: RunSpec, results_dir: str | Path | None, progress: bool, force: bool,
+                progress_leave: bool) -> TrainedRun:
     _check_method(spec)
     ckpt = _checkpoint_dir(spec, results_dir) if results_dir is not None else None
     if force and ckpt is not None and ckpt.exists() and _is_main_process():
@@ -411,10 +557,18 @@ def train_spec(spec: RunSpec, results_dir: str | Path | None = "results/runs", p
     except _method_skipped_types() as exc:
         reason = getattr(exc, "reason", None) or (exc.args[0] if exc.args else type(exc).__name__)
         record.update(status="skipped", skip_reason=str(reason))
+    result = None
     if handle is not None:
-        result = engine.train(handle, task, encoded, spec.train_config(), tokenizer=loaded.tokenizer,
-                              checkpoint_dir=ckpt, progress=progress, progress_leave=progress_leave,
-                              desc=f"{spec.method}/{spec.task}/s{spec.seed}")
+        try:
+            result = engine.train(handle, task, encoded, spec.train_config(), tokenizer=loaded.tokenizer,
+                                  checkpoint_dir=ckpt, progress=progress, progress_leave=progress_leave,
+                                  desc=f"{spec.method}/{spec.task}/s{spec.seed}", run_id=spec.key())
+        except engine.DivergedError as exc:
+            log.warning("run %s diverged: %s", spec.key(), exc)
+            record.update(status="diverged", error=str(exc), diverged_at_step=exc.step,
+                          diverged_param=exc.name, history=exc.history,
+                          trainable_params=int(handle.trainable_params))
+    if result is not None:
         try:
             diagnostics = LOADERS["update_diagnostics"](handle.model) or {}
         except Exception as exc:  # a non-LoRA model: no diagnostics
@@ -426,6 +580,8 @@ def train_spec(spec: RunSpec, results_dir: str | Path | None = "results/runs", p
             trainable_params=int(handle.trainable_params), total_params=int(sum(params.values())),
             wall_time_s=result.wall_time_s, peak_mem_mb=result.peak_mem_mb, peak_mem_kind=result.peak_mem_kind,
             steps_per_s=result.steps_per_s, history=result.history, resumed_from=result.resumed_from,
+            train_time_s=result.train_time_s, eval_time_s=result.eval_time_s, train_steps=result.train_steps,
+            sessions=result.sessions, cost_partial=result.cost_partial,
             diagnostics={k: float(v) for k, v in diagnostics.items()}, world_size=result.world_size,
             train_config=result.config, notes=getattr(handle, "notes", ""))
     record["finished_at"] = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
@@ -445,12 +601,60 @@ def run(spec: RunSpec, results_dir: str | Path = "results/runs", force: bool = F
     """
     if keep_model:
         return train_spec(spec, results_dir, progress, force, progress_leave=progress_leave)
+    _check_method(spec)
+    return _locked(spec, results_dir, True,
+                   lambda: _read_or_train(spec, results_dir, progress, force, progress_leave))[1]
+
+
+def _read_or_train(spec: RunSpec, results_dir: str | Path, progress: bool, force: bool,
+                   progress_leave: bool, warn: bool = True) -> dict[str, Any]:
+    """Under the run's lock: the valid record (another process may just have written it), else train."""
     if not force:
-        _check_method(spec)
-        record = read_record(record_path(spec, results_dir), spec)
+        record = read_record(record_path(spec, results_dir), spec, warn=warn)
         if record is not None:
             return record
-    return train_spec(spec, results_dir, progress, force, progress_leave=progress_leave).record
+    return _train_spec(spec, results_dir, progress, force, progress_leave).record
+
+
+def _try_run(spec: RunSpec, results_dir: str | Path, progress: bool, force: bool, blocking: bool
+             ) -> dict[str, Any] | None:
+    """``_read_or_train`` under the run's lock; None when not ``blocking`` and another process holds it."""
+    done, record = _locked(spec, results_dir, blocking,
+                           lambda: _read_or_train(spec, results_dir, progress, force, False, warn=False))
+    return record if done else None
+
+
+def clean_results_dir(results_dir: str | Path, older_than_s: float = _STALE_S) -> int:
+    """Remove stale leftovers of killed processes under ``results_dir``; return how many were removed.
+
+    * temporary files/folders of ``atomic_write`` older than ``older_than_s`` (``clean_stale_tmp``);
+    * ``<key>.ckpt`` folders whose run already has a valid record (killed between writing the record
+      and deleting the checkpoint), or untouched for ``older_than_s`` with no one holding the run's lock
+      and no record file (abandoned).
+    """
+    results_dir = Path(results_dir)
+    removed = clean_stale_tmp(results_dir, older_than_s)
+    now = time.time()
+    for ckpt in sorted(results_dir.glob("*.ckpt")):
+        if not ckpt.is_dir():
+            continue
+        record = results_dir / (ckpt.name[: -len(".ckpt")] + ".json")
+        lock = FileLock(str(record) + ".lock")
+        try:
+            lock.acquire(timeout=0)
+        except Timeout:
+            continue  # a process is working on it
+        try:
+            finished = read_record(record, warn=False) is not None
+            newest = max([p.stat().st_mtime for p in ckpt.rglob("*")] + [ckpt.stat().st_mtime])
+            if finished or (not record.exists() and now - newest > older_than_s):
+                shutil.rmtree(ckpt, ignore_errors=True)
+                removed += 1
+        except OSError:
+            continue
+        finally:
+            lock.release()
+    return removed
 
 
 # --------------------------------------------------------------------------------------------- grid
@@ -459,8 +663,8 @@ def _init_worker(threads: int, loaders: dict[str, Callable[..., Any]]) -> None:
     LOADERS.update(loaders)
 
 
-def _run_in_worker(spec: RunSpec, results_dir: str, force: bool) -> dict[str, Any]:
-    return train_spec(spec, results_dir, progress=False, force=force).record
+def _run_in_worker(spec: RunSpec, results_dir: str, force: bool, blocking: bool = False) -> dict[str, Any] | None:
+    return _try_run(spec, results_dir, False, force, blocking)
 
 
 def run_grid(specs: Sequence[RunSpec], results_dir: str | Path = "results/runs", n_jobs: int = 1,
@@ -470,7 +674,11 @@ def run_grid(specs: Sequence[RunSpec], results_dir: str | Path = "results/runs",
     ``n_jobs > 1`` runs specs in that many spawned processes, each with
     ``max(1, cpu_count // n_jobs)`` torch threads. One overall tqdm bar counts runs (inner bars are
     transient with ``n_jobs=1`` and off otherwise). The first failing run stops the grid (runs already
-    finished keep their records) and its exception is re-raised with the run's key.
+    finished keep their records) and its exception is re-raised with the run's key; a diverged run is
+    not a failure (its record has status ``"diverged"``).
+
+    Runs whose lock another process holds (another grid on the same folder) are left for the end, where
+    the grid waits for their records (training them itself if the other process died first).
     """
     from tqdm.auto import tqdm
 
@@ -481,6 +689,7 @@ def run_grid(specs: Sequence[RunSpec], results_dir: str | Path = "results/runs",
         _check_method(spec)
     results_dir = Path(results_dir)
     results_dir.mkdir(parents=True, exist_ok=True)
+    clean_results_dir(results_dir)
     records: dict[str, dict[str, Any]] = {}
     todo = []
     for spec in specs:
@@ -493,31 +702,46 @@ def run_grid(specs: Sequence[RunSpec], results_dir: str | Path = "results/runs",
                dynamic_ncols=True)
     try:
         if n_jobs <= 1 or len(todo) <= 1:
-            for spec in todo:
-                bar.set_postfix_str(spec.key()[:60], refresh=False)
-                try:
-                    records[spec.key()] = train_spec(spec, results_dir, progress, force, progress_leave=False).record
-                except Exception as exc:
-                    raise RuntimeError(f"run {spec.key()} failed: {exc}") from exc
-                bar.update(1)
+            for blocking in (False, True):          # first the free runs, then wait for the busy ones
+                busy = []
+                for spec in todo:
+                    bar.set_postfix_str(spec.key()[:60], refresh=False)
+                    try:
+                        record = _try_run(spec, results_dir, progress, force, blocking)
+                    except Exception as exc:
+                        raise RuntimeError(f"run {spec.key()} failed: {exc}") from exc
+                    if record is None:
+                        busy.append(spec)
+                        continue
+                    records[spec.key()] = record
+                    bar.update(1)
+                todo = busy
         else:
             threads = max(1, (os.cpu_count() or 1) // n_jobs)
             ctx = multiprocessing.get_context("spawn")
             with cf.ProcessPoolExecutor(max_workers=min(n_jobs, len(todo)), mp_context=ctx,
                                         initializer=_init_worker, initargs=(threads, dict(LOADERS))) as pool:
-                futures = {pool.submit(_run_in_worker, spec, str(results_dir), force): spec for spec in todo}
-                try:
-                    for fut in cf.as_completed(futures):
-                        spec = futures[fut]
-                        try:
-                            records[spec.key()] = fut.result()
-                        except Exception as exc:
-                            raise RuntimeError(f"run {spec.key()} failed: {exc}") from exc
-                        bar.update(1)
-                except BaseException:
-                    for f in futures:
-                        f.cancel()
-                    raise
+                for blocking in (False, True):
+                    futures = {pool.submit(_run_in_worker, spec, str(results_dir), force, blocking): spec
+                               for spec in todo}
+                    busy = []
+                    try:
+                        for fut in cf.as_completed(futures):
+                            spec = futures[fut]
+                            try:
+                                record = fut.result()
+                            except Exception as exc:
+                                raise RuntimeError(f"run {spec.key()} failed: {exc}") from exc
+                            if record is None:
+                                busy.append(spec)
+                                continue
+                            records[spec.key()] = record
+                            bar.update(1)
+                    except BaseException:
+                        for f in futures:
+                            f.cancel()
+                        raise
+                    todo = busy
     finally:
         bar.close()
     return records_to_frame([records[spec.key()] for spec in specs])
@@ -525,15 +749,17 @@ def run_grid(specs: Sequence[RunSpec], results_dir: str | Path = "results/runs",
 
 def records_to_frame(records: Sequence[dict[str, Any]]) -> pandas.DataFrame:
     """One row per record: spec fields (``method_kwargs`` as a JSON string), ``key``, ``status``,
-    ``skip_reason``, ``val_<metric>``/``test_<metric>``, ``best_step``, parameter counts, time, memory,
-    ``steps_per_s`` and ``diag_<name>`` diagnostics."""
+    ``skip_reason``, ``error`` (diverged runs), ``val_<metric>``/``test_<metric>``, ``best_step``, parameter
+    counts, time, memory, ``steps_per_s``, ``cost_complete`` (``cost_is_complete``) and ``diag_<name>``
+    diagnostics."""
     import pandas as pd
 
     rows = []
     for rec in records:
         spec = dict(rec["spec"])
         spec["method_kwargs"] = json.dumps(dict(spec.get("method_kwargs") or []), sort_keys=True)
-        row = {**spec, "key": rec["key"], "status": rec["status"], "skip_reason": rec["skip_reason"]}
+        row = {**spec, "key": rec["key"], "status": rec["status"], "skip_reason": rec["skip_reason"],
+               "error": rec.get("error"), "cost_complete": cost_is_complete(rec)}
         metrics = rec.get("metrics") or {}
         row.update({f"val_{k}": v for k, v in (metrics.get("validation") or {}).items()})
         row.update({f"test_{k}": v for k, v in (metrics.get("test") or {}).items()})
@@ -548,13 +774,27 @@ def records_to_frame(records: Sequence[dict[str, Any]]) -> pandas.DataFrame:
     return df
 
 
-def load_records(results_dir: str | Path = "results/runs", specs: Sequence[RunSpec] | None = None
-                 ) -> pandas.DataFrame:
+def load_records(results_dir: str | Path = "results/runs", specs: Sequence[RunSpec] | None = None,
+                 statuses: Sequence[str] | None = ("ok",)) -> pandas.DataFrame:
     """DataFrame of the valid records in ``results_dir`` (only those of ``specs`` when given; missing
-    ones are left out). Invalid files are reported with a warning and skipped."""
+    ones are left out). Invalid files are reported with a warning and skipped.
+
+    Only records with a status in ``statuses`` are returned: by default the ``"ok"`` ones, the only
+    records that are results (``statuses=None``: every status, e.g. to list skipped/diverged runs).
+    Without ``specs`` only canonical file names (``<key>.json`` of the record's own key) are read, so a
+    copy of a record under another name is not counted twice.
+    """
     results_dir = Path(results_dir)
     if specs is not None:
         found = [read_record(record_path(s, results_dir), s) for s in dict.fromkeys(specs)]
     else:
-        found = [read_record(p) for p in sorted(results_dir.glob("*.json"))]
-    return records_to_frame([r for r in found if r is not None])
+        found = []
+        for p in sorted(results_dir.glob("*.json")):
+            record = read_record(p)
+            if record is None:
+                continue
+            if p.name != f"{record['key']}.json":
+                warnings.warn(f"ignoring {p}: a copy of record {record['key']} under another name", stacklevel=2)
+                continue
+            found.append(record)
+    return records_to_frame([r for r in found if r is not None and (statuses is None or r["status"] in statuses)])
