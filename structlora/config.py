@@ -7,9 +7,10 @@ lambda_IB, similarity threshold and refresh period: see README "Deviations from 
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Any, Optional
 
 from peft import LoraConfig
 
@@ -90,6 +91,23 @@ class StructLoraConfig(LoraConfig):
     def keep_count(self) -> Optional[int]:
         """Directions kept per module under ``keep_ratio`` (ceil(rho * r)), or None."""
         return None if self.keep_ratio is None else max(1, math.ceil(self.keep_ratio * self.r))
+
+    def to_json_dict(self) -> dict[str, Any]:
+        """Every field as JSON-ready values (sets become sorted lists, enums their string value)."""
+        out: dict[str, Any] = {}
+        for key, value in self.to_dict().items():
+            if isinstance(value, set):
+                value = sorted(value)
+            elif isinstance(value, str):
+                value = str(value)  # peft's PeftType / TaskType are str enums
+            out[key] = value
+        return out
+
+    @classmethod
+    def from_json_dict(cls, data: dict[str, Any]) -> "StructLoraConfig":
+        """Inverse of `to_json_dict`; keys that are not fields of this version are ignored."""
+        names = {f.name for f in dataclasses.fields(cls) if f.init}
+        return cls(**{k: v for k, v in data.items() if k in names})
 
     def to_lora_config(self) -> LoraConfig:
         """The plain peft ``LoraConfig`` with the same LoRA fields (used to build the peft model)."""

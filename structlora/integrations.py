@@ -1,22 +1,31 @@
-"""`transformers.Trainer` integration: the StructLoRA loss terms and optimizer groups.
+"""`transformers.Trainer` integration: the StructLoRA loss terms, optimizer groups and checkpoints.
 
     trainer = StructLoraTrainer(model=get_structlora_model(base, cfg), args=..., train_dataset=...)
 
-`compute_loss` adds ``model.structlora_loss()`` (Eq. 8) to the task loss; `create_optimizer` uses
-``model.structlora_param_groups`` (gate logits and edge gains get their own learning rate, no decay).
-A plain PyTorch loop needs only ``loss = out.loss + model.structlora_loss()``.
+`compute_loss` adds ``model.structlora_loss()`` (Eq. 8) to the task loss in training; `create_optimizer`
+uses ``model.structlora_param_groups`` (gate logits and edge gains get their own learning rate, no
+decay). Label names, ``can_return_loss`` and the dataset columns come from the wrapped transformers
+model (as for a peft model), so `evaluate()` reports ``eval_loss`` and ``compute_metrics``.
+``save_model`` and every checkpoint write `StructLoraModel.save_training_state` (the raw peft adapter
+plus the StructLoRA state), which ``train(resume_from_checkpoint=...)``, ``load_best_model_at_end`` and
+`StructLoraModel.from_pretrained` read back. For deployment, ``model.save_pretrained(dir)`` writes the
+folded export. A plain PyTorch loop needs only ``loss = out.loss + model.structlora_loss()``.
 """
 from __future__ import annotations
 
 import inspect
-from typing import Any
+import os
+from typing import Any, Optional
 
 import torch
 from transformers import Trainer
+from transformers.utils import can_return_loss, find_labels
 
 from .model import StructLoraModel
 
 __all__ = ["StructLoraTrainer", "unwrap_structlora"]
+
+TRAINING_ARGS_NAME = "training_args.bin"  # what Trainer._save writes next to the model
 
 
 def unwrap_structlora(model: torch.nn.Module) -> StructLoraModel:
@@ -32,6 +41,17 @@ def unwrap_structlora(model: torch.nn.Module) -> StructLoraModel:
 class StructLoraTrainer(Trainer):
     """A `transformers.Trainer` that optimises L_task + lambda_IB L_IB (+ static penalty)."""
 
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        if self.model is not None:
+            # Trainer inspects type(model).forward, ours is (*args, **kwargs): inspect the base model instead.
+            base = unwrap_structlora(self.model).peft_model.get_base_model()
+            if self.args.label_names is None:
+                self.label_names = find_labels(type(base))
+            self.can_return_loss = can_return_loss(type(base))
+            self.model_accepts_loss_kwargs = getattr(base, "accepts_loss_kwargs", any(
+                p.kind == inspect.Parameter.VAR_KEYWORD for p in inspect.signature(base.forward).parameters.values()))
+
     def compute_loss(self, model: torch.nn.Module, inputs: dict[str, Any], return_outputs: bool = False, **kwargs: Any):
         loss, outputs = super().compute_loss(model, inputs, return_outputs=True, **kwargs)
         if model.training:
@@ -43,7 +63,8 @@ class StructLoraTrainer(Trainer):
         # inspect the wrapped transformers model instead.
         if self._signature_columns is None:
             base = unwrap_structlora(self.model).peft_model.get_base_model()
-            self._signature_columns = list(inspect.signature(base.forward).parameters) + ["label", "label_ids", "labels"]
+            self._signature_columns = list(inspect.signature(base.forward).parameters) + sorted(
+                {"label", "label_ids", *self.label_names})
 
     def create_optimizer(self, *args: Any, **kwargs: Any):
         if self.optimizer is None:
@@ -52,3 +73,20 @@ class StructLoraTrainer(Trainer):
                 sm.structlora_param_groups(self.args.learning_rate, self.args.weight_decay),
                 betas=(self.args.adam_beta1, self.args.adam_beta2), eps=self.args.adam_epsilon)
         return self.optimizer
+
+    # ---- checkpoints: the resumable StructLoRA training state instead of a full model.safetensors ----
+    def _save(self, output_dir: Optional[str] = None, state_dict: Optional[dict] = None) -> None:
+        output_dir = output_dir if output_dir is not None else self.args.output_dir
+        if not self.args.should_save:
+            return
+        os.makedirs(output_dir, exist_ok=True)
+        unwrap_structlora(self.model).save_training_state(output_dir)
+        if self.processing_class is not None:
+            self.processing_class.save_pretrained(output_dir)
+        torch.save(self.args, os.path.join(output_dir, TRAINING_ARGS_NAME))
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model: Optional[torch.nn.Module] = None) -> None:
+        unwrap_structlora(model if model is not None else self.model).load_training_state(resume_from_checkpoint)
+
+    def _load_best_model(self) -> None:
+        unwrap_structlora(self.model).load_training_state(self.state.best_model_checkpoint)

@@ -10,10 +10,23 @@ Each adapted layer l of a module family computes, in one low-rank product,
 where m_j are the gates of layer j (Eq. 2) and M is the coordinator's mixing matrix (coordinator.py).
 With no gate and no graph, n = 1 and coef = s: exactly peft LoRA. The coordinated factors are also
 what `export.py` writes, so the merged/exported model equals the trained model at eval.
+
+The layers are peft's `lora.Linear`, which wraps both `nn.Linear` and transformers' `Conv1D` (GPT-2;
+there peft forces ``fan_in_fan_out=True``). A (r x k) and B (d x r) have the same orientation for both,
+only W0's storage differs, so the forward needs no case and merging transposes per layer. The config
+StructLoRA keeps is the one peft corrected (`StructLoraModel.structlora_config`).
+
+Two ways to save (`export.py`): `save_pretrained` writes the *folded* export (a plain LoRA adapter,
+gates and coordinator folded in, for inference in vanilla peft); `save_training_state` writes the raw
+peft adapter plus the StructLoRA state, which `StructLoraModel.from_pretrained` and the Trainer
+checkpoints of `integrations.StructLoraTrainer` use to continue training.
 """
 from __future__ import annotations
 
+import copy
+import os
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Optional
 
 import torch
@@ -60,13 +73,16 @@ class StructLoraModel(nn.Module):
     """A peft LoRA model with IB gates and a depth coordinator. Forward is the peft model's forward.
 
     Extra API: `structlora_loss()` (add it to the task loss), `structlora_param_groups()`,
-    `effective_factors()`, `structlora_report()`, `save_pretrained()`, `merge_and_unload()`.
+    `effective_factors()`, `structlora_report()`, `save_pretrained()` (folded export),
+    `save_training_state()` / `load_training_state()` / `from_pretrained()` (resumable), `merge_and_unload()`.
+    peft's `print_trainable_parameters()` / `get_nb_trainable_parameters()` count gates and gains too;
+    `train()` / `eval()` set the wrapped peft model's mode (a new wrapper starts in the base model's mode).
     """
 
     def __init__(self, peft_model: PeftModel, config: StructLoraConfig) -> None:
         super().__init__()
         self.peft_model = peft_model
-        self.structlora_config = config
+        self.structlora_config = config = _synced_config(config, peft_model)
         self.gates = nn.ModuleDict()
         self.coordinators = nn.ModuleDict()
         self.register_buffer("structlora_step", torch.zeros((), dtype=torch.long))
@@ -95,6 +111,9 @@ class StructLoraModel(nn.Module):
             for l, layer in enumerate(layers):
                 layer.forward = _make_forward(self, fam, l, layer)
         self._check_finite()
+        # a fresh nn.Module (this one, and a fresh PeftModel) says training=True whatever the base model's
+        # dropout does; start in the base model's mode so `training` and every dropout agree
+        self.train(peft_model.get_base_model().training)
 
     # ------------------------------------------------------------------ construction checks
     def _check_family(self, key: str, names: list[str], layers: list[LoraLinear]) -> None:
@@ -268,9 +287,73 @@ class StructLoraModel(nn.Module):
         """Rows (printable; ``.to_pandas()``): per module, directions kept / r, exported rank, ||dW||, plus E and CosAdj per family."""
         return diagnostics.structlora_report(self)
 
-    def save_pretrained(self, save_directory: str, compress_rank: Optional[int] = None, **kwargs: Any) -> dict[str, float]:
-        """Write a standard peft LoRA adapter (loads in vanilla peft); see `export.save_adapter`."""
-        return export.save_adapter(self, save_directory, compress_rank=compress_rank, **kwargs)
+    # ------------------------------------------------------------------ peft conventions
+    def get_nb_trainable_parameters(self) -> tuple[int, int]:
+        """(trainable, all) parameter counts, as peft's: LoRA factors, head, gate logits, edge gains."""
+        trainable, total = self.peft_model.get_nb_trainable_parameters()
+        for p in list(self.gates.parameters()) + list(self.coordinators.parameters()):
+            total += p.numel()
+            trainable += p.numel() if p.requires_grad else 0
+        return trainable, total
+
+    def print_trainable_parameters(self) -> None:
+        """Print the counts of `get_nb_trainable_parameters` in peft's format."""
+        trainable, total = self.get_nb_trainable_parameters()
+        print(f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {100 * trainable / total:.4f}")
+
+    def save_pretrained(self, save_directory: str | os.PathLike, compress_rank: Optional[int] = None, *,
+                        safe_serialization: bool = True, selected_adapters: Optional[list[str]] = None,
+                        save_embedding_layers: str | bool = "auto", is_main_process: bool = True,
+                        path_initial_model_for_weight_conversion: Optional[str] = None,
+                        svd_tol: float = 0.0) -> Optional[dict[str, Any]]:
+        """Write the folded export: a standard peft LoRA adapter at the exported ranks (gates, scaling and
+        coordinator folded in) that vanilla ``PeftModel.from_pretrained(base, dir)`` loads with the eval
+        outputs of this model; see `export.save_adapter`. Returns its summary (None off the main process).
+
+        Takes peft's keywords: ``safe_serialization`` must be True (safetensors only),
+        ``selected_adapters`` None or ``["default"]`` (one adapter), ``is_main_process=False`` writes
+        nothing. This file cannot resume training: use `save_training_state` (the Trainer does).
+        """
+        if not safe_serialization:
+            raise ValueError("StructLoRA writes safetensors only: safe_serialization=False is not supported")
+        if selected_adapters is not None and list(selected_adapters) != [ADAPTER]:
+            raise ValueError(f"StructLoRA has one adapter, {ADAPTER!r}; got selected_adapters={selected_adapters!r}")
+        if path_initial_model_for_weight_conversion is not None:
+            raise ValueError("path_initial_model_for_weight_conversion (PiSSA/OLoRA conversion) is not supported")
+        if not is_main_process:
+            return None
+        return export.save_adapter(self, save_directory, compress_rank=compress_rank, svd_tol=svd_tol,
+                                   save_embedding_layers=save_embedding_layers)
+
+    def save_training_state(self, save_directory: str | os.PathLike, is_main_process: bool = True) -> None:
+        """Write what resumes training: the raw peft adapter (``peft_model.save_pretrained``) and the
+        StructLoRA state and config; see `export.save_training_state`. Load with `from_pretrained`."""
+        if is_main_process:
+            export.save_training_state(self, save_directory)
+
+    def load_training_state(self, save_directory: str | os.PathLike) -> None:
+        """Restore, in place, what `save_training_state` wrote (LoRA factors, head, gates, coordinator,
+        step counter, capture state). The directory's config must describe this model's structure."""
+        export.load_training_state(self, save_directory)
+
+    @classmethod
+    def from_pretrained(cls, model: nn.Module, save_directory: str | os.PathLike, is_trainable: bool = False,
+                        **peft_kwargs: Any) -> "StructLoraModel":
+        """Rebuild a StructLoraModel on ``model`` (a fresh base) from a `save_training_state` directory
+        (also every `StructLoraTrainer` checkpoint and ``save_model`` output).
+
+        ``is_trainable=False`` (peft's default) freezes everything and puts the model in eval mode;
+        ``True`` keeps the factors, head, gates and gains trainable so training can go on. A folded
+        export (`save_pretrained`) is a plain LoRA adapter: load it with ``PeftModel.from_pretrained``.
+        """
+        config = export.read_training_config(save_directory)
+        peft_model = PeftModel.from_pretrained(model, str(save_directory), is_trainable=is_trainable, **peft_kwargs)
+        out = cls(peft_model, config)
+        out.load_training_state(save_directory)
+        if not is_trainable:
+            out.gates.requires_grad_(False)
+            out.coordinators.requires_grad_(False)
+        return out
 
     def merge_and_unload(self) -> nn.Module:
         """Plain base model with the coordinated, gated update merged into W0 (eval outputs unchanged)."""
@@ -302,6 +385,17 @@ def _make_forward(owner: StructLoraModel, fam: Family, l: int, layer: LoraLinear
     return forward
 
 
+def _synced_config(config: StructLoraConfig, peft_model: PeftModel) -> StructLoraConfig:
+    """A copy of ``config`` with the fields peft corrects while building its layers (``fan_in_fan_out``:
+    True on GPT-2's Conv1D, False on nn.Linear), so StructLoRA never acts on a stale value."""
+    corrected = peft_model.peft_config[ADAPTER]
+    if corrected.fan_in_fan_out == config.fan_in_fan_out:
+        return config
+    config = copy.deepcopy(config)
+    config.fan_in_fan_out = corrected.fan_in_fan_out
+    return config
+
+
 def get_structlora_model(model: nn.Module, config: StructLoraConfig) -> StructLoraModel:
     """Wrap a transformers/timm model: peft LoRA layers, then StructLoRA gates and coordinator.
 
@@ -315,6 +409,7 @@ def get_structlora_model(model: nn.Module, config: StructLoraConfig) -> StructLo
         names = [n for n, _ in model.named_modules()]
         missing = sorted(t for t in targets if not any(n == t or n.endswith("." + t) for n in names))
         if missing:
-            linear = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, nn.Linear)})
-            raise ValueError(f"target_modules {missing} not found in the model; its Linear module names are {linear}")
+            linear = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules()
+                             if isinstance(m, nn.Linear) or type(m).__name__ == "Conv1D"})
+            raise ValueError(f"target_modules {missing} not found in the model; its Linear/Conv1D module names are {linear}")
     return StructLoraModel(get_peft_model(model, config.to_lora_config()), config)

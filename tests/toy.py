@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import torch
-from transformers import BertConfig, BertForSequenceClassification
+from transformers import BertConfig, BertForSequenceClassification, GPT2Config, GPT2ForSequenceClassification, GPT2LMHeadModel
 
 VOCAB = 50
 
@@ -13,6 +13,14 @@ def tiny_bert(layers: int = 4, seed: int = 0, hidden: int = 32) -> BertForSequen
                      vocab_size=VOCAB, max_position_embeddings=32, hidden_dropout_prob=0.0,
                      attention_probs_dropout_prob=0.0, num_labels=2)
     return BertForSequenceClassification(cfg).eval()
+
+
+def tiny_gpt2(head: str = "lm", seed: int = 0) -> torch.nn.Module:
+    """A random 3-layer GPT-2 (Conv1D projections): ``head`` 'lm' (GPT2LMHeadModel) or 'cls' (2 labels)."""
+    torch.manual_seed(seed)
+    cfg = GPT2Config(n_embd=16, n_layer=3, n_head=2, vocab_size=64, n_positions=32, resid_pdrop=0.0,
+                     embd_pdrop=0.0, attn_pdrop=0.0, num_labels=2, pad_token_id=0)
+    return (GPT2LMHeadModel(cfg) if head == "lm" else GPT2ForSequenceClassification(cfg)).eval()
 
 
 def toy_batch(n: int = 8, length: int = 6, seed: int = 0) -> dict[str, torch.Tensor]:
