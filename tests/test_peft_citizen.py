@@ -265,3 +265,42 @@ def test_training_mode_follows_the_peft_model_after_loading(tmp_path, is_trainab
     assert not loaded.peft_model.training and not dropout.training
     assert get_structlora_model(tiny_bert(layers=3).train(), _make().structlora_config).training
     assert not get_structlora_model(tiny_bert(layers=3).eval(), _make().structlora_config).training
+
+
+# ---------------------------------------------------------------------- README: the Trainer example as printed
+_README_PRELUDE = """
+import torch
+from transformers import BertConfig, BertForSequenceClassification
+
+def make_base():
+    torch.manual_seed(0)
+    return BertForSequenceClassification(BertConfig(vocab_size=64, hidden_size=16, num_hidden_layers=3,
+        num_attention_heads=2, intermediate_size=32, max_position_embeddings=32, num_labels=2))
+
+g = torch.Generator().manual_seed(0)
+train_ds = [{"input_ids": torch.randint(0, 64, (8,), generator=g), "labels": int(i % 2)} for i in range(16)]
+eval_ds = train_ds[:8]
+"""
+
+
+def _readme_blocks(heading: str) -> list[str]:
+    """The python blocks of the README section under ``heading`` (up to the next ``## `` heading)."""
+    import re
+
+    text = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    start = text.index(heading)
+    end = text.find("\n## ", start + len(heading))
+    return re.findall(r"```python\n(.*?)```", text[start:end if end != -1 else None], re.S)
+
+
+def test_readme_trainer_example_runs_as_printed(tmp_path, monkeypatch, capsys):
+    blocks = _readme_blocks("## Using StructLoRA on your own model")
+    assert len(blocks) >= 2, "the README's Trainer example is missing"
+    monkeypatch.chdir(tmp_path)
+    scope: dict = {}
+    exec(compile(_README_PRELUDE + blocks[1], "README-trainer-example", "exec"), scope)
+    assert "eval_loss" in capsys.readouterr().out
+    assert scope["trainer"].state.best_model_checkpoint is not None
+    assert (tmp_path / "trained" / "structlora_state.safetensors").is_file()
+    assert (tmp_path / "adapter" / "adapter_model.safetensors").is_file()
+    assert scope["model"].get_nb_trainable_parameters()[0] > 0
