@@ -268,6 +268,11 @@ specs = [RunSpec.make(TASK, MODEL, m, rank=RANK, seed=s, fraction=1.0, **BUDGET[
          for m in ("lora", "structlora") for s in SEEDS]
 df = run_grid(specs, results_dir=RESULTS_DIR, n_jobs=N_JOBS, progress=True)
 ok = df[df["status"] == "ok"].copy()
+partial = ok[~ok["cost_complete"]]  # a resumed run whose cost fields do not cover the whole run
+if len(partial):
+    display(Markdown(f"**{len(partial)} run(s) left out of the cost comparison**: their cost fields are "
+                     f"partial (`grid.cost_is_complete`): {', '.join(partial['key'].astype(str))}."))
+ok = ok[ok["cost_complete"]]
 ok["step_ms"] = 1e3 / ok["steps_per_s"]
 ok["log_step"] = np.log(ok["step_ms"])
 ok["log_mem"] = np.log(ok["peak_mem_mb"])

@@ -174,3 +174,22 @@ def test_parallel_grid_matches_sequential(tmp_path):
     assert list(par["key"]) == list(seq["key"])
     assert list(par["status"]) == ["ok", "ok"]
     assert par["val_accuracy"].tolist() == pytest.approx(seq["val_accuracy"].tolist(), abs=0.07)
+
+
+def test_retrain_recomputes_records_older_than_the_job_once(tmp_path, monkeypatch):
+    """``reproduce --retrain`` sets STRUCTLORA_RETRAIN to its start time: older records are trained
+    again, a record written after it (another notebook's shared run) is read back."""
+    import os
+    import time
+
+    from structlora.repro.grid import RETRAIN_ENV, retrain_pending
+
+    rec = tmp_path / "a.json"
+    rec.write_text("{}")
+    assert not retrain_pending(rec)
+    old = time.time() - 100
+    os.utime(rec, (old, old))
+    monkeypatch.setenv(RETRAIN_ENV, repr(time.time()))
+    assert retrain_pending(rec)
+    rec.write_text("{}")  # rewritten during the job
+    assert not retrain_pending(rec)

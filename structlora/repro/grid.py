@@ -609,11 +609,28 @@ def run(spec: RunSpec, results_dir: str | Path = "results/runs", force: bool = F
 def _read_or_train(spec: RunSpec, results_dir: str | Path, progress: bool, force: bool,
                    progress_leave: bool, warn: bool = True) -> dict[str, Any]:
     """Under the run's lock: the valid record (another process may just have written it), else train."""
-    if not force:
-        record = read_record(record_path(spec, results_dir), spec, warn=warn)
+    path = record_path(spec, results_dir)
+    if not force and not retrain_pending(path):
+        record = read_record(path, spec, warn=warn)
         if record is not None:
             return record
     return _train_spec(spec, results_dir, progress, force, progress_leave).record
+
+
+RETRAIN_ENV = "STRUCTLORA_RETRAIN"
+
+
+def retrain_pending(path: Path) -> bool:
+    """True when ``$STRUCTLORA_RETRAIN`` holds a time (set by ``python -m structlora reproduce
+    --retrain`` for the notebooks it runs) and the record at ``path`` was written before it: every run
+    is then trained once again, and a run shared by two notebooks is not trained twice."""
+    since = os.environ.get(RETRAIN_ENV)
+    if not since:
+        return False
+    try:
+        return path.stat().st_mtime < float(since)
+    except (OSError, ValueError):
+        return False
 
 
 def _try_run(spec: RunSpec, results_dir: str | Path, progress: bool, force: bool, blocking: bool
@@ -693,7 +710,8 @@ def run_grid(specs: Sequence[RunSpec], results_dir: str | Path = "results/runs",
     records: dict[str, dict[str, Any]] = {}
     todo = []
     for spec in specs:
-        record = None if force else read_record(record_path(spec, results_dir), spec)
+        path = record_path(spec, results_dir)
+        record = None if force or retrain_pending(path) else read_record(path, spec)
         if record is None:
             todo.append(spec)
         else:

@@ -381,7 +381,7 @@ def run_all(tier: str = "cpu", only: Sequence[str] | None = None, force: bool = 
     jobs = plan(tier, only, root, results)
     print(announce(tier, jobs, root, retrain), flush=True)
     if retrain:
-        os.environ[RETRAIN_ENV] = "1"  # read by grid.run_grid in the notebooks' kernels
+        os.environ[RETRAIN_ENV] = repr(time.time())  # grid.retrain_pending: records older than this retrain
         force = True
     t_all = time.perf_counter()
     failed = False
