@@ -76,6 +76,9 @@ class StructLoraTrainer(Trainer):
 
     # ---- checkpoints: the resumable StructLoRA training state instead of a full model.safetensors ----
     def _save(self, output_dir: Optional[str] = None, state_dict: Optional[dict] = None) -> None:
+        """`StructLoraModel.save_training_state` (+ processing class, training args) instead of a full
+        ``model.safetensors``. ``state_dict`` (FSDP / DeepSpeed gathers) is not used: the model's own
+        tensors are written, so sharded-parameter setups are not supported here."""
         output_dir = output_dir if output_dir is not None else self.args.output_dir
         if not self.args.should_save:
             return
@@ -86,7 +89,9 @@ class StructLoraTrainer(Trainer):
         torch.save(self.args, os.path.join(output_dir, TRAINING_ARGS_NAME))
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model: Optional[torch.nn.Module] = None) -> None:
+        """Restore a checkpoint written by `_save` into the model, in place (for ``resume_from_checkpoint``)."""
         unwrap_structlora(model if model is not None else self.model).load_training_state(resume_from_checkpoint)
 
     def _load_best_model(self) -> None:
+        """``load_best_model_at_end``: restore the best checkpoint's training state in place."""
         unwrap_structlora(self.model).load_training_state(self.state.best_model_checkpoint)

@@ -185,19 +185,26 @@ def test_trainer_save_model_writes_an_adapter_and_from_pretrained_resumes(tmp_pa
         StructLoraModel.from_pretrained(tiny_bert(layers=3), tmp_path / "export")
 
 
-def test_trainer_resume_from_checkpoint_continues_exactly(tmp_path):
+@pytest.mark.parametrize("at", [4, 1], ids=["epoch-end", "mid-epoch-mid-capture"])
+def test_trainer_resume_from_checkpoint_continues_exactly(tmp_path, at):
+    """8 uninterrupted steps == ``at`` steps, a checkpoint, then the rest resumed in a fresh process-like
+    setup (new model, new Trainer). At step 1 a gradient-similarity sketch is half accumulated."""
     from structlora.integrations import StructLoraTrainer
 
     ds = _dataset()
-    full = _make()
+    kw = {"sim_threshold": -1.0}  # every similarity edge is added: the refresh at step 2 changes the graph
+    full = _make(**kw)
     StructLoraTrainer(model=full, args=_args(tmp_path / "full", max_steps=8), train_dataset=ds).train()
+    assert not torch.equal(full.coordinators["family0"].adjacency, full.coordinators["family0"].chain)
 
-    first = _make()
-    StructLoraTrainer(model=first, args=_args(tmp_path / "part", max_steps=8, save_strategy="steps", save_steps=4),
-                      train_dataset=ds).train()  # writes checkpoint-4 (and checkpoint-8)
-    resumed = _make()
+    first = _make(**kw)
+    StructLoraTrainer(model=first, args=_args(tmp_path / "part", max_steps=8, save_strategy="steps",  # same schedule
+                                              save_steps=at), train_dataset=ds).train()
+    if at == 1:
+        assert "capture.family0.sketches" in load_file(str(tmp_path / "part" / "checkpoint-1" / "structlora_state.safetensors"))
+    resumed = _make(**kw)
     StructLoraTrainer(model=resumed, args=_args(tmp_path / "part", max_steps=8), train_dataset=ds).train(
-        resume_from_checkpoint=str(tmp_path / "part" / "checkpoint-4"))
+        resume_from_checkpoint=str(tmp_path / "part" / f"checkpoint-{at}"))
     want, got = _trainable(full), _trainable(resumed)
     assert want.keys() == got.keys()
     for k in want:
