@@ -1,27 +1,50 @@
-"""Stage 2: the depth coordinator (Eq. 4-5, 7; appendix E.3-E.6), in function space.
+"""Stage 2: the depth coordinator (Eq. 4-5, 14-15; Theorem 1; appendix E.3-E.6), in function space.
 
-The paper's node feature is vec(dW_l) with a learned map W_o back to parameter space (Eq. 5). That is
-d*k numbers per node and a (d*k)^2 map, which cannot scale. We restrict Theta^(t) in Eq. (4) to a
-scalar gain per edge (GCN with Theta = theta*I) and sigma to the identity (the linearisation used in
-E.4), so one residual step is
+The coordinated update of layer l of a module family is sum_j M_lj dW_j for an (L, L) mixing matrix
+M; `model.py` computes it as ONE low-rank product over the neighbours' concatenated factors (rank
+(deg+1) r), and `export.py` folds it into the exported adapter. No dense d x k tensor exists.
 
-    dW_l <- dW_l + sum_{j in N(l) u {l}} S_lj g_lj dW_j,     S = D^-1/2 (A + I) D^-1/2.
+Two readings of the paper's GCN, chosen by ``mode``:
 
-T steps compose to a mixing matrix M = prod_t (I + S o G_t) (L x L), and the coordinated update of
-layer l is sum_j M_lj dW_j: a LoRA of rank (deg+1) r on layer l's input, computed as ONE low-rank
-product over concatenated factors (see `model.py`). Gains start at zero, so training starts exactly
-as LoRA; no dense d x k tensor or (d*k)-sized parameter is ever created.
+* ``"smoother"`` (default): the paper's own Laplacian smoothing step (Eq. 14-15, Theorem 1),
+
+      M = I - eta L,   L = D - A  (combinatorial Laplacian of the family's graph),
+      eta = eta_max * sigmoid(theta),   eta_max = 1 / lambda_max(L),
+
+  T steps compose (M = prod_t M_t). Rows of M sum to 1, so the depth-constant part of the update
+  passes unchanged (a low-pass filter over depth), and for 0 < eta < eta_max M is symmetric positive
+  definite, hence invertible: no capacity is lost. It acts from the first step, because
+  dL/dB_j = s sum_l M_lj G_l A_j^T mixes the gradients of neighbouring layers even while B = 0, and
+  Theorem 1 gives E(MU) <= E(U) - eta (1 - eta lambda_max) ||(L x I) U||^2. ``theta`` starts at
+  logit(eta_init) (eta_init: a stated fraction of eta_max) and is learned in its own optimizer group
+  (``learn_eta=False`` freezes it: the static-coupling control of E.5). With ``edge_corrections``,
+  M_t = I - eta_t L + C_t with C_t symmetric, supported on the edges and zero-initialised: the learned,
+  data-aware coupling of E.5.
+* ``"gains"``: one zero-initialised scalar gain per edge, M = prod_t (I + S o G_t) with
+  S = D^-1/2 (A + I) D^-1/2 (GCN with Theta = theta I, sigma = identity, the linearisation of E.4).
+  Training starts exactly as LoRA, but dL/dg_lj = S_lj <G_l, dW_j> is 0 while B = 0, so the gains
+  barely move: kept as a named option for the ablation.
 
 Graph per module family (all `query` modules form one chain, all `value` another): 'adjacency' joins
-l and l+1; 'similarity' joins layers whose batch-averaged dL/dW have cosine above a threshold,
-estimated from a random-projection sketch G R (d x p) refreshed every K steps; 'hybrid' is the union.
+l and l+1; 'similarity' joins layers by the cosine of their batch-summed dL/dW, estimated from a
+random-projection sketch G R and smoothed by a moving average across refreshes; 'hybrid' is the
+union. Similarity edges are the ``sim_k`` nearest non-adjacent layers of each layer (symmetrised),
+or, with ``sim_rule="threshold"``, the pairs whose cosine exceeds a threshold.
 """
 from __future__ import annotations
+
+import math
 
 import torch
 from torch import nn
 
-__all__ = ["DepthCoordinator", "chain_adjacency", "normalized_adjacency", "laplacian", "sketch_cosines", "maybe_allreduce"]
+__all__ = [
+    "DepthCoordinator", "COORDINATOR_MODES", "SIM_RULES", "chain_adjacency", "normalized_adjacency", "laplacian",
+    "knn_edges", "sketch_cosines", "maybe_allreduce",
+]
+
+COORDINATOR_MODES = ("smoother", "gains")
+SIM_RULES = ("knn", "threshold")
 
 
 def chain_adjacency(num_layers: int) -> torch.Tensor:
@@ -45,30 +68,92 @@ def laplacian(adj: torch.Tensor) -> torch.Tensor:
     return torch.diag(adj.sum(-1)) - adj
 
 
-class DepthCoordinator(nn.Module):
-    """Scalar-gain GCN over the L layers of one module family.
+def knn_edges(cosine: torch.Tensor, k: int, exclude: torch.Tensor) -> torch.Tensor:
+    """(L, L) symmetric 0/1 edges: each layer joined to its ``k`` highest-cosine layers among those
+    not in ``exclude`` (its own diagonal and, for the hybrid graph, its chain neighbours)."""
+    n = cosine.shape[0]
+    banned = exclude.bool() | torch.eye(n, dtype=torch.bool, device=cosine.device)
+    score = cosine.masked_fill(banned, float("-inf"))
+    k = min(k, n - 1)
+    edges = torch.zeros_like(cosine)
+    if k <= 0:
+        return edges
+    top = score.topk(k, dim=-1)
+    rows = torch.arange(n, device=cosine.device)[:, None].expand_as(top.indices)
+    ok = torch.isfinite(top.values)
+    edges[rows[ok], top.indices[ok]] = 1.0
+    return ((edges + edges.T) > 0).to(cosine.dtype)
 
-    ``gains`` is (T, L, L), zero-initialised; only entries on edges or the diagonal matter.
-    ``adjacency`` (L, L) is a buffer: the chain, the similarity edges, or their union.
+
+class DepthCoordinator(nn.Module):
+    """The mixing matrix M (L, L) of one module family; see the module docstring for the two modes.
+
+    Buffers: ``adjacency`` (the chain, the similarity edges, or their union), ``chain``, and
+    ``sim_ema`` (the moving average of the similarity estimates). Parameters: ``theta`` (T,) and, with
+    ``edge_corrections``, ``corrections`` (T, L, L) in the smoother mode; ``gains`` (T, L, L) in the
+    gains mode.
     """
 
-    def __init__(self, num_layers: int, graph: str, steps: int = 1) -> None:
+    def __init__(self, num_layers: int, graph: str, steps: int = 1, mode: str = "gains",
+                 eta_init: float = 0.5, learn_eta: bool = True, edge_corrections: bool = False,
+                 sim_rule: str = "threshold", sim_k: int = 1, sim_threshold: float = 0.3, sim_ema: float = 0.5) -> None:
         super().__init__()
         if graph in ("similarity", "hybrid") and num_layers < 2:
             raise ValueError(f"graph={graph!r} needs at least 2 layers in a module family, got {num_layers}")
-        self.graph, self.steps, self.num_layers = graph, steps, num_layers
-        self.gains = nn.Parameter(torch.zeros(steps, num_layers, num_layers))
+        if mode not in COORDINATOR_MODES:
+            raise ValueError(f"mode must be one of {COORDINATOR_MODES}, got {mode!r}")
+        if sim_rule not in SIM_RULES:
+            raise ValueError(f"sim_rule must be one of {SIM_RULES}, got {sim_rule!r}")
+        if not 0.0 < eta_init < 1.0:
+            raise ValueError(f"eta_init is a fraction of eta_max in (0, 1), got {eta_init!r}")
+        self.graph, self.steps, self.num_layers, self.mode = graph, steps, num_layers, mode
+        self.sim_rule, self.sim_k, self.sim_threshold, self.sim_momentum = sim_rule, sim_k, sim_threshold, sim_ema
         chain = chain_adjacency(num_layers)
         self.register_buffer("chain", chain)
         self.register_buffer("adjacency", chain.clone() if graph in ("adjacency", "hybrid") else torch.zeros_like(chain))
+        self.register_buffer("sim_ema", torch.zeros(num_layers, num_layers))
+        self.register_buffer("sim_count", torch.zeros((), dtype=torch.long))
+        if mode == "gains":
+            self.gains = nn.Parameter(torch.zeros(steps, num_layers, num_layers))
+        else:
+            theta = torch.full((steps,), math.log(eta_init / (1 - eta_init)))
+            if learn_eta:
+                self.theta = nn.Parameter(theta)
+            else:
+                self.register_buffer("theta", theta)
+            self.corrections = nn.Parameter(torch.zeros(steps, num_layers, num_layers)) if edge_corrections else None
+
+    # ------------------------------------------------------------------ the mixing matrix
+    def laplacian(self) -> torch.Tensor:
+        """(L, L) L = D - A of the current graph."""
+        return laplacian(self.adjacency)
+
+    def eta_max(self) -> torch.Tensor:
+        """1 / lambda_max(L) (0 when the graph has no edge: then M = I whatever eta)."""
+        lam = torch.linalg.eigvalsh(self.laplacian()).max()
+        return torch.where(lam > 1e-9, 1.0 / lam.clamp_min(1e-9), torch.zeros_like(lam))
+
+    def eta(self) -> torch.Tensor:
+        """(T,) eta_t = eta_max sigmoid(theta_t), strictly < eta_max (smoother mode; theta is clamped to
+        +-10 so float32's sigmoid never reaches 1, where M would be singular)."""
+        return self.eta_max() * torch.sigmoid(self.theta.clamp(-10.0, 10.0))
 
     def mixing(self) -> torch.Tensor:
-        """(L, L) M = prod_t (I + S o G_t): coordinated dW_l = sum_j M_lj dW_j."""
-        s = normalized_adjacency(self.adjacency)  # (L, L)
-        eye = torch.eye(self.num_layers, dtype=s.dtype, device=s.device)
+        """(L, L) M: the coordinated dW_l = sum_j M_lj dW_j."""
+        eye = torch.eye(self.num_layers, dtype=self.adjacency.dtype, device=self.adjacency.device)
         m = eye
+        if self.mode == "gains":
+            s = normalized_adjacency(self.adjacency)
+            for t in range(self.steps):
+                m = (eye + s * self.gains[t]) @ m
+            return m
+        lap, etas = self.laplacian(), self.eta()
         for t in range(self.steps):
-            m = (eye + s * self.gains[t]) @ m
+            step = eye - etas[t] * lap
+            if self.corrections is not None:
+                c = self.corrections[t]
+                step = step + 0.5 * (c + c.T) * self.adjacency          # symmetric, on the edges only
+            m = step @ m
         return m
 
     def support(self) -> torch.Tensor:
@@ -89,15 +174,49 @@ class DepthCoordinator(nn.Module):
             self._nbrs_key = key
         return self._nbrs
 
+    # ------------------------------------------------------------------ similarity edges
     @torch.no_grad()
-    def set_similarity(self, cosine: torch.Tensor, threshold: float) -> None:
-        """Rebuild the edges from an (L, L) cosine matrix of gradient sketches."""
-        sim = (cosine > threshold).float()
-        sim.fill_diagonal_(0.0)
+    def set_similarity(self, cosine: torch.Tensor, threshold: float | None = None) -> None:
+        """Fold an (L, L) cosine estimate into the moving average and rebuild the similarity edges.
+
+        ``threshold`` overrides the configured one for the threshold rule (kept for callers of the
+        earlier API).
+        """
+        cosine = cosine.to(self.sim_ema)
+        if int(self.sim_count) == 0:
+            self.sim_ema.copy_(cosine)
+        else:
+            self.sim_ema.mul_(self.sim_momentum).add_((1 - self.sim_momentum) * cosine)
+        self.sim_count += 1
+        est = self.sim_ema
+        if self.sim_rule == "threshold":
+            sim = (est > (self.sim_threshold if threshold is None else threshold)).float()
+            sim.fill_diagonal_(0.0)
+        else:
+            exclude = self.chain if self.graph == "hybrid" else torch.zeros_like(self.chain)
+            sim = knn_edges(est, self.sim_k, exclude)
         if self.graph == "similarity":
             self.adjacency.copy_(sim)
         elif self.graph == "hybrid":
             self.adjacency.copy_(((self.chain + sim) > 0).float())
+
+    # ------------------------------------------------------------------ evidence
+    @torch.no_grad()
+    def summary(self) -> dict[str, float]:
+        """Per-family evidence: eta (smoother), ||M - I||_F, edges (chain / similarity), finite check."""
+        m = self.mixing()
+        eye = torch.eye(self.num_layers, dtype=m.dtype, device=m.device)
+        sim_edges = ((self.adjacency - self.chain).clamp_min(0).sum() / 2) if self.graph == "hybrid" else (
+            self.adjacency.sum() / 2 if self.graph == "similarity" else torch.zeros(()))
+        out = {"mix_dev": float((m - eye).norm()), "edges": float(self.adjacency.sum() / 2),
+               "similarity_edges": float(sim_edges)}
+        if self.mode == "smoother":
+            out["eta"] = float(self.eta().mean())
+            out["eta_max"] = float(self.eta_max())
+        return out
+
+    def parameters_finite(self) -> bool:
+        return all(bool(torch.isfinite(p).all()) for p in self.parameters())
 
 
 def sketch_cosines(sketches: torch.Tensor) -> torch.Tensor:
@@ -115,4 +234,3 @@ def maybe_allreduce(t: torch.Tensor) -> torch.Tensor:
         torch.distributed.all_reduce(t)
         t /= torch.distributed.get_world_size()
     return t
-

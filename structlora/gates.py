@@ -7,8 +7,23 @@ family is sampled in one call per forward. The compression term L_IB (Eq. 3, 8, 
   Jang et al. 2017 stretched to reach exact 0/1). L_IB is the expected L0 norm, i.e. the mean
   probability that a gate is non-zero. This is the Bernoulli-prior reading of E.2: a KL to a
   Bernoulli(pi) prior is, up to constants, log((1-pi)/pi) times the expected number of open gates.
-* ``"gaussian"``: multiplicative Gaussian gates m = mu (1 + sigma eps), mu = sigmoid(theta), with the
-  same-variance prior N(0, sigma^2) of E.2, whose KL is ||mu||^2 / (2 sigma^2) (we average over gates).
+* ``"gaussian"``: additive Gaussian gates m = mu + sigma eps, mu = sigmoid(theta), eps ~ N(0, 1), with
+  the same-variance prior N(0, sigma^2) of E.2: KL(N(mu, sigma^2) || N(0, sigma^2)) = mu^2 / (2 sigma^2)
+  exactly. (Multiplicative noise mu (1 + sigma eps) has variance (mu sigma)^2, for which that expression
+  is not the KL; we use the additive form so the penalty is the KL it claims to be.)
+
+The compression term is per module: each module contributes its mean over its r gates (the expected
+fraction of open directions for hard-concrete), and `StructLoraModel.structlora_loss` sums the modules,
+so ``lambda_ib`` is the price of one module's full open fraction, whatever the number of modules.
+
+A target keep ratio rho (``target_keep_ratio``) is reached by a Lagrange multiplier on the expected
+L0 (Louizos et al. 2018; Wang et al. 2020; Xia et al. 2022, CoFi): per module, with s_l its expected
+open fraction, the loss gains lambda1_l (s_l - rho) + lambda2_l (s_l - rho)^2, and the multipliers
+(zero-initialised, in the gates' optimizer group) are updated by gradient *ascent* (their gradient is
+negated by a hook), so the gates are pushed to rho as long as they miss it. At eval, when more than
+ceil(rho r) gates of a module are open, the extra ones with the lowest scores are closed. While
+``hold`` is set (the warm-up, while B is near 0) the gates pass no gradient to their logits, so the
+compression term cannot move them before the task says anything.
 
 At eval the gates are noise-free and input-independent (so merging stays exact): hard-concrete uses
 clamp(sigmoid(log_alpha)(zeta-gamma)+gamma, 0, 1), which is exactly 0 when sigmoid(log_alpha) < 1/12.
@@ -41,11 +56,18 @@ class FamilyGate(nn.Module):
     """Gates of one module family: ``logits`` is (L, r); ``forward`` returns m (L, r)."""
 
     def __init__(self, num_layers: int, r: int, kind: Optional[str], filter: str, keep: Optional[int],
-                 init: float, temperature: float, sigma: float, seed: int) -> None:
+                 init: float, temperature: float, sigma: float, seed: int, target: Optional[float] = None) -> None:
         super().__init__()
         self.kind, self.filter, self.keep = kind, filter, keep
-        self.temperature, self.sigma = temperature, sigma
+        self.temperature, self.sigma, self.target = temperature, sigma, target
+        self.hold = False  # set by the model during the gate warm-up: logits get no gradient
         self.logits = nn.Parameter(torch.full((num_layers, r), float(init))) if kind else None
+        self.lagrange: Optional[nn.Parameter] = None
+        if target is not None:
+            if kind != "concrete":
+                raise ValueError("a target keep ratio needs hard-concrete gates (gate='concrete')")
+            self.lagrange = nn.Parameter(torch.zeros(2, num_layers))     # (lambda1, lambda2) per module
+            self.lagrange.register_hook(lambda g: -g)                    # gradient ascent on the multipliers
         gen = torch.Generator().manual_seed(seed)
         # 'random' filter: one fixed mask with exactly `keep` ones per layer; 'topk_norm': re-scored buffer.
         mask = torch.ones(num_layers, r)
@@ -59,16 +81,21 @@ class FamilyGate(nn.Module):
         """(L, r) gate values before any keep mask: sampled in training, deterministic at eval."""
         if self.kind is None:
             return None
+        logits = self.logits.detach() if self.hold else self.logits
         if self.kind == "concrete":
             if training:
-                u = torch.rand_like(self.logits).clamp(1e-6, 1 - 1e-6)
-                s = torch.sigmoid((u.log() - (-u).log1p() + self.logits) / self.temperature)
+                u = torch.rand_like(logits).clamp(1e-6, 1 - 1e-6)
+                s = torch.sigmoid((u.log() - (-u).log1p() + logits) / self.temperature)
             else:
-                s = torch.sigmoid(self.logits)
-            return (s * (ZETA - GAMMA) + GAMMA).clamp(0.0, 1.0)
-        mu = torch.sigmoid(self.logits)  # gaussian
+                s = torch.sigmoid(logits)
+            m = (s * (ZETA - GAMMA) + GAMMA).clamp(0.0, 1.0)
+            if not training and self.target is not None:   # close the extra open gates, lowest score first
+                k = max(1, math.ceil(self.target * logits.shape[-1]))
+                m = m * topk_mask(logits.detach(), k)
+            return m
+        mu = torch.sigmoid(logits)  # gaussian: additive noise of the prior's variance
         if training:
-            return mu * (1 + self.sigma * torch.randn_like(mu))
+            return mu + self.sigma * torch.randn_like(mu)
         return mu
 
     def forward(self, training: bool) -> Optional[torch.Tensor]:
@@ -83,14 +110,35 @@ class FamilyGate(nn.Module):
         return self.mask if m is None else m * self.mask
 
     # ---- compression term and scores ----
+    def open_fraction(self) -> torch.Tensor:
+        """(L,) expected fraction of open gates per module, (1/r) sum_j P(m_j != 0) (hard-concrete)."""
+        return torch.sigmoid(self.logits - self.temperature * math.log(-GAMMA / ZETA)).mean(-1)
+
     def compression(self) -> torch.Tensor:
-        """L_IB for this family, averaged over its gates (0 when there is no gate)."""
+        """The family's L_IB averaged over its gates (the mean of `module_compression`)."""
+        return self.module_compression().mean()
+
+    def module_compression(self) -> torch.Tensor:
+        """(L,) L_IB per module: the expected open fraction (concrete) or mean mu^2 / (2 sigma^2), the KL
+        to N(0, sigma^2) (gaussian); zeros when there is no gate."""
         if self.kind == "concrete":
-            p_open = torch.sigmoid(self.logits - self.temperature * math.log(-GAMMA / ZETA))
-            return p_open.mean()
+            return self.open_fraction()
         if self.kind == "gaussian":
-            return torch.sigmoid(self.logits).pow(2).mean() / (2 * self.sigma**2)
-        return torch.zeros(())
+            return torch.sigmoid(self.logits).pow(2).mean(-1) / (2 * self.sigma**2)
+        return torch.zeros(1)
+
+    def lagrangian(self) -> torch.Tensor:
+        """sum_l lambda1_l (s_l - rho) + lambda2_l (s_l - rho)^2 (0 without a target)."""
+        if self.lagrange is None:
+            return torch.zeros(())
+        gap = self.open_fraction() - self.target                       # (L,)
+        return (self.lagrange[0] * gap + self.lagrange[1] * gap.pow(2)).sum()
+
+    @torch.no_grad()
+    def closed_count(self) -> int:
+        """Directions whose deterministic (eval) gate is exactly 0, over the family."""
+        m = self.forward(False)
+        return 0 if m is None else int((m == 0).sum())
 
     def scores(self) -> Optional[torch.Tensor]:
         """(L, r) IB scores: P(gate open) (concrete) or mu (gaussian); None without a gate."""

@@ -166,3 +166,52 @@ def test_degenerate_claim_is_inconclusive_whatever_the_numbers():
     deg = claim_from_test("c", "nb", "cpu", "x beats y", test, 2.0, note="n=3",
                           degenerate="every run of both methods predicts one class")
     assert deg.verdict == "inconclusive" and deg.note == "every run of both methods predicts one class; n=3"
+
+
+# ------------------------------------------------------------------------------ power, decisions, Holm
+def test_seeds_needed_meets_the_half_width_and_is_minimal():
+    import math
+
+    from scipy import stats as st
+
+    from structlora.repro.stats import seeds_needed
+
+    for sigma, effect in [(1.4, 1.5), (3.4, 3.6), (0.5, 2.0), (12.0, 0.9)]:
+        n = seeds_needed(sigma, effect, max_n=100000)
+        half = lambda k: st.t.ppf(0.975, k - 1) * sigma / math.sqrt(k)  # noqa: E731
+        assert half(n) <= effect / 2 and (n == 2 or half(n - 1) > effect / 2)
+    assert seeds_needed(1.4, 1.5) == 16            # sst2's pilot spread against the paper's +1.5
+    assert seeds_needed(0.0, 1.0) == 2 and seeds_needed(1.0, 0.0, max_n=50) == 51
+    with pytest.raises(ValueError):
+        seeds_needed(float("nan"), 1.0)
+
+
+def test_holm_matches_the_step_down_definition():
+    from structlora.repro.stats import holm
+
+    assert holm([0.01, 0.04, 0.03, 0.005]) == pytest.approx([0.03, 0.06, 0.06, 0.02])
+    out = holm([0.2, float("nan"), 0.01])
+    assert out[0] == pytest.approx(0.2) and out[2] == pytest.approx(0.02) and out[1] != out[1]
+
+
+@pytest.mark.parametrize("args, expected", [
+    ((2.0, 1.0, 3.0, 0.01, 1.5), "reproduced"),
+    ((0.4, 0.2, 0.6, 0.01, 1.5), "smaller than claimed"),
+    ((-1.0, -1.8, -0.2, 0.02, 1.5), "not reproduced"),
+    ((0.1, -0.3, 0.5, 0.5, 1.5), "not reproduced"),        # excludes half the effect, not significant
+    ((0.5, -1.0, 2.0, 0.4, 1.5), "inconclusive"),
+    ((-2.0, -3.0, -1.0, 0.01, -1.5), "reproduced"),        # a claimed decrease
+])
+def test_decide_outcomes(args, expected):
+    from structlora.repro.stats import decide
+
+    assert decide(*args) == expected
+
+
+def test_decide_checks_the_arms_and_the_power_first():
+    from structlora.repro.stats import decide, identical_arms
+
+    assert decide(0.0, 0.0, 0.0, 1.0, 0.8, arms_identical=True) == "untestable (arms identical)"
+    assert decide(2.0, 1.0, 3.0, 0.01, 1.5, seeds_required=40, seeds_cap=10) == "undecidable at this scale"
+    assert identical_arms(["a", "b"], ["a", "b"]) and not identical_arms(["a", "b"], ["a", "c"])
+    assert not identical_arms([], []) and not identical_arms(["a"], None)

@@ -14,7 +14,8 @@ import numpy as np
 import pandas as pd
 from scipy import stats as _st
 
-__all__ = ["summarize", "paired_test", "verdict", "compare_to_paper", "single_class_runs", "single_class_table", "VERDICTS"]
+__all__ = ["summarize", "paired_test", "verdict", "compare_to_paper", "single_class_runs", "single_class_table", "VERDICTS",
+           "OUTCOMES", "seeds_needed", "holm", "decide", "identical_arms"]
 
 VERDICTS = ("reproduced", "not reproduced", "inconclusive")
 DEFAULT_BY = ("task", "model", "method", "rank", "fraction")
@@ -267,3 +268,95 @@ def _fmt_ci(mean: float, lo: float, hi: float, digits: int) -> str:
     if _nan(lo) or _nan(hi):
         return f"{mean:+.{digits}f}"
     return f"{mean:+.{digits}f} [{lo:+.{digits}f}, {hi:+.{digits}f}]"
+
+
+# ------------------------------------------------------------------------------ power, decisions, Holm
+OUTCOMES = ("reproduced", "smaller than claimed", "not reproduced", "inconclusive",
+            "undecidable at this scale", "untestable (arms identical)")
+
+
+def seeds_needed(sigma_d: float, effect: float, fraction: float = 0.5, confidence: float = 0.95,
+                 max_n: int = 10_000) -> int:
+    """Smallest number of paired seeds n >= 2 whose ``confidence`` t-interval of the mean difference has
+    half-width at most ``fraction * |effect|``: t_{n-1, (1+c)/2} * sigma_d / sqrt(n) <= fraction |effect|.
+
+    ``sigma_d`` is the (pilot) standard deviation of the paired difference, ``effect`` the paper's
+    difference, in the same units. With half-width <= |effect|/2 an interval centred on the paper's
+    effect excludes 0 and an interval centred on 0 excludes the paper's effect, so either outcome is
+    decided. Returns ``max_n + 1`` when even ``max_n`` seeds are not enough (or the effect is 0).
+    """
+    if not (sigma_d >= 0) or math.isinf(sigma_d):
+        raise ValueError(f"sigma_d must be a finite number >= 0, got {sigma_d!r}")
+    target = fraction * abs(effect)
+    if target <= 0:
+        return max_n + 1
+    if sigma_d == 0:
+        return 2
+    for n in range(2, max_n + 1):
+        if _st.t.ppf(0.5 + confidence / 2, n - 1) * sigma_d / math.sqrt(n) <= target:
+            return n
+    return max_n + 1
+
+
+def holm(pvalues: Sequence[float]) -> list[float]:
+    """Holm-Bonferroni adjusted p-values (step-down, monotone, capped at 1), in the input order; NaN
+    stays NaN and does not count as a test. Hand-written because scipy offers only Benjamini-Hochberg
+    (``false_discovery_control``) and statsmodels is not a dependency."""
+    p = np.asarray(pvalues, dtype=float)
+    valid = np.flatnonzero(~np.isnan(p))
+    out = np.full(p.shape, np.nan)
+    m = len(valid)
+    running = 0.0
+    for rank, i in enumerate(valid[np.argsort(p[valid], kind="stable")]):
+        running = max(running, min(1.0, (m - rank) * p[i]))
+        out[i] = running
+    return out.tolist()
+
+
+def decide(diff_mean: float, ci_low: float, ci_high: float, p: float, paper_diff: float | None, *,
+           arms_identical: bool = False, alpha: float = 0.05, margin: float | None = None,
+           seeds_required: int | None = None, seeds_cap: int | None = None) -> str:
+    """The one verdict rule of every notebook (issue 13's protocol), for a paired difference
+    (method minus baseline) against the paper's difference ``paper_diff`` (same units).
+
+    Checked in this order:
+
+    1. **untestable (arms identical)**: the manipulation check failed: the two arms made the same
+       predictions (or have the same weights), so the comparison tests nothing.
+    2. **undecidable at this scale**: the power analysis (`seeds_needed`) asks for more seeds than the
+       tier's cap (``seeds_required > seeds_cap``); the claim is not run as noise.
+    3. Let s = sign(paper_diff) and margin = |paper_diff| / 2 (unless given); ``p`` may be a
+       Holm-adjusted p-value (primary family) or a raw one (exploratory).
+       * **reproduced**: significant (p < alpha), the paper's sign, and the interval reaches half the
+         paper's effect (s * upper end >= margin);
+       * **smaller than claimed**: significant, the paper's sign, but the interval excludes half the
+         effect (s * upper end < margin);
+       * **not reproduced**: significant with the opposite sign, or not significant while the interval
+         excludes half the effect;
+       * **inconclusive**: otherwise (or undefined statistics / no paper value).
+    """
+    if arms_identical:
+        return "untestable (arms identical)"
+    if seeds_required is not None and seeds_cap is not None and seeds_required > seeds_cap:
+        return "undecidable at this scale"
+    if any(_nan(v) for v in (diff_mean, ci_low, ci_high, p)) or _nan(paper_diff) or paper_diff == 0:
+        return "inconclusive"
+    if ci_low > ci_high:
+        raise ValueError(f"ci_low {ci_low} > ci_high {ci_high}")
+    s = 1.0 if paper_diff > 0 else -1.0
+    margin = 0.5 * abs(paper_diff) if margin is None else float(margin)
+    upper = ci_high if s > 0 else -ci_low          # the interval's end in the paper's direction
+    significant = p < alpha
+    if significant and s * diff_mean > 0:
+        return "reproduced" if upper >= margin else "smaller than claimed"
+    if significant and s * diff_mean < 0:
+        return "not reproduced"
+    return "not reproduced" if upper < margin else "inconclusive"
+
+
+def identical_arms(a: Sequence[Any] | None, b: Sequence[Any] | None) -> bool:
+    """Manipulation check: True when two arms' per-run fingerprints (e.g. the sha256 of each run's
+    test predictions, paired by seed) are all equal, i.e. the two methods computed the same thing."""
+    if a is None or b is None or len(a) == 0 or len(a) != len(b):
+        return False
+    return all(x is not None and x == y for x, y in zip(a, b))
