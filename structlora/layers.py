@@ -3,6 +3,10 @@
 A family is every adapted module with the same name up to its first numeric path component
 (``...layer.3.attention.self.query`` -> ``...layer.*.attention.self.query``); the coordinator
 (Sec. 3.3) mixes updates within a family, across depth.
+
+peft's `lora.Linear` wraps both ``nn.Linear`` and transformers' ``Conv1D`` (GPT-2's ``c_attn``,
+``c_proj``, ``c_fc``; then ``layer.fan_in_fan_out`` is True), so both are collected here; their LoRA
+factors A (r x k) and B (d x r) have the same orientation, only the stored W0 is transposed.
 """
 from __future__ import annotations
 
@@ -18,7 +22,7 @@ _LAYER_INDEX = re.compile(r"\.(\d+)\.")
 
 
 def group_lora_layers(model: nn.Module) -> dict[str, list[tuple[str, nn.Module]]]:
-    """Group peft LoRA linear layers into families: same name up to the first layer index.
+    """Group peft LoRA linear layers (over nn.Linear or Conv1D) into families: same name up to the first layer index.
 
     ``...layer.3.attention.self.query`` -> family ``...layer.*.attention.self.query``, ordered by depth.
     A module with no numeric path component is a family of its own.

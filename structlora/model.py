@@ -26,7 +26,6 @@ from __future__ import annotations
 import copy
 import os
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Optional
 
 import torch
@@ -361,7 +360,10 @@ class StructLoraModel(nn.Module):
 
 
 def _make_forward(owner: StructLoraModel, fam: Family, l: int, layer: LoraLinear):
-    """The replacement forward of one peft `lora.Linear`: base + one concatenated low-rank product."""
+    """The replacement forward of one peft `lora.Linear`: base + one concatenated low-rank product.
+
+    Also right for a Conv1D base (GPT-2): ``base_layer(x)`` applies W0 in its own storage order, and
+    A, B are (r, k), (d, r) as for nn.Linear, so the low-rank path needs no transpose."""
     original = type(layer).forward
 
     def forward(x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
