@@ -30,24 +30,33 @@ class StructLoraConfig(LoraConfig):
     """
 
     # ---- Stage 1: information-bottleneck gate (Eq. 2-3, 8; appendix E.2) ----
-    gate: Optional[str] = field(default="concrete", metadata={"help": "'concrete' (hard-concrete, exact zeros), 'gaussian' (multiplicative, L2 prior) or None (no gate)"})
+    gate: Optional[str] = field(default="concrete", metadata={"help": "'concrete' (hard-concrete, exact zeros), 'gaussian' (additive noise, KL to N(0, sigma^2)) or None (no gate)"})
     filter: str = field(default="ib", metadata={"help": "how directions are kept: 'ib' (learned gate), 'random' (fixed mask) or 'topk_norm' (||b_j||*||a_j||, re-scored) (Fig. 2)"})
     keep_ratio: Optional[float] = field(default=None, metadata={"help": "fraction of each module's r directions kept (per module, ceil(rho*r)); None = no cardinality constraint"})
-    lambda_ib: float = field(default=0.05, metadata={"help": "weight of the compression (KL / expected-L0) term in L_total = L_task + lambda_IB * L_IB (Eq. 8)"})
+    lambda_ib: float = field(default=0.05, metadata={"help": "weight of the compression term per module (its expected open fraction / mean KL), summed over modules: L_total = L_task + lambda_IB * L_IB (Eq. 8)"})
+    target_keep_ratio: Optional[float] = field(default=None, metadata={"help": "fraction of each module's directions left open at the end, reached by a Lagrange multiplier on the expected L0 (hard-concrete only); None = lambda_IB alone decides"})
+    gate_warmup_steps: int = field(default=30, metadata={"help": "training steps during which the gate logits are held (no gradient, no compression term) while B is still near 0"})
     gate_init: float = field(default=2.0, metadata={"help": "initial gate logit: log_alpha (concrete) or theta (gaussian, mu=sigmoid(theta)); large = open, so training starts near LoRA"})
     gate_temperature: float = field(default=2 / 3, metadata={"help": "hard-concrete temperature beta (Louizos et al. 2018)"})
-    gate_sigma: float = field(default=0.5, metadata={"help": "Gaussian gate noise std sigma; prior N(0, sigma^2) gives ||mu||^2 / (2 sigma^2) (E.2)"})
+    gate_sigma: float = field(default=0.5, metadata={"help": "Gaussian gate noise std sigma (m = mu + sigma eps); prior N(0, sigma^2) gives the KL mu^2 / (2 sigma^2) (E.2)"})
     gate_lr_multiplier: float = field(default=10.0, metadata={"help": "gate logits learn this much faster than the factors (they must move O(1) within a short run)"})
     filter_warmup_steps: int = field(default=50, metadata={"help": "training steps before a keep_ratio mask is enforced (all filters alike), so top-k-norm has norms to rank"})
     rescore_every: int = field(default=50, metadata={"help": "steps between re-scorings of the 'topk_norm' mask"})
     # ---- Stage 2: depth coordinator (Eq. 4-5, 7; appendix E.3-E.6) ----
     graph: Optional[str] = field(default="hybrid", metadata={"help": "depth graph per module family: 'adjacency' (chain), 'similarity' (gradient cosine), 'hybrid' (union) or None (no coordinator)"})
     gnn_steps: int = field(default=1, metadata={"help": "T residual message-passing steps (Table 6: 1 is best; large T oversmooths, E.6)"})
-    sim_threshold: float = field(default=0.3, metadata={"help": "cosine of batch-averaged dL/dW above which two layers get a similarity edge"})
+    coordinator: str = field(default="smoother", metadata={"help": "'smoother': M = I - eta L (Eq. 14-15, Theorem 1), acts from step 0; 'gains': zero-initialised scalar edge gains (the earlier reading, for the ablation)"})
+    eta_init: float = field(default=0.5, metadata={"help": "initial eta as a fraction of eta_max = 1 / lambda_max(L) (smoother): strong enough to act at once, invertible"})
+    learn_eta: bool = field(default=True, metadata={"help": "learn eta in its own optimizer group; False freezes it: the static-coupling control of E.5"})
+    edge_corrections: bool = field(default=False, metadata={"help": "add learned, zero-initialised symmetric per-edge corrections C to M (the data-aware coupling of E.5)"})
+    sim_rule: str = field(default="knn", metadata={"help": "similarity edges: 'knn' (each layer's sim_k highest-cosine non-adjacent layers) or 'threshold' (cosine > sim_threshold)"})
+    sim_k: int = field(default=1, metadata={"help": "similarity neighbours per layer for sim_rule='knn' (symmetrised)"})
+    sim_threshold: float = field(default=0.3, metadata={"help": "cosine of batch-summed dL/dW above which two layers get an edge (sim_rule='threshold' only)"})
+    sim_ema: float = field(default=0.5, metadata={"help": "momentum of the moving average of the cosine estimates across refreshes (0 = latest estimate only)"})
     sim_refresh_every: int = field(default=50, metadata={"help": "K: steps between similarity-edge refreshes"})
-    sim_batches: int = field(default=2, metadata={"help": "training batches averaged into each gradient-similarity estimate"})
-    sim_sketch_dim: int = field(default=16, metadata={"help": "p: random-projection width of the dL/dW sketch (memory O(L*(d+k)*p) per family)"})
-    coordinator_lr_multiplier: float = field(default=1.0, metadata={"help": "learning-rate multiplier for the scalar edge gains"})
+    sim_batches: int = field(default=4, metadata={"help": "training batches summed into each gradient-similarity estimate"})
+    sim_sketch_dim: int = field(default=64, metadata={"help": "p: random-projection width of the dL/dW sketch (memory O(L*d*p) per family; error ~ 1/sqrt(p))"})
+    coordinator_lr_multiplier: float = field(default=10.0, metadata={"help": "learning-rate multiplier for the coordinator (theta of eta, edge corrections, or gains): one scalar per family must move O(1) in a run"})
     # ---- static alternatives (appendix C, Eq. 9-10) ----
     penalty: Optional[str] = field(default=None, metadata={"help": "static depth penalty: 'cos' (Eq. 9), 'laplacian' (Eq. 10) or None"})
     penalty_weight: float = field(default=0.0, metadata={"help": "lambda_cos / lambda_lap for the static penalty"})
@@ -84,6 +93,23 @@ class StructLoraConfig(LoraConfig):
             raise ValueError("gate_sigma and gate_temperature must be > 0")
         if not -1.0 <= self.sim_threshold <= 1.0:
             raise ValueError(f"sim_threshold is a cosine in [-1, 1], got {self.sim_threshold!r}")
+        if self.coordinator not in ("smoother", "gains"):
+            raise ValueError(f"coordinator must be 'smoother' or 'gains', got {self.coordinator!r}")
+        if self.sim_rule not in ("knn", "threshold"):
+            raise ValueError(f"sim_rule must be 'knn' or 'threshold', got {self.sim_rule!r}")
+        if not (isinstance(self.eta_init, (int, float)) and 0.0 < self.eta_init < 1.0):
+            raise ValueError(f"eta_init is a fraction of eta_max in (0, 1), got {self.eta_init!r}")
+        if not (isinstance(self.sim_ema, (int, float)) and 0.0 <= self.sim_ema < 1.0):
+            raise ValueError(f"sim_ema must be in [0, 1), got {self.sim_ema!r}")
+        if int(self.sim_k) < 1:
+            raise ValueError(f"sim_k must be >= 1, got {self.sim_k!r}")
+        if self.gate_warmup_steps < 0:
+            raise ValueError(f"gate_warmup_steps must be >= 0, got {self.gate_warmup_steps!r}")
+        if self.target_keep_ratio is not None:
+            if not (isinstance(self.target_keep_ratio, (int, float)) and 0.0 < self.target_keep_ratio <= 1.0):
+                raise ValueError(f"target_keep_ratio must be in (0, 1], got {self.target_keep_ratio!r}")
+            if self.gate != "concrete":
+                raise ValueError("target_keep_ratio needs gate='concrete' (its expected L0 is the constraint)")
         if self.use_dora:
             raise ValueError("StructLoRA gates LoRA directions; use_dora=True is not supported")
 

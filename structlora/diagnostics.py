@@ -12,6 +12,7 @@ small batches).
 """
 from __future__ import annotations
 
+import math
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Optional
 
 import torch
@@ -23,7 +24,8 @@ from .lowrank import Factors, cos_adj, drift_energy, frob_inner
 if TYPE_CHECKING:
     from .model import StructLoraModel
 
-__all__ = ["factors_by_family", "update_diagnostics", "gradient_cosines", "structlora_report", "Report"]
+__all__ = ["factors_by_family", "update_diagnostics", "stage_evidence", "uncoordinated_factors", "gradient_cosines",
+           "structlora_report", "Report"]
 
 
 def factors_by_family(model: nn.Module) -> dict[str, list[tuple[str, Factors]]]:
@@ -42,22 +44,81 @@ def factors_by_family(model: nn.Module) -> dict[str, list[tuple[str, Factors]]]:
             for key, members in groups.items()}
 
 
-@torch.no_grad()
-def update_diagnostics(model: nn.Module) -> dict[str, float]:
-    """Summary over families: total drift energy E, mean CosAdj, mean ||dW||_F. {} if not a LoRA model."""
-    try:
-        fams = factors_by_family(model)
-    except ValueError:
-        return {}
+def _summary(fams: dict[str, list[Factors]]) -> dict[str, float]:
     energies, cosines, norms = [], [], []
-    for members in fams.values():
-        factors = [f for _, f in members]
+    for factors in fams.values():
         energies.append(float(drift_energy(factors)))
         if len(factors) > 1:
             cosines.append(float(cos_adj(factors)))
         norms += [float(frob_inner(*f, *f).clamp_min(0).sqrt()) for f in factors]
     return {"drift_energy": sum(energies), "cos_adj": sum(cosines) / max(len(cosines), 1),
             "update_norm": sum(norms) / max(len(norms), 1)}
+
+
+@torch.no_grad()
+def uncoordinated_factors(model: "StructLoraModel") -> dict[str, list[Factors]]:
+    """Per family, the eval-mode gated but *uncoordinated* updates s B diag(m) A (what the layers would
+    apply with M = I): the baseline against which the coordinator's effect on E and CosAdj is read."""
+    was_training = model.training
+    model.eval()
+    model._reset_states()
+    try:
+        out = {}
+        for fam in model.families:
+            m = model.family_state(fam)["m"]
+            out[fam.key] = [((fam.B(l) * fam.scalings[l] * (m[l] if m is not None else 1.0)).detach(),
+                             fam.A(l).detach()) for l in range(len(fam.layers))]
+        return out
+    finally:
+        model._reset_states()
+        model.train(was_training)
+
+
+@torch.no_grad()
+def stage_evidence(model: "StructLoraModel") -> dict[str, float]:
+    """Per-run evidence that both stages acted: mean eta and eta_max (smoother), mean ||M - I||_F, edges
+    and similarity edges (summed over families), mean eval gate, closed directions and their target,
+    and E / CosAdj of the uncoordinated update (``uncoord_*``) beside the coordinated one."""
+    out: dict[str, float] = {}
+    coords = [fam.coord for fam in model.families if fam.coord is not None]
+    if coords:
+        summaries = [c.summary() for c in coords]
+        out["mix_dev"] = sum(x["mix_dev"] for x in summaries) / len(summaries)
+        out["edges"] = sum(x["edges"] for x in summaries)
+        out["similarity_edges"] = sum(x["similarity_edges"] for x in summaries)
+        if "eta" in summaries[0]:
+            out["eta"] = sum(x["eta"] for x in summaries) / len(summaries)
+            out["eta_max"] = sum(x["eta_max"] for x in summaries) / len(summaries)
+            out["eta_init"] = float(model.structlora_config.eta_init) * out["eta_max"]
+    gates = [fam.gate for fam in model.families if fam.gate.kind is not None]
+    if gates:
+        values = torch.cat([g.forward(False).flatten() for g in gates])
+        out["mean_gate"] = float(values.mean())
+        out["closed_directions"] = float(sum(g.closed_count() for g in gates))
+        out["directions"] = float(values.numel())
+        target = model.structlora_config.target_keep_ratio
+        if target is not None:
+            r = model.families[0].A(0).shape[0]
+            open_per_module = max(1, math.ceil(target * r))
+            out["closed_target"] = float(sum((r - open_per_module) * g.logits.shape[0] for g in gates))
+    unco = _summary(uncoordinated_factors(model))
+    out.update({f"uncoord_{k}": v for k, v in unco.items()})
+    return out
+
+
+@torch.no_grad()
+def update_diagnostics(model: nn.Module) -> dict[str, float]:
+    """Summary over families: total drift energy E, mean CosAdj, mean ||dW||_F of the applied (for
+    StructLoRA: gated and coordinated) updates; for StructLoRA also `stage_evidence`. {} if not a
+    LoRA model."""
+    try:
+        fams = factors_by_family(model)
+    except ValueError:
+        return {}
+    out = _summary({k: [f for _, f in members] for k, members in fams.items()})
+    if hasattr(model, "families"):
+        out.update(stage_evidence(model))
+    return out
 
 
 def gradient_cosines(model: nn.Module, batches: Iterable[dict[str, Any]],

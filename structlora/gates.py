@@ -22,7 +22,7 @@ open fraction, the loss gains lambda1_l (s_l - rho) + lambda2_l (s_l - rho)^2, a
 (zero-initialised, in the gates' optimizer group) are updated by gradient *ascent* (their gradient is
 negated by a hook), so the gates are pushed to rho as long as they miss it. At eval, when more than
 ceil(rho r) gates of a module are open, the extra ones with the lowest scores are closed. While
-``hold`` is set (the warm-up, while B is near 0) the gates pass no gradient to their logits, so the
+``hold`` is set (the warm-up, while B is near 0) the gates pass a zero gradient to their logits, so the
 compression term cannot move them before the task says anything.
 
 At eval the gates are noise-free and input-independent (so merging stays exact): hard-concrete uses
@@ -81,7 +81,8 @@ class FamilyGate(nn.Module):
         """(L, r) gate values before any keep mask: sampled in training, deterministic at eval."""
         if self.kind is None:
             return None
-        logits = self.logits.detach() if self.hold else self.logits
+        # held: a zero gradient (not none), so data-parallel wrappers still see the logits used
+        logits = self.logits.detach() + 0.0 * self.logits if self.hold else self.logits
         if self.kind == "concrete":
             if training:
                 u = torch.rand_like(logits).clamp(1e-6, 1 - 1e-6)

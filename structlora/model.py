@@ -95,8 +95,14 @@ class StructLoraModel(nn.Module):
             self._check_family(key, names, layers)
             r = layers[0].r[ADAPTER]
             gate = FamilyGate(len(layers), r, config.gate, config.filter, config.keep_count, config.gate_init,
-                              config.gate_temperature, config.gate_sigma, seed=config.structlora_seed + i)
-            coord = DepthCoordinator(len(layers), config.graph, config.gnn_steps) if config.graph else None
+                              config.gate_temperature, config.gate_sigma, seed=config.structlora_seed + i,
+                              target=config.target_keep_ratio)
+            gate.hold = config.gate_warmup_steps > 0 and config.gate is not None
+            coord = (DepthCoordinator(len(layers), config.graph, config.gnn_steps, mode=config.coordinator,
+                                      eta_init=config.eta_init, learn_eta=config.learn_eta,
+                                      edge_corrections=config.edge_corrections, sim_rule=config.sim_rule,
+                                      sim_k=config.sim_k, sim_threshold=config.sim_threshold, sim_ema=config.sim_ema)
+                     if config.graph else None)
             slot = f"family{i}"
             self.gates[slot] = gate
             if coord is not None:
@@ -134,8 +140,8 @@ class StructLoraModel(nn.Module):
             if fam.gate.logits is not None and not torch.isfinite(fam.gate.logits).all():
                 bad = (~torch.isfinite(fam.gate.logits)).any(-1).nonzero().flatten().tolist()
                 raise FloatingPointError(f"non-finite gate logits in {[fam.names[i] for i in bad]}")
-            if fam.coord is not None and not torch.isfinite(fam.coord.gains).all():
-                raise FloatingPointError(f"non-finite coordinator gains in family {fam.key!r}")
+            if fam.coord is not None and not fam.coord.parameters_finite():
+                raise FloatingPointError(f"non-finite coordinator parameters in family {fam.key!r}")
             for l, name in enumerate(fam.names):
                 if not (torch.isfinite(fam.A(l)).all() and torch.isfinite(fam.B(l)).all()):
                     raise FloatingPointError(f"non-finite LoRA factor in {name}")
@@ -170,6 +176,7 @@ class StructLoraModel(nn.Module):
         """Step-driven work: filter masks after warm-up, top-k-norm re-scoring, similarity refresh."""
         cfg, step = self.structlora_config, int(self.structlora_step)
         for fam in self.families:
+            fam.gate.hold = step < cfg.gate_warmup_steps
             if cfg.keep_ratio is not None and step >= cfg.filter_warmup_steps:
                 fam.gate.mask_active.fill_(True)
                 if cfg.filter == "topk_norm" and (step - cfg.filter_warmup_steps) % cfg.rescore_every == 0:
@@ -177,7 +184,7 @@ class StructLoraModel(nn.Module):
             if fam.sketch_proj is not None:
                 if fam.capturing and fam.captured >= cfg.sim_batches:
                     cos = sketch_cosines(maybe_allreduce(fam.sketches))
-                    fam.coord.set_similarity(cos, cfg.sim_threshold)
+                    fam.coord.set_similarity(cos)
                     fam.capturing, fam.sketches = False, None
                 if step % cfg.sim_refresh_every == 0:
                     fam.capturing, fam.captured = True, 0
@@ -224,14 +231,20 @@ class StructLoraModel(nn.Module):
 
     # ------------------------------------------------------------------ losses and optimisation
     def structlora_loss(self) -> torch.Tensor:
-        """lambda_IB * L_IB (Eq. 8) + the static penalty weight * L_cos / L_lap (Eq. 9-10); 0 if none."""
+        """lambda_IB * L_IB (Eq. 8, summed over modules) + the keep-ratio Lagrangian + the static penalty
+        weight * L_cos / L_lap (Eq. 9-10); 0 if none. The gate terms are off while the gates are held
+        (the first ``gate_warmup_steps`` training forwards)."""
         cfg = self.structlora_config
         device = self.families[0].A(0).device
         loss = torch.zeros((), device=device)
-        if cfg.gate is not None and cfg.lambda_ib > 0:
-            sizes = torch.tensor([fam.gate.logits.numel() for fam in self.families], dtype=torch.float, device=device)
-            terms = torch.stack([fam.gate.compression() for fam in self.families])
-            loss = loss + cfg.lambda_ib * (terms * sizes).sum() / sizes.sum()
+        held = any(fam.gate.hold for fam in self.families)   # set per training forward (_on_train_forward)
+        if cfg.gate is not None and not held:
+            if cfg.lambda_ib > 0:
+                loss = loss + cfg.lambda_ib * sum(fam.gate.module_compression().sum() for fam in self.families)
+            if cfg.target_keep_ratio is not None:
+                loss = loss + sum(fam.gate.lagrangian() for fam in self.families)
+        elif cfg.target_keep_ratio is not None:  # held: keep the multipliers in the graph (zero gradient)
+            loss = loss + 0.0 * sum(fam.gate.lagrange.sum() for fam in self.families)
         if cfg.penalty is not None and cfg.penalty_weight > 0:
             fn = cos_penalty if cfg.penalty == "cos" else laplacian_penalty
             for fam in self.families:
@@ -247,7 +260,8 @@ class StructLoraModel(nn.Module):
         return fam.B(l) * coef, fam.A(l)
 
     def structlora_param_groups(self, lr: float, weight_decay: float = 0.01) -> list[dict[str, Any]]:
-        """AdamW groups: LoRA factors (+ head) with decay; gate logits and edge gains without decay."""
+        """AdamW groups: LoRA factors (+ head) with decay; gate logits and Lagrange multipliers (gradient
+        ascent, see `gates`) and the coordinator's parameters (theta, corrections or gains), no decay."""
         cfg = self.structlora_config
         gate_params = [p for p in self.gates.parameters() if p.requires_grad]
         gain_params = [p for p in self.coordinators.parameters() if p.requires_grad]

@@ -160,7 +160,11 @@ def test_update_diagnostics_on_plain_lora_and_structlora():
     assert d["drift_energy"] > 0 and -1 <= d["cos_adj"] <= 1
     assert update_diagnostics(torch.nn.Linear(2, 2)) == {}
     sd = update_diagnostics(structured())
-    assert set(sd) == {"drift_energy", "cos_adj", "update_norm"}
+    assert {"drift_energy", "cos_adj", "update_norm"} <= set(sd)
+    # StructLoRA runs also carry the evidence of both stages
+    assert {"eta", "eta_max", "mix_dev", "edges", "similarity_edges", "mean_gate", "closed_directions",
+            "uncoord_drift_energy", "uncoord_cos_adj"} <= set(sd)
+    assert 0 < sd["eta"] < sd["eta_max"] and sd["mix_dev"] > 0
 
 
 def test_report_lists_every_module():

@@ -26,7 +26,7 @@ from structlora.layers import group_lora_layers
 from toy import randomize_lora, tiny_bert, tiny_gpt2, toy_batch
 
 PLAIN = {"gate": None, "graph": None}
-STRUCTURED = {"gate": "concrete", "graph": "hybrid"}
+STRUCTURED = {"gate": "concrete", "graph": "hybrid", "gate_warmup_steps": 0}
 
 # (name, base factory, task type, targets, user's fan_in_fan_out)
 LAYER_CASES = [
@@ -161,7 +161,7 @@ def test_trainer_save_model_writes_an_adapter_and_from_pretrained_resumes(tmp_pa
         torch.testing.assert_close(saved[k], raw[k], rtol=0, atol=0)
     state = load_file(str(out / "structlora_state.safetensors"))
     assert int(state["structlora_step"]) == 3 and any(k.startswith("gates.") for k in state)
-    assert any(k.endswith("gains") for k in state)
+    assert any(k.endswith("theta") for k in state)
 
     sm.eval()
     ids = toy_batch()["input_ids"]
@@ -175,7 +175,7 @@ def test_trainer_save_model_writes_an_adapter_and_from_pretrained_resumes(tmp_pa
     before = _trainable(loaded)
     StructLoraTrainer(model=loaded.train(), args=_args(tmp_path / "more", max_steps=1), train_dataset=_dataset()).train()
     after = _trainable(loaded)
-    for key in ("gates.family0.logits", "coordinators.family0.gains"):
+    for key in ("gates.family0.logits", "coordinators.family0.theta"):
         assert not torch.equal(before[key], after[key]), key
     assert int(loaded.structlora_step) == 4
 
