@@ -65,7 +65,7 @@ def save_adapter(model: "StructLoraModel", save_directory: str | os.PathLike, co
 
     peft_state = get_peft_model_state_dict(model.peft_model, save_embedding_layers=save_embedding_layers)
     state = {k: v.detach().clone().contiguous() for k, v in peft_state.items()
-             if ".lora_A." not in k and ".lora_B." not in k}
+             if ".lora_A." not in k and ".lora_B." not in k and "vera_" not in k}  # VeRA folds into LoRA factors
     ranks, errors = {}, {}
     for name, (b, a) in factors.items():
         err = 0.0
@@ -107,19 +107,48 @@ def merge_and_unload(model: "StructLoraModel") -> nn.Module:
 
     Its outputs equal the StructLoRA model's eval outputs (gates deterministic, coordinator folded
     in). The StructLoraModel must not be used afterwards (as with peft's own ``merge_and_unload``).
+
+    A VeRA base folds exactly (dW = diag(lambda_b) B diag(coef) A). A bitsandbytes 4-bit base
+    (QLoRA) is *dequantized*: each adapted ``Linear4bit`` becomes an ``nn.Linear`` in its compute dtype
+    holding dequant(W0) + dW, which is what the 4-bit forward computes, so the outputs are unchanged.
+    Re-quantizing W0 + dW to NF4 (peft's own 4-bit merge) would round the update away and change the
+    outputs; for a 4-bit deployment load the folded adapter (`save_adapter`) on the 4-bit base instead.
+    Unadapted 4-bit layers stay 4-bit.
     """
+    from .layers import is_4bit
+
     factors = model.effective_factors(drop_zero=True)
     # per layer, as peft sets it: Conv1D (GPT-2) stores W0 as (k, d), nn.Linear as (d, k)
-    transposed = {name: bool(layer.fan_in_fan_out) for fam in model.families for name, layer in zip(fam.names, fam.layers)}
-    base = model.peft_model.unload()  # removes LoRA layers, keeps trained modules_to_save
+    transposed = {name: bool(getattr(layer, "fan_in_fan_out", False))
+                  for fam in model.families for name, layer in zip(fam.names, fam.layers)}
+    base = model.peft_model.unload()  # removes LoRA/VeRA layers, keeps trained modules_to_save
     modules = dict(base.named_modules())
     for name, (b, a) in factors.items():
-        target = modules[relative_name(name)]
+        rel = relative_name(name)
+        target = modules[rel]
         delta = b @ a                                                   # (d, k): merging is dense by nature
+        if is_4bit(target):
+            target = _dequantized_linear(target)
+            parent, _, child = rel.rpartition(".")
+            setattr(base.get_submodule(parent) if parent else base, child, target)
         if transposed[name]:
             delta = delta.T                                             # (k, d)
         target.weight.add_(delta.to(target.weight.dtype))
     return base
+
+
+def _dequantized_linear(q: nn.Module) -> nn.Linear:
+    """An ``nn.Linear`` in the compute dtype of a bitsandbytes ``Linear4bit`` with its dequantized weight."""
+    import bitsandbytes.functional as bnbf
+
+    dtype = q.compute_dtype or torch.float32
+    weight = bnbf.dequantize_4bit(q.weight.data, q.weight.quant_state).to(dtype)    # (d, k)
+    out = nn.Linear(q.in_features, q.out_features, bias=q.bias is not None, device=weight.device, dtype=dtype)
+    out.weight.data.copy_(weight.reshape(q.out_features, q.in_features))
+    if q.bias is not None:
+        out.bias.data.copy_(q.bias.data.to(dtype))
+    out.requires_grad_(False)
+    return out
 
 
 # ---------------------------------------------------------------------- resumable training state

@@ -37,10 +37,10 @@ from . import diagnostics, export
 from .config import StructLoraConfig
 from .coordinator import DepthCoordinator, maybe_allreduce, sketch_cosines
 from .gates import FamilyGate
-from .layers import ADAPTER, LoraLinear, group_lora_layers
+from .layers import ADAPTER, LoraLinear, check_supported, factor_A, factor_B, group_lora_layers, layer_dropout, layer_scaling
 from .lowrank import cos_penalty, laplacian_penalty
 
-__all__ = ["StructLoraModel", "get_structlora_model", "Family"]
+__all__ = ["StructLoraModel", "get_structlora_model", "Family", "param_groups"]
 
 @dataclass
 class Family:
@@ -59,13 +59,13 @@ class Family:
 
     @property
     def scalings(self) -> torch.Tensor:
-        return torch.tensor([float(layer.scaling[ADAPTER]) for layer in self.layers])
+        return torch.tensor([layer_scaling(layer) for layer in self.layers])
 
     def A(self, l: int) -> torch.Tensor:
-        return self.layers[l].lora_A[ADAPTER].weight  # (r, k)
+        return factor_A(self.layers[l])  # (r, k)
 
     def B(self, l: int) -> torch.Tensor:
-        return self.layers[l].lora_B[ADAPTER].weight  # (d, r)
+        return factor_B(self.layers[l])  # (d, r); VeRA: diag(lambda_b) B diag(lambda_d)
 
 
 class StructLoraModel(nn.Module):
@@ -80,6 +80,7 @@ class StructLoraModel(nn.Module):
 
     def __init__(self, peft_model: PeftModel, config: StructLoraConfig) -> None:
         super().__init__()
+        check_supported(peft_model)   # before anything reads the peft config: a clear error for other tuners
         self.peft_model = peft_model
         self.structlora_config = config = _synced_config(config, peft_model)
         self.gates = nn.ModuleDict()
@@ -88,7 +89,8 @@ class StructLoraModel(nn.Module):
         self.families: list[Family] = []
         groups = group_lora_layers(peft_model)
         if not groups:
-            raise ValueError("no LoRA linear layers were created: check target_modules")
+            raise ValueError("no LoRA/VeRA linear layers were created: check target_modules (StructLoRA adapts "
+                             "peft LoRA/VeRA layers over nn.Linear, Conv1D or bitsandbytes Linear4bit)")
         for i, (key, members) in enumerate(groups.items()):
             names = [n for n, _ in members]
             layers = [m for _, m in members]
@@ -126,12 +128,12 @@ class StructLoraModel(nn.Module):
         if cfg.graph in ("similarity", "hybrid") and len(layers) < 2:
             raise ValueError(f"graph={cfg.graph!r}: module family {key!r} has a single layer; similarity edges need >= 2")
         if cfg.graph is not None:
-            shapes = {(tuple(l.lora_A[ADAPTER].weight.shape), tuple(l.lora_B[ADAPTER].weight.shape)) for l in layers}
+            shapes = {(tuple(factor_A(l).shape), tuple(factor_B(l).shape)) for l in layers}
             if len(shapes) > 1:
                 raise ValueError(f"module family {key!r} has layers of different shapes {sorted(shapes)}: "
                                  "the coordinator mixes updates within a family; use graph=None or target uniform modules")
         for name, layer in zip(names, layers):
-            if layer.use_dora.get(ADAPTER, False) or ADAPTER in getattr(layer, "lora_variant", {}):
+            if getattr(layer, "use_dora", {}).get(ADAPTER, False) or ADAPTER in getattr(layer, "lora_variant", {}):
                 raise ValueError(f"{name}: LoRA variants (DoRA, ...) are not supported by StructLoRA")
 
     def _check_finite(self) -> None:
@@ -259,19 +261,25 @@ class StructLoraModel(nn.Module):
         coef = fam.scalings[l] * (m[l] if m is not None else 1.0)
         return fam.B(l) * coef, fam.A(l)
 
-    def structlora_param_groups(self, lr: float, weight_decay: float = 0.01) -> list[dict[str, Any]]:
-        """AdamW groups: LoRA factors (+ head) with decay; gate logits and Lagrange multipliers (gradient
-        ascent, see `gates`) and the coordinator's parameters (theta, corrections or gains), no decay."""
+    def structlora_extra_groups(self, lr: float) -> list[dict[str, Any]]:
+        """StructLoRA's own AdamW groups (no decay): gate logits and Lagrange multipliers (gradient ascent,
+        see `gates`) at ``gate_lr_multiplier * lr``, the coordinator's parameters (theta, corrections or
+        gains) at ``coordinator_lr_multiplier * lr``. Frozen parameters are left out."""
         cfg = self.structlora_config
         gate_params = [p for p in self.gates.parameters() if p.requires_grad]
         gain_params = [p for p in self.coordinators.parameters() if p.requires_grad]
-        other = [p for p in self.peft_model.parameters() if p.requires_grad]
-        groups = [{"params": other, "lr": lr, "weight_decay": weight_decay}]
+        groups = []
         if gate_params:
             groups.append({"params": gate_params, "lr": lr * cfg.gate_lr_multiplier, "weight_decay": 0.0})
         if gain_params:
             groups.append({"params": gain_params, "lr": lr * cfg.coordinator_lr_multiplier, "weight_decay": 0.0})
         return groups
+
+    def structlora_param_groups(self, lr: float, weight_decay: float = 0.01) -> list[dict[str, Any]]:
+        """AdamW groups by the one shared policy (`param_groups`: decay on matrices, incl. LoRA factors and
+        the head weight; none on biases / LayerNorm / vectors) plus `structlora_extra_groups`. Frozen
+        parameters (LoRA-FA's A, VeRA's projections) are in no group."""
+        return param_groups(self, lr, weight_decay, extra=self.structlora_extra_groups(lr))
 
     # ------------------------------------------------------------------ export-facing views
     @torch.no_grad()
@@ -373,6 +381,29 @@ class StructLoraModel(nn.Module):
         return export.merge_and_unload(self)
 
 
+def param_groups(model: nn.Module, lr: float, weight_decay: float,
+                 extra: Any = ()) -> list[dict[str, Any]]:
+    """The one AdamW parameter grouping of every method (fair baselines, issue 11 item 6).
+
+    Trainable parameters of ``model`` not in ``extra``, in ``named_parameters`` order (tied tensors once):
+    matrices (``ndim >= 2``: weights, LoRA factors, the head weight) with ``weight_decay``; biases,
+    LayerNorm weights and other vectors (VeRA's lambdas) with none; all at ``lr``. ``extra`` are
+    method-specific groups (e.g. StructLoRA's gates and coordinator, with their lr multipliers), appended
+    as given; their parameters are taken out of the shared groups. Empty groups are dropped.
+    """
+    extra = [dict(g, params=list(g["params"])) for g in extra if list(g["params"])]
+    seen = {id(p) for g in extra for p in g["params"]}
+    decay, no_decay = [], []
+    for _, p in model.named_parameters():
+        if not p.requires_grad or id(p) in seen:
+            continue
+        seen.add(id(p))
+        (decay if p.ndim >= 2 else no_decay).append(p)
+    shared = [{"params": decay, "lr": lr, "weight_decay": weight_decay},
+              {"params": no_decay, "lr": lr, "weight_decay": 0.0}]
+    return [g for g in shared if g["params"]] + extra
+
+
 def _make_forward(owner: StructLoraModel, fam: Family, l: int, layer: LoraLinear):
     """The replacement forward of one peft `lora.Linear`: base + one concatenated low-rank product.
 
@@ -387,8 +418,9 @@ def _make_forward(owner: StructLoraModel, fam: Family, l: int, layer: LoraLinear
         result = layer.base_layer(x, *args, **kwargs)                        # (..., d)
         a_cat, coef, b_cat = owner.layer_factors(fam, l)
         x = layer._cast_input_dtype(x, a_cat.dtype)
-        h = F.linear(layer.lora_dropout[ADAPTER](x), a_cat)                  # (..., n r)
+        h = F.linear(layer_dropout(layer)(x), a_cat)                  # (..., n r)
         # scale B's columns, not h: saves one (tokens, n r) activation per layer (benchmarks/README.md)
+        # a 4-bit base returns its compute dtype: cast the update to it, as peft does
         out = result + F.linear(h, b_cat * coef).to(result.dtype)            # (..., d)
         if fam.capturing and out.requires_grad:
             xr = x.detach().reshape(-1, x.shape[-1]) @ fam.sketch_proj.to(x.device)   # (T, p)
@@ -420,6 +452,11 @@ def get_structlora_model(model: nn.Module, config: StructLoraConfig) -> StructLo
     """
     if not isinstance(config, StructLoraConfig):
         raise TypeError(f"config must be a StructLoraConfig, got {type(config).__name__}")
+    check_supported(model)  # unsupported adapters already in the model (prefix, DoRA, bottleneck, ...) fail by name
+    from peft.tuners.tuners_utils import BaseTunerLayer
+    if isinstance(model, PeftModel) or any(isinstance(m, BaseTunerLayer) for m in model.modules()):
+        raise ValueError("the model already carries a peft adapter: get_structlora_model adds LoRA layers itself; "
+                         "to put StructLoRA on an existing peft LoRA / VeRA model use StructLoraModel(peft_model, config)")
     targets = config.target_modules
     if isinstance(targets, (list, set, tuple)):
         names = [n for n, _ in model.named_modules()]

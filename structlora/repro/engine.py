@@ -450,18 +450,24 @@ def _seed_everything(seed: int) -> None:
 # --------------------------------------------------------------------------------------------- optimizer
 def _make_optimizer(handle: Any, params: list[nn.Parameter], named: list[tuple[str, nn.Parameter]],
                     cfg: TrainConfig) -> torch.optim.Optimizer:
-    """``handle.make_optimizer(lr, wd)`` when the method brings one, else AdamW.
-
-    AdamW decays matrices only: biases and norm weights (1-D tensors) get no weight decay, the
-    HF Trainer convention.
+    """``handle.make_optimizer(lr, wd)`` when the optimizer is part of the method (LoRA-FA), else AdamW over
+    the one shared grouping (`structlora.model.param_groups`, the same for every method): decay on
+    matrices (weights, LoRA factors, the head weight), none on biases / norm weights / vectors (the HF
+    Trainer convention), plus the method's own extra groups (``handle.extra_param_groups(lr)``:
+    StructLoRA's gates and coordinator with their lr multipliers). ``params`` / ``named`` are the
+    trainable parameters the caller found; every one of them must be in a group.
     """
+    from ..model import param_groups
+
     make = getattr(handle, "make_optimizer", None)
     if make is not None:
         return make(cfg.lr, cfg.weight_decay)
-    decay = [p for _, p in named if p.ndim >= 2]
-    no_decay = [p for _, p in named if p.ndim < 2]
-    groups = [g for g in ({"params": decay, "weight_decay": cfg.weight_decay},
-                          {"params": no_decay, "weight_decay": 0.0}) if g["params"]]
+    extra_fn = getattr(handle, "extra_param_groups", None)
+    groups = param_groups(handle.model, cfg.lr, cfg.weight_decay, extra=extra_fn(cfg.lr) if extra_fn else ())
+    grouped = {id(p) for g in groups for p in g["params"]}
+    missing = [n for n, p in named if id(p) not in grouped]
+    if missing:
+        raise RuntimeError(f"optimizer policy left trainable parameters out of every group: {missing[:5]}")
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, eps=1e-8)
 
 

@@ -65,6 +65,7 @@ __all__ = [
     "describe_methods",
     "list_methods",
     "lora_param_count",
+    "param_groups",
 ]
 
 KINDS = ("seq-cls", "causal-lm", "image-cls")
@@ -92,16 +93,33 @@ class MethodHandle:
     make_optimizer: Callable[[float, float], torch.optim.Optimizer] | None = None
     notes: str = ""
     controller: Any = None  # the method's own state object (DyLoRA / LoRA-Dropout / LoRAPrune controller, ...)
+    extra_param_groups: Callable[[float], list[dict[str, Any]]] | None = None  # method-only groups (StructLoRA)
 
-    def build_optimizer(self, lr: float, weight_decay: float) -> torch.optim.Optimizer:
-        """``make_optimizer(lr, wd)`` when the method has one, else AdamW(0.9, 0.999) over trainable params."""
+    def param_groups(self, lr: float, weight_decay: float) -> list[dict[str, Any]]:
+        """The shared AdamW grouping (`param_groups`) of this method's trainable parameters."""
+        return param_groups(self.model, lr, weight_decay,
+                            extra=self.extra_param_groups(lr) if self.extra_param_groups is not None else ())
+
+    def build_optimizer(self, lr: float, weight_decay: float,
+                        betas: tuple[float, float] = (0.9, 0.999)) -> torch.optim.Optimizer:
+        """``make_optimizer(lr, wd)`` when the method's optimizer is part of the method (LoRA-FA's projected
+        update), else AdamW over `param_groups` (the same for every method)."""
         if self.make_optimizer is not None:
             return self.make_optimizer(lr, weight_decay)
-        params = [p for p in self.model.parameters() if p.requires_grad]
-        return torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.999), weight_decay=weight_decay)
+        return torch.optim.AdamW(self.param_groups(lr, weight_decay), lr=lr, betas=betas, eps=1e-8)
 
 
 # ---------------------------------------------------------------------------------------------- helpers
+def param_groups(model: nn.Module, lr: float, weight_decay: float, extra: Any = ()) -> list[dict[str, Any]]:
+    """The one optimizer policy of every method (fair baselines): AdamW with decay on matrices (weights,
+    LoRA factors, the head weight), none on biases / LayerNorm / vectors, and method-specific ``extra``
+    groups (StructLoRA's gates and coordinator, with their lr multipliers) appended; see
+    `structlora.model.param_groups`, which this is."""
+    from ...model import param_groups as _shared
+
+    return _shared(model, lr, weight_decay, extra=extra)
+
+
 def count_trainable(model: nn.Module) -> int:
     """Number of trainable parameters (shared / tied tensors counted once)."""
     seen: set[int] = set()
@@ -198,12 +216,26 @@ def _build_dora(name, loaded, model, rank, seed, total_steps, kw, heads):
 def _build_vera(name, loaded, model, rank, seed, total_steps, kw, heads):
     from peft import VeraConfig, get_peft_model
 
-    defaults = {"r": rank, "target_modules": list(loaded.target_modules), "projection_prng_key": seed,
+    pm = _peft_vera(name, loaded, model, seed, kw, heads)
+    r = pm.peft_config["default"].r
+    return MethodHandle(name, pm, 0, notes=f"peft VeRA (Kopiczko et al. 2024), r={r} (the VeRA paper's rank, "
+                        f"independent of the LoRA rank): frozen shared random A/B, trainable lambda_b (d) and "
+                        f"lambda_d (r) per layer = {_vera_budget(pm)} adapter params (budget-exempt)")
+
+
+VERA_RANK = 256  # Kopiczko et al. 2024 use r = 256 (RoBERTa GLUE) and up to 1024 (LLaMA instruction tuning)
+
+
+def _peft_vera(name, loaded, model, seed, kw, heads):
+    from peft import VeraConfig, get_peft_model
+
+    defaults = {"r": VERA_RANK, "target_modules": list(loaded.target_modules), "projection_prng_key": seed,
                 "vera_dropout": 0.0, **_task_fields(loaded, model, heads)}
-    pm = get_peft_model(model, _config(VeraConfig, name, defaults, kw))
-    return MethodHandle(name, pm, 0, notes=f"peft VeRA (Kopiczko et al. 2024), r={pm.peft_config['default'].r}: "
-                        "frozen shared random A/B, trainable scaling vectors (budget-exempt; pass r=256 for "
-                        "the VeRA paper's setting)")
+    return get_peft_model(model, _config(VeraConfig, name, defaults, kw))
+
+
+def _vera_budget(pm: nn.Module) -> int:
+    return sum(p.numel() for n, p in pm.named_parameters() if p.requires_grad and "vera_lambda" in n)
 
 
 class _AdaLoraState:
@@ -316,7 +348,8 @@ def _quantize_4bit(model: nn.Module, skip: list[str]) -> int:
     return count
 
 
-def _build_qlora(name, loaded, model, rank, seed, total_steps, kw, heads):
+def _quantize_for_qlora(model: nn.Module, heads: list[str] | None) -> int:
+    """Quantize the base to NF4 (heads and lm_head kept); MethodSkipped where the 4-bit kernels fail."""
     _require_bitsandbytes()
     skip = list(heads or []) + ["lm_head"]
     n_quantized = _quantize_4bit(model, skip)
@@ -328,6 +361,14 @@ def _build_qlora(name, loaded, model, rank, seed, total_steps, kw, heads):
             q(torch.zeros(1, q.in_features, device=next(model.parameters()).device))
     except Exception as exc:
         raise MethodSkipped(f"qlora: bitsandbytes 4-bit forward fails here: {type(exc).__name__}: {exc}") from exc
+    # what transformers sets for a BitsAndBytesConfig(load_in_4bit=True) load: peft then builds its
+    # lora.bnb.Linear4bit layers (4-bit-aware merge, dtype casts) instead of a plain lora.Linear
+    model.is_loaded_in_4bit = True
+    return n_quantized
+
+
+def _build_qlora(name, loaded, model, rank, seed, total_steps, kw, heads):
+    n_quantized = _quantize_for_qlora(model, heads)
     pm = _peft_lora(name, loaded, model, rank, kw, heads)
     return MethodHandle(name, pm, 0, notes=f"QLoRA (Dettmers et al. 2023): {n_quantized} base nn.Linear -> "
                         "bitsandbytes NF4 Linear4bit (double quant), LoRA on top via peft; heads/lm_head kept")
@@ -443,19 +484,62 @@ _STRUCT_VARIANTS: dict[str, dict[str, Any]] = {
 }
 
 
-def _build_structlora(name, loaded, model, rank, seed, total_steps, kw, heads):
-    from ... import StructLoraConfig, get_structlora_model
+def _structlora_config(name, loaded, model, rank, seed, kw, heads, variant: str = "structlora"):
+    from ... import StructLoraConfig
 
-    defaults = {**_lora_defaults(loaded, model, rank, heads), "structlora_seed": seed, **_STRUCT_VARIANTS[name]}
-    cfg = _config(StructLoraConfig, name, defaults, kw)
-    sm = get_structlora_model(model, cfg)
+    defaults = {**_lora_defaults(loaded, model, rank, heads), "structlora_seed": seed, **_STRUCT_VARIANTS[variant]}
+    return _config(StructLoraConfig, name, defaults, kw)
 
-    def make_optimizer(lr: float, weight_decay: float) -> torch.optim.Optimizer:
-        return torch.optim.AdamW(sm.structlora_param_groups(lr, weight_decay), lr=lr, betas=(0.9, 0.999))
 
+def _structlora_handle(name, sm, cfg, notes: str) -> MethodHandle:
     settings = {k: getattr(cfg, k) for k in ("gate", "filter", "keep_ratio", "graph", "penalty", "penalty_weight")}
-    return MethodHandle(name, sm, 0, extra_loss=sm.structlora_loss, make_optimizer=make_optimizer,
-                        notes=f"StructLoRA core {settings}")
+    return MethodHandle(name, sm, 0, extra_loss=sm.structlora_loss, extra_param_groups=sm.structlora_extra_groups,
+                        notes=f"{notes} {settings}")
+
+
+def _build_structlora(name, loaded, model, rank, seed, total_steps, kw, heads):
+    from ... import get_structlora_model
+
+    cfg = _structlora_config(name, loaded, model, rank, seed, kw, heads, variant=name)
+    return _structlora_handle(name, get_structlora_model(model, cfg), cfg, "StructLoRA core")
+
+
+# StructLoRA as a meta-adapter (paper appendix F, Table 11): the full method (concrete gate, hybrid graph)
+# on top of another PEFT method, at that method's budget.
+def _build_qlora_structlora(name, loaded, model, rank, seed, total_steps, kw, heads):
+    from ... import get_structlora_model
+
+    n_quantized = _quantize_for_qlora(model, heads)
+    cfg = _structlora_config(name, loaded, model, rank, seed, kw, heads)
+    return _structlora_handle(name, get_structlora_model(model, cfg), cfg,
+                              f"StructLoRA on QLoRA: {n_quantized} base nn.Linear -> NF4 Linear4bit, peft "
+                              "lora.bnb.Linear4bit layers gated and coordinated;")
+
+
+def _build_lorafa_structlora(name, loaded, model, rank, seed, total_steps, kw, heads):
+    from ... import get_structlora_model
+
+    cfg = _structlora_config(name, loaded, model, rank, seed, kw, heads)
+    sm = get_structlora_model(model, cfg)
+    for n, p in sm.named_parameters():
+        if "lora_A" in n:
+            p.requires_grad_(False)  # LoRA-FA: A stays at its random init
+    return _structlora_handle(name, sm, cfg, "StructLoRA on LoRA-FA: A frozen, B + gates + coordinator train "
+                              "with the shared AdamW policy (LoRA-FA's projected B update assumes one product "
+                              "dW = s B A per layer, which the coordinator's mixing breaks, so it is not used);")
+
+
+def _build_vera_structlora(name, loaded, model, rank, seed, total_steps, kw, heads):
+    from ... import StructLoraModel
+
+    vera_kw = {k: kw.pop(k) for k in list(kw) if k in ("r", "projection_prng_key", "d_initial", "save_projection")}
+    pm = _peft_vera(name, loaded, model, seed, vera_kw, heads)
+    r = pm.peft_config["default"].r
+    cfg = _structlora_config(name, loaded, model, r, seed, kw, heads)
+    sm = StructLoraModel(pm, cfg)
+    return _structlora_handle(name, sm, cfg, f"StructLoRA on VeRA r={r}: gates multiply lambda_d, the "
+                              f"coordinator mixes diag(lambda_b) B diag(lambda_d) A; {_vera_budget(pm)} VeRA "
+                              "params + gates/coordinator (budget-exempt like vera);")
 
 
 # --------------------------------------------------------------------------------------------- registry
@@ -485,6 +569,9 @@ _REGISTRY: dict[str, _Spec] = {
     "lora_dropout": _Spec(_build_lora_dropout, "own", "Lin et al. 2024"),
     "loraprune": _Spec(_build_loraprune, "own", "Zhang et al. 2023a"),
     **{name: _Spec(_build_structlora, "structlora", "this paper") for name in _STRUCT_VARIANTS},
+    "qlora+structlora": _Spec(_build_qlora_structlora, "structlora", "this paper, Table 11 (on Dettmers et al. 2023)"),
+    "lorafa+structlora": _Spec(_build_lorafa_structlora, "structlora", "this paper, Table 11 (on LoRA-FA)"),
+    "vera+structlora": _Spec(_build_vera_structlora, "structlora", "this paper, Table 11 (on Kopiczko et al. 2024)"),
 }
 
 BUDGET_POLICY: dict[str, str] = {
@@ -494,7 +581,9 @@ BUDGET_POLICY: dict[str, str] = {
     "full_ft": "exempt: upper bound, every parameter trains",
     "linear_probe": "exempt: lower bound, only the head trains",
     "vera": "exempt: VeRA trains only scaling vectors over shared frozen random projections",
+    "vera+structlora": "exempt: VeRA's scaling vectors (r=256) plus StructLoRA's gates and coordinator",
     "lora_fa": "exempt: LoRA-FA freezes A by design (about half of LoRA's adapter parameters)",
+    "lorafa+structlora": "exempt: LoRA-FA's budget (A frozen) plus StructLoRA's gates and coordinator",
     "adalora": "exempt: starts at init_r and is pruned to an average rank of target_r during training",
 }
 """How :func:`check_budget` treats each method; any other method is a same-rank LoRA variant (reported)."""
@@ -559,7 +648,7 @@ def build_method(name: str, loaded: LoadedModel, rank: int = 8, seed: int = 0, t
         raise ValueError(f"rank must be a positive integer, got {rank!r}")
     if name == "adapterfusion":
         _build_adapterfusion(name, loaded, None, rank, seed, total_steps, kwargs, None)
-    if name == "qlora":
+    if name in ("qlora", "qlora+structlora"):
         _require_bitsandbytes()
     if name in ("adalora", "loraprune") and (total_steps is None or total_steps <= 0):
         raise ValueError(f"{name} needs total_steps > 0 (its schedule is defined over the whole run)")
