@@ -136,7 +136,8 @@ def test_registry_lists_every_method():
     expected = {"lora", "dora", "vera", "adalora", "lora_fa", "prefix", "qlora", "dylora", "lora_dropout",
                 "sensitivity_lora", "loraprune", "adapter", "adapterfusion", "full_ft", "linear_probe",
                 "structlora", "structlora_no_gate", "structlora_no_coord", "lora_cos", "lora_lap",
-                "filter_ib", "filter_random", "filter_topk_norm"}
+                "filter_ib", "filter_random", "filter_topk_norm",
+                "qlora+structlora", "lorafa+structlora", "vera+structlora"}
     assert set(list_methods()) == expected
     table = describe_methods()
     assert list(table["method"]) == list_methods()
@@ -153,7 +154,7 @@ def test_every_method_builds_and_budgets_match(fixture, batch_fn, request):
         try:
             handle = build_method(name, loaded, rank=RANK, seed=0, total_steps=10, **_kwargs(name, batch))
         except MethodSkipped as exc:
-            assert exc.reason and name in ("qlora", "adapterfusion", "linear_probe"), (name, exc.reason)
+            assert exc.reason and name in ("qlora", "qlora+structlora", "adapterfusion", "linear_probe"), (name, exc.reason)
             continue
         except ValueError as exc:
             assert (name, loaded.kind) == ("prefix", "image-cls"), (name, exc)
@@ -185,7 +186,7 @@ def test_method_beats_chance_on_learnable_toy_task(name, encoder):
         handle = build_method(name, encoder, rank=RANK, seed=0, total_steps=len(train), **_kwargs(name, train[0]))
     except MethodSkipped as exc:
         assert exc.reason.strip(), name
-        assert name in ("qlora", "adapterfusion"), f"{name} unexpectedly skipped: {exc.reason}"
+        assert name in ("qlora", "qlora+structlora", "adapterfusion"), f"{name} unexpectedly skipped: {exc.reason}"
         pytest.skip(exc.reason)
     before = {n: p.detach().clone() for n, p in handle.model.named_parameters()
               if p.requires_grad and "classifier" not in n}
@@ -361,7 +362,7 @@ def test_structlora_handles_use_the_core_api(encoder):
     assert handle.model.structlora_config.lambda_ib == 0.2
     assert handle.extra_loss is not None and torch.isfinite(handle.extra_loss())
     groups = handle.build_optimizer(1e-3, 0.01).param_groups
-    assert len(groups) >= 2  # gates get their own group
+    assert len(groups) >= 3  # the shared decay / no-decay groups, then the gates' own group
     with pytest.raises(ValueError, match="keep_ratio"):
         build_method("filter_random", encoder, keep_ratio=1.5)
 
