@@ -470,9 +470,9 @@ def bench_one(bench: Bench, r: int, args: argparse.Namespace, device: torch.devi
                 continue
             summary = v.model.save_pretrained(str(Path(tmp) / name))
             ranks = list(summary["ranks"].values())
-            gains = [float(f.coord.gains.abs().max()) for f in v.model.families if f.coord is not None]
+            mix = [f.coord.summary()["mix_dev"] for f in v.model.families if f.coord is not None]
             export[name] = {"size_bytes": int(summary["size_bytes"]), "max_rank": max(ranks), "mean_rank": sum(ranks) / len(ranks),
-                            "max_abs_gain": max(gains) if gains else 0.0}
+                            "max_mix_dev": max(mix) if mix else 0.0}   # ||M - I||_F of the coordinator
             if v.model.structlora_config.graph is not None:
                 comp = v.model.save_pretrained(str(Path(tmp) / f"{name}-c"), compress_rank=r)
                 export[name].update(compressed_size_bytes=int(comp["size_bytes"]), compressed_max_rel_error=float(comp["max_relative_error"]))

@@ -97,9 +97,9 @@ display(paper.table_frame(2))
 #
 # The cell below holds the **smoke** tier (seconds per run: it checks that every code path runs, its
 # numbers mean nothing). `python -m structlora reproduce --tier cpu|gpu` replaces it with
-# `params/<tier>/01_main_results.yml`. `BUDGET` is per model; `TASK_METHODS` / `TASK_SEEDS`
-# override `METHODS` / `SEEDS` for one task; `LR_SCALE` multiplies one method's learning rate (the
-# paper does not give per-method learning rates; full fine-tuning diverges at a PEFT learning rate).
+# `params/<tier>/01_main_results.yml`. The budget (steps, batch, learning rate of each method) is the
+# tier's one `params/<tier>/budget.yml`, shared by every notebook; `TASK_METHODS` / `TASK_SEEDS`
+# override `METHODS` / `SEEDS` for one task.
 
 # %% tags=["parameters"]
 TIER = "smoke"
@@ -110,16 +110,12 @@ TASK_METHODS = {"boolq": ["lora", "structlora"]}
 SEEDS = [0, 1]
 TASK_SEEDS = {"boolq": [0]}
 RANK = 8
-LR_SCALE = {"full_ft": 0.1}  # per-method multiplier of BUDGET's lr: full fine-tuning needs a smaller step
-BUDGET = {
-    "minilm-l6": {"max_steps": 3, "batch_size": 8, "max_length": 64, "lr": 5e-4, "eval_every": 3,
-                  "max_eval_examples": 32},
-    "smollm2-135m": {"max_steps": 1, "batch_size": 2, "max_length": 48, "lr": 2e-4, "eval_every": 1,
-                     "max_eval_examples": 8},
-    "vit-tiny-fmnist": {"max_steps": 3, "batch_size": 32, "max_length": 64, "lr": 5e-4, "eval_every": 3,
-                        "max_eval_examples": 64},
-}
 N_JOBS = 1
+
+# %%
+from structlora.repro.notebook import load_budget
+
+BUDGET = load_budget(TIER)  # params/<tier>/budget.yml: the tier's one budget, shared by every notebook
 
 # %%
 TASK_MODEL = {"sst2": "minilm-l6", "mrpc": "minilm-l6", "rte": "minilm-l6",
@@ -133,7 +129,7 @@ MODEL_KIND = {"minilm-l6": "seq-cls", "smollm2-135m": "causal-lm", "vit-tiny-fmn
 KINDS_OF = {r.method: r.kinds.split(",") for r in describe_methods().itertuples()}
 REGISTRY = list_methods()
 IN_SCOPE = [m for m in PAPER_METHODS if m in REGISTRY]
-GRID_KEYS = ("TASKS", "METHODS", "TASK_METHODS", "SEEDS", "TASK_SEEDS", "RANK", "BUDGET")
+GRID_KEYS = ("TASKS", "METHODS", "TASK_METHODS", "SEEDS", "TASK_SEEDS", "RANK")
 assert set(TASKS) <= set(TASK_MODEL), f"unknown task in {TASKS}"
 
 
@@ -143,10 +139,8 @@ def applies(task: str, method: str) -> bool:
 
 
 def budget(task: str, method: str) -> dict:
-    """BUDGET of the task's model, with the method's LR_SCALE applied (rounded so cached runs match)."""
-    b = dict(BUDGET[TASK_MODEL[task]])
-    b["lr"] = float(f"{b['lr'] * LR_SCALE.get(method, 1.0):.6g}")
-    return b
+    """The tier's budget for the task's model at the method's frozen learning rate (budget.yml)."""
+    return BUDGET.run(TASK_MODEL[task], method)
 
 
 def grid_of(p: dict) -> list[dict]:

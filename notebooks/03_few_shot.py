@@ -93,20 +93,17 @@ FRACTIONS = [0.25, 1.0]
 METHODS = ["lora", "structlora"]
 SEEDS = [0]
 RANK = 8
-BUDGET = {
-    "minilm-l6": {"max_steps": 3, "batch_size": 8, "max_length": 64, "lr": 5e-4, "eval_every": 3,
-                  "max_eval_examples": 32},
-    "smollm2-135m": {"max_steps": 1, "batch_size": 2, "max_length": 48, "lr": 2e-4, "eval_every": 1,
-                     "max_eval_examples": 8},
-    "vit-tiny-fmnist": {"max_steps": 3, "batch_size": 32, "max_length": 64, "lr": 5e-4, "eval_every": 3,
-                        "max_eval_examples": 64},
-}
 N_JOBS = 1
+
+# %%
+from structlora.repro.notebook import load_budget
+
+BUDGET = load_budget(TIER)  # params/<tier>/budget.yml: the tier's one budget, shared by every notebook
 
 # %%
 TASK_MODEL = {"sst2": "minilm-l6", "boolq": "smollm2-135m", "fmnist-transfer": "vit-tiny-fmnist"}
 PAPER_COL = {"sst2": "boolq", "boolq": "boolq", "fmnist-transfer": "cifar100"}
-specs = [RunSpec(task=t, model=TASK_MODEL[t], method=m, rank=RANK, seed=s, fraction=f, **BUDGET[TASK_MODEL[t]])
+specs = [RunSpec(task=t, model=TASK_MODEL[t], method=m, rank=RANK, seed=s, fraction=f, **BUDGET.run(TASK_MODEL[t], m))
          for t in TASKS for f in FRACTIONS for m in METHODS for s in SEEDS]
 print(f"tier {TIER}: {len(specs)} runs = {len(TASKS)} task(s) x {len(FRACTIONS)} fractions x {len(METHODS)} methods "
       f"x {len(SEEDS)} seeds")

@@ -121,15 +121,12 @@ SEEDS = [0]
 SEEDS_BY_MODEL = {}
 RANK = 8
 PENALTY_WEIGHT = 0.1
-BUDGET = {
-    "minilm-l6": {"max_steps": 3, "batch_size": 8, "max_length": 64, "lr": 5e-4, "eval_every": 3,
-                  "max_eval_examples": 32},
-    "smollm2-135m": {"max_steps": 2, "batch_size": 4, "max_length": 64, "lr": 2e-4, "eval_every": 2,
-                     "max_eval_examples": 16},
-    "vit-tiny-fmnist": {"max_steps": 3, "batch_size": 32, "max_length": 64, "lr": 5e-4, "eval_every": 3,
-                        "max_eval_examples": 64},
-}
 N_JOBS = 1
+
+# %%
+from structlora.repro.notebook import load_budget
+
+BUDGET = load_budget(TIER)  # params/<tier>/budget.yml: the tier's one budget, shared by every notebook
 
 # %% [markdown]
 # ### Derived settings: the ablation variants and the runs of this tier
@@ -182,7 +179,7 @@ def variants_for(task: str) -> list[str]:
 def spec_for(task: str, variant: str, seed: int) -> RunSpec:
     method, kw = VARIANTS[variant]
     model = TASK_MODEL[task]
-    return RunSpec.make(task, model, method, rank=RANK, seed=seed, fraction=1.0, **BUDGET[model], **kw)
+    return RunSpec.make(task, model, method, rank=RANK, seed=seed, fraction=1.0, **BUDGET.run(model, method), **kw)
 
 
 plan = [(t, v, s) for t in TASKS for v in variants_for(t) for s in seeds_for(t)]

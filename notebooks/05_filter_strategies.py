@@ -115,20 +115,17 @@ FILTER_OPTIONS = {"filter_warmup_steps": 1, "rescore_every": 1}
 SEEDS = [0]
 SEEDS_BY_MODEL = {}
 RANK = 8
-BUDGET = {
-    "minilm-l6": {"max_steps": 3, "batch_size": 8, "max_length": 64, "lr": 5e-4, "eval_every": 3,
-                  "max_eval_examples": 32},
-    "smollm2-135m": {"max_steps": 2, "batch_size": 4, "max_length": 64, "lr": 2e-4, "eval_every": 2,
-                     "max_eval_examples": 16},
-    "vit-tiny-fmnist": {"max_steps": 3, "batch_size": 32, "max_length": 64, "lr": 5e-4, "eval_every": 3,
-                        "max_eval_examples": 64},
-}
 PROBE_METHODS = ["filter_ib", "structlora_no_coord"]
 PROBE_SEED = 0
 PROBE_EXAMPLES = 16
 PROBE_LAYERS = 2
 BOOTSTRAP = 200
 N_JOBS = 1
+
+# %%
+from structlora.repro.notebook import load_budget
+
+BUDGET = load_budget(TIER)  # params/<tier>/budget.yml: the tier's one budget, shared by every notebook
 
 # %% [markdown]
 # ### Derived settings
@@ -150,7 +147,7 @@ def seeds_for(task: str) -> list[int]:
 def spec_for(task: str, method: str, seed: int) -> RunSpec:
     model = TASK_MODEL[task]
     kw = FILTER_KW if method.startswith("filter_") else {}
-    return RunSpec.make(task, model, method, rank=RANK, seed=seed, fraction=1.0, **BUDGET[model], **kw)
+    return RunSpec.make(task, model, method, rank=RANK, seed=seed, fraction=1.0, **BUDGET.run(model, method), **kw)
 
 
 specs = [spec_for(t, m, s) for t in TASKS for m in STRATEGIES + REFERENCE for s in seeds_for(t)]

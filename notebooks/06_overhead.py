@@ -122,14 +122,15 @@ BENCH_OUT = "results/smoke/overhead.json"
 TASK = "sst2"
 SEEDS = [0]
 RANK = 8
-BUDGET = {
-    "minilm-l6": {"max_steps": 3, "batch_size": 8, "max_length": 64, "lr": 5e-4, "eval_every": 3,
-                  "max_eval_examples": 32},
-}
 PARITY_EXAMPLES = 32
 INFER_ROUNDS = 3
 MERGED_TOLERANCE_PCT = 3.0
 N_JOBS = 1
+
+# %%
+from structlora.repro.notebook import load_budget
+
+BUDGET = load_budget(TIER)  # params/<tier>/budget.yml: the tier's one budget, shared by every notebook
 
 # %%
 # NBVAL_CHECK_OUTPUT
@@ -264,7 +265,7 @@ fig;
 # Separate runs, one after the other: noisier than section 1.
 
 # %%
-specs = [RunSpec.make(TASK, MODEL, m, rank=RANK, seed=s, fraction=1.0, **BUDGET[MODEL])
+specs = [RunSpec.make(TASK, MODEL, m, rank=RANK, seed=s, fraction=1.0, **BUDGET.run(MODEL, m))
          for m in ("lora", "structlora") for s in SEEDS]
 df = run_grid(specs, results_dir=RESULTS_DIR, n_jobs=N_JOBS, progress=True)
 ok = df[df["status"] == "ok"].copy()

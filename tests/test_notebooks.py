@@ -390,3 +390,33 @@ def test_reproduce_says_what_it_serves_and_how_to_retrain(tmp_path, capsys):
     first = (root / "results" / "executed" / "01_toy.cpu.ipynb").read_bytes()
     assert run_all("cpu", root=root, ledger=False, force=True) == 0
     assert (root / "results" / "executed" / "01_toy.cpu.ipynb").read_bytes() == first  # same bytes on a re-run
+
+
+# ------------------------------------------------------------------------------------ one budget per tier
+def test_one_budget_file_per_tier_and_no_copies():
+    from structlora.repro.notebook import load_budget
+
+    for tier in ("smoke", "cpu", "gpu"):
+        budget = load_budget(tier, ROOT)
+        assert {"minilm-l6", "vit-tiny-fmnist"} <= set(budget)
+        for params in (PARAMS / tier).glob("0*.yml"):
+            assert "BUDGET" not in params.read_text().split("budget.yml")[0].replace("budget", ""), params
+    for stem in STEMS:
+        nb = jupytext.read(NB_DIR / f"{stem}.py")
+        assert "BUDGET" not in _assigned_names(_parameters_cell(nb)), f"{stem}: BUDGET belongs in budget.yml"
+        assert any("load_budget(TIER)" in c.source for c in nb.cells), f"{stem} does not load the tier's budget"
+
+
+def test_budget_gives_each_method_its_rate_and_the_variants_structloras(tmp_path):
+    from structlora.repro.notebook import load_budget
+
+    (tmp_path / "params" / "x").mkdir(parents=True)
+    (tmp_path / "params" / "x" / "budget.yml").write_text(
+        "models:\n  m: {max_steps: 5, batch_size: 2, max_length: 8, eval_every: 5, max_eval_examples: null}\n"
+        "lr:\n  m: {default: 0.001, structlora: 0.0002, lora: 0.0005}\nseed_cap: 4\n")
+    b = load_budget("x", tmp_path)
+    assert b.run("m", "lora")["lr"] == 5e-4 and b.run("m", "structlora_no_gate")["lr"] == 2e-4
+    assert b.run("m", "dora")["lr"] == 1e-3 and b["m"]["max_steps"] == 5 and b.seed_cap == 4
+    (tmp_path / "params" / "x" / "budget.yml").write_text("models: {}\nlr: {}\nSEEDS: [1]\n")
+    with pytest.raises(ValueError, match="unknown keys"):
+        load_budget("x", tmp_path)

@@ -1,0 +1,63 @@
+"""Pilots that plan the cpu tier (run in the background; records accumulate and resume).
+
+    python scripts/pilot.py stages   # issue 11: do both StructLoRA stages act? sst2 / minilm-l6,
+                                     # 350 steps of 32 (about one epoch), seeds 0-1, LoRA vs StructLoRA
+    python scripts/pilot.py lr       # issue 13: each method's learning rate on validation, seeds 0-1
+                                     # (the stages pilot is its lr = 5e-4 column, run first)
+
+Records go to ``results/pilot/sst2/`` (never read by the notebooks); the script prints the table
+it was run for. ``--jobs`` runs that many processes (1 torch thread each).
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+import pandas as pd
+
+from structlora.repro.grid import RunSpec, load_records, run_grid
+
+BUDGET = dict(max_steps=350, batch_size=32, max_length=64, eval_every=50)
+STAGES = {"lora": {}, "structlora": {"target_keep_ratio": 0.5}}
+LR_GRID = {"lora": (5e-4, 2e-4, 1e-3), "structlora": (5e-4, 2e-4, 1e-3)}   # the paper's top, below, above
+
+EVIDENCE = ["eta_init", "eta", "mix_dev", "similarity_edges", "mean_gate", "closed_directions", "closed_target",
+            "drift_energy", "uncoord_drift_energy", "cos_adj", "uncoord_cos_adj"]
+
+
+def stage_specs() -> list[RunSpec]:
+    return [RunSpec.make("sst2", "minilm-l6", m, rank=8, seed=s, lr=5e-4, **BUDGET, **kw)
+            for m, kw in STAGES.items() for s in (0, 1)]
+
+
+def lr_specs() -> list[RunSpec]:
+    return [RunSpec.make("sst2", "minilm-l6", m, rank=8, seed=s, lr=lr, **BUDGET, **STAGES.get(m, {}))
+            for i in range(3) for m, lrs in LR_GRID.items() for lr in lrs[i:i + 1] for s in (0, 1)]
+
+
+def _table(folder: str) -> pd.DataFrame:
+    df = load_records(folder)
+    if df.empty:
+        return df
+    cols = ["method", "lr", "seed", "test_accuracy", "val_accuracy", "best_step", "max_steps"]
+    cols += [f"diag_{c}" for c in EVIDENCE if f"diag_{c}" in df]
+    return df[[c for c in cols if c in df]].sort_values(["method", "lr", "seed"])
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("which", choices=["stages", "lr"])
+    p.add_argument("--jobs", type=int, default=2)
+    p.add_argument("--show", action="store_true", help="only print the table of the finished records")
+    a = p.parse_args(argv)
+    folder = "results/pilot/sst2"
+    if not a.show:
+        specs = stage_specs() if a.which == "stages" else lr_specs()
+        run_grid(specs, results_dir=folder, n_jobs=a.jobs, progress=True)
+    with pd.option_context("display.width", 250, "display.max_columns", 30):
+        print(_table(folder).to_string(index=False))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,95 @@
+"""What every notebook shares: the tier's one budget (``params/<tier>/budget.yml``).
+
+A tier's budget is one file for all six notebooks, so the notebooks cannot drift apart:
+
+    BUDGET = load_budget(TIER)                        # after the parameters cell
+    RunSpec.make(task, model, method, **BUDGET.run(model, method), ...)
+
+``models`` holds each model's training budget (steps, batch size, sequence length, evaluation period,
+evaluation subset); ``lr`` each model's learning rate per method, selected on validation by the pilot
+(``scripts/pilot.py lr``) and then frozen, with a ``default``; the StructLoRA ablation variants
+(``STRUCTLORA_FAMILY``) inherit StructLoRA's rate. ``seed_cap`` is the most seeds the tier runs for a
+comparison (claims that the power analysis says need more are *undecidable at this scale*).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+__all__ = ["Budget", "load_budget", "budget_path", "STRUCTLORA_FAMILY", "BUDGET_KEYS"]
+
+BUDGET_KEYS = ("max_steps", "batch_size", "max_length", "eval_every", "max_eval_examples")
+# methods that are StructLoRA with a stage removed, changed or replaced: they train at StructLoRA's rate
+STRUCTLORA_FAMILY = ("structlora_no_gate", "structlora_no_coord", "lora_cos", "lora_lap", "filter_ib",
+                     "filter_random", "filter_topk_norm")
+
+
+def budget_path(tier: str, root: str | Path | None = None) -> Path:
+    """``<repo>/params/<tier>/budget.yml``."""
+    if root is None:
+        from .reproduce import repo_root
+
+        root = repo_root()
+    return Path(root) / "params" / tier / "budget.yml"
+
+
+@dataclass
+class Budget(Mapping[str, dict]):
+    """One tier's budget; ``BUDGET[model]`` is the model's budget with its default learning rate."""
+
+    tier: str
+    models: dict[str, dict[str, Any]]
+    lr: dict[str, dict[str, float]] = field(default_factory=dict)
+    seed_cap: int = 3
+    source: str = ""
+
+    def __post_init__(self) -> None:
+        for model, b in self.models.items():
+            missing = [k for k in BUDGET_KEYS if k not in b]
+            unknown = [k for k in b if k not in BUDGET_KEYS]
+            if missing or unknown:
+                raise ValueError(f"{self.source}: model {model!r}: missing {missing}, unknown {unknown} "
+                                 f"(a model's budget has exactly {list(BUDGET_KEYS)})")
+            if "default" not in self.lr.get(model, {}):
+                raise ValueError(f"{self.source}: lr.{model}.default is required")
+        if not isinstance(self.seed_cap, int) or self.seed_cap < 2:
+            raise ValueError(f"{self.source}: seed_cap must be an int >= 2, got {self.seed_cap!r}")
+
+    def __getitem__(self, model: str) -> dict[str, Any]:
+        if model not in self.models:
+            raise KeyError(f"no budget for model {model!r} in {self.source} (models: {sorted(self.models)})")
+        return {**self.models[model], "lr": self.lr_of(model, "default")}
+
+    def __iter__(self):
+        return iter(self.models)
+
+    def __len__(self) -> int:
+        return len(self.models)
+
+    def lr_of(self, model: str, method: str) -> float:
+        """The method's frozen learning rate on ``model`` (StructLoRA's for its ablation variants)."""
+        table = self.lr.get(model, {})
+        if method in table:
+            return float(table[method])
+        if method in STRUCTLORA_FAMILY and "structlora" in table:
+            return float(table["structlora"])
+        return float(table["default"])
+
+    def run(self, model: str, method: str) -> dict[str, Any]:
+        """RunSpec keyword arguments: the model's budget at the method's learning rate."""
+        return {**self.models[model], "lr": self.lr_of(model, method)} if model in self.models else self[model]
+
+
+def load_budget(tier: str, root: str | Path | None = None) -> Budget:
+    """Read ``params/<tier>/budget.yml`` (keys ``models``, ``lr``, ``seed_cap``; nothing else)."""
+    import yaml
+
+    path = budget_path(tier, root)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: every tier needs one budget file")
+    data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    unknown = sorted(set(data) - {"models", "lr", "seed_cap"})
+    if unknown:
+        raise ValueError(f"{path}: unknown keys {unknown} (expected models, lr, seed_cap)")
+    return Budget(tier, data.get("models") or {}, data.get("lr") or {}, data.get("seed_cap", 3), str(path))
