@@ -263,7 +263,7 @@ def test_transformers_trainer_integration(tmp_path):
     trainer = StructLoraTrainer(model=sm, args=args, train_dataset=ds)
     result = trainer.train()
     assert math.isfinite(result.training_loss)
-    assert len(trainer.optimizer.param_groups) == 3  # factors+head, gates, gains
+    assert len(trainer.optimizer.param_groups) == 4  # shared decay (matrices), shared no-decay (biases), gates, gains
     assert int(sm.structlora_step) == 3
 
 
