@@ -381,7 +381,9 @@ def _build_dylora(name, loaded, model, rank, seed, total_steps, kw, heads):
     ctl = apply_dylora(pm, seed=seed, min_rank=min_rank)
     return MethodHandle(name, pm, 0, on_step=ctl.on_step, controller=ctl,
                         notes=f"DyLoRA (Valipour et al. 2023), own on peft LoRA: b ~ U{{{min_rank}..{rank}}} "
-                        "per step, scale alpha/b; full rank in eval")
+                        "per step, scale alpha/b, update mode 'nested' (the paper's non-frozen mode: all of the "
+                        "first b rows of A / columns of B train, not only the b-th as in its 'frozen' mode); "
+                        "full rank in eval")
 
 
 def _build_lora_dropout(name, loaded, model, rank, seed, total_steps, kw, heads):
