@@ -215,3 +215,32 @@ def test_decide_checks_the_arms_and_the_power_first():
     assert decide(2.0, 1.0, 3.0, 0.01, 1.5, seeds_required=40, seeds_cap=10) == "undecidable at this scale"
     assert identical_arms(["a", "b"], ["a", "b"]) and not identical_arms(["a", "b"], ["a", "c"])
     assert not identical_arms([], []) and not identical_arms(["a"], None)
+
+
+def test_ledger_decides_the_primary_family_with_holm_and_counts_a_comparison_once(tmp_path):
+    from structlora.repro.claims import build_ledger, claim_from_test, write_claims
+
+    sig = {"diff_mean": 2.0, "ci_low": 1.0, "ci_high": 3.0, "p": 0.02, "n": 8}   # raw p significant
+    claims = [
+        claim_from_test("T2.sst2.structlora>lora", "01_x", "cpu", "beats LoRA", sig, 1.5),
+        claim_from_test("T5.sst2.full>no_coord", "01_x", "cpu", "coordinator helps", sig, 1.2),
+        claim_from_test("T5.sst2.full>no_gate", "01_x", "cpu", "gate helps", sig, 1.9),
+        claim_from_test("T5.sst2.full>lora", "01_x", "cpu", "same comparison as T2", sig, 2.2),
+        claim_from_test("T6.sst2.full>graph_adjacency", "01_x", "cpu", "graph", {**sig, "diff_mean": 0.0,
+                        "ci_low": 0.0, "ci_high": 0.0, "p": 1.0}, 0.8, arms_identical=True),
+        claim_from_test("T3.sst2.r2.structlora>lora", "01_x", "cpu", "exploratory", sig, 1.0, seeds_required=40,
+                        seeds_cap=10),
+    ]
+    assert claims[0].verdict == "reproduced"                       # on its own, raw p = 0.02
+    write_claims("01_x", "cpu", claims, root=tmp_path)
+    df = build_ledger(tmp_path, tier="cpu").set_index("claim_id")
+    # three primary tests with p = 0.02: Holm gives 0.06, not significant; the intervals still admit the
+    # paper's half effect -> inconclusive; the repeated comparison points to T2; identical arms untestable
+    assert df.loc["T2.sst2.structlora>lora", "p_holm"] == pytest.approx(0.06)
+    assert df.loc["T2.sst2.structlora>lora", "verdict"] == "inconclusive"
+    assert df.loc["T5.sst2.full>lora", "verdict"] == "see T2.sst2.structlora>lora"
+    assert df.loc["T6.sst2.full>graph_adjacency", "verdict"] == "untestable (arms identical)"
+    assert df.loc["T3.sst2.r2.structlora>lora", "family"] == "exploratory"
+    assert df.loc["T3.sst2.r2.structlora>lora", "verdict"] == "undecidable at this scale"
+    md = (tmp_path / "CLAIMS.md").read_text()
+    assert "5 distinct claims" in md and "needs 40 paired seeds" in md

@@ -36,7 +36,25 @@ __all__ = [
     "TIERS",
 ]
 
-VERDICTS = ("reproduced", "not reproduced", "inconclusive", "skipped")
+VERDICTS = ("reproduced", "smaller than claimed", "not reproduced", "inconclusive", "undecidable at this scale",
+            "untestable (arms identical)", "skipped")
+
+# The pre-registered primary family (issue 13): the claims the cpu tier is planned to decide, tested with
+# Holm-Bonferroni across the family in the ledger; every other claim is exploratory (raw p).
+PRIMARY = (
+    "T2.sst2.structlora>lora", "T1.fmnist-transfer.structlora>lora",
+    "T2.sst2.structlora_best_peft", "T1.fmnist-transfer.structlora_best_peft",
+    "T5.sst2.full>no_gate", "T5.sst2.full>no_coord", "T6.sst2.full>graph_adjacency", "T9.sst2.learned>static",
+    "F2.sst2.ib>random", "F2.sst2.ib>topk_norm", "F2.sst2.filter_ib.gate_ranks_relevance",
+    "T7.minilm-l6.r8.step_time", "T7.minilm-l6.r8.memory",
+)
+# One claim per distinct comparison: these ids are the same runs compared the same way as another claim
+# (StructLoRA - LoRA, sst2, r = 8, 100% data) and point to it instead of being counted again.
+SAME_COMPARISON = {
+    "T3.sst2.r8.structlora>lora": "T2.sst2.structlora>lora",
+    "T4.sst2.f100.structlora>lora": "T2.sst2.structlora>lora",
+    "T5.sst2.full>lora": "T2.sst2.structlora>lora",
+}
 TIERS = ("smoke", "cpu", "gpu")
 
 # Used only when structlora.repro.stats (or its verdict docstring) is not importable.
@@ -86,8 +104,12 @@ class Claim:
     ci_low/ci_high  95% CI of ``ours_value`` or None
     n           number of paired seeds (or runs) behind the number
     tier        ``smoke`` | ``cpu`` | ``gpu``
-    verdict     from :func:`structlora.repro.stats.verdict` (or ``"skipped"`` when nothing ran)
+    verdict     from :func:`structlora.repro.stats.decide` (or ``"skipped"`` when nothing ran)
     note        free text: scale caveats, stand-ins, why skipped
+    p, paper_diff   the test's p-value and the paper's difference (the ledger re-decides primary claims
+                with Holm-adjusted p from them)
+    arms_identical  the manipulation check failed (the two arms predicted the same)
+    seeds_required  the power analysis' seeds for a half-width of half the paper's effect (or None)
     """
 
     claim_id: str
@@ -102,6 +124,10 @@ class Claim:
     tier: str
     verdict: str
     note: str = ""
+    p: float | None = None
+    paper_diff: float | None = None
+    arms_identical: bool = False
+    seeds_required: int | None = None
 
     def __post_init__(self):
         self.ours_value = _num(self.ours_value)
@@ -112,6 +138,9 @@ class Claim:
         except (TypeError, ValueError):
             self.n = 0
         self.paper_value = str(self.paper_value)
+        self.p, self.paper_diff = _num(self.p), _num(self.paper_diff)
+        self.arms_identical = bool(self.arms_identical)
+        self.seeds_required = None if self.seeds_required is None else int(self.seeds_required)
         self.ours = str(self.ours)
         if self.verdict not in VERDICTS:
             raise ValueError(f"Claim {self.claim_id!r}: verdict {self.verdict!r} not in {VERDICTS}")
@@ -130,17 +159,20 @@ def _get(row, key, default=None):
 
 def claim_from_test(claim_id: str, notebook: str, tier: str, claim: str, test, paper_diff: float | None,
                     paper_value: str | None = None, note: str = "", digits: int = 1,
-                    degenerate: str = "") -> Claim:
+                    degenerate: str = "", arms_identical: bool = False, seeds_required: int | None = None,
+                    seeds_cap: int | None = None) -> Claim:
     """A :class:`Claim` from one row of :func:`structlora.repro.stats.paired_test` (a dict / Series / namedtuple
     with ``diff_mean``, ``ci_low``, ``ci_high``, ``p``, ``n`` and optionally ``diff_std``).
 
-    The verdict is :func:`structlora.repro.stats.verdict` of the measured numbers against ``paper_diff``;
+    The verdict is :func:`structlora.repro.stats.decide` of the measured numbers against ``paper_diff``
+    (with the manipulation check ``arms_identical`` and the power analysis ``seeds_required`` /
+    ``seeds_cap``);
     ``test=None`` (nothing ran) gives verdict ``"skipped"`` with ``note`` saying why. A non-empty
     ``degenerate`` (why the comparison tests nothing, e.g. every run of both methods collapsed to one
     class, see :func:`structlora.repro.stats.single_class_runs`) makes the verdict ``"inconclusive"`` whatever
     the numbers say, and is prepended to the note.
     """
-    from .stats import verdict as _verdict
+    from .stats import decide
 
     pv = paper_value if paper_value is not None else (format_diff(paper_diff, digits=digits)
                                                       if paper_diff is not None else "n/a")
@@ -149,10 +181,14 @@ def claim_from_test(claim_id: str, notebook: str, tier: str, claim: str, test, p
     d, lo, hi, p = (_num(_get(test, k)) for k in ("diff_mean", "ci_low", "ci_high", "p"))
     n = _get(test, "n", 0)
     std = _num(_get(test, "diff_std", _get(test, "std")))
-    v = "inconclusive" if degenerate else _verdict(d, lo, hi, p, paper_diff)
+    v = "inconclusive" if degenerate else decide(d, lo, hi, p, paper_diff, arms_identical=arms_identical,
+                                                     seeds_required=seeds_required, seeds_cap=seeds_cap)
+    if seeds_required is not None and v == "undecidable at this scale":
+        note = f"needs {seeds_required} paired seeds (cap {seeds_cap}); " + note
     note = "; ".join(x for x in (degenerate, note) if x)
     return Claim(claim_id, notebook, claim, pv, format_diff(d, std, lo, hi, digits=digits), d, lo, hi,
-                 int(n or 0), tier, v, note)
+                 int(n or 0), tier, v, note, p=p, paper_diff=paper_diff, arms_identical=arms_identical,
+                 seeds_required=seeds_required)
 
 
 def collapse_status(runs: pd.DataFrame, column: str = "single_class") -> tuple[str, str]:
@@ -220,7 +256,7 @@ def _verdict_rule() -> str:
     try:
         from . import stats  # noqa: WPS433  (written by another module; optional at import time)
 
-        doc = (stats.verdict.__doc__ or "").strip()
+        doc = (stats.decide.__doc__ or "").strip()
         if doc:
             import inspect
 
@@ -242,6 +278,35 @@ def _figures_for(root: Path, notebook: str, tier: str) -> list[Path]:
     return sorted(fig_dir.glob(f"{notebook}_*.{tier}.png"))
 
 
+def decide_family(df: pd.DataFrame) -> pd.DataFrame:
+    """Mark each claim primary (pre-registered, `PRIMARY`) or exploratory, point repeated comparisons to
+    their claim (`SAME_COMPARISON`: verdict "see <id>", not counted), and re-decide the primary claims
+    that carry a p-value with Holm-Bonferroni adjusted p across the family (`stats.holm`, `stats.decide`)."""
+    from .stats import decide, holm
+
+    df = df.copy()
+    if not len(df):
+        return df.assign(family=[], same_as=[], p_holm=[])
+    for col, default in (("p", None), ("paper_diff", None), ("arms_identical", False), ("seeds_required", None)):
+        if col not in df:
+            df[col] = default
+    df["family"] = ["primary" if c in PRIMARY else "exploratory" for c in df["claim_id"]]
+    df["same_as"] = [SAME_COMPARISON.get(c, "") for c in df["claim_id"]]
+    df.loc[df["same_as"] != "", "verdict"] = "see " + df.loc[df["same_as"] != "", "same_as"]
+    df["p_holm"] = float("nan")
+    fam = df.index[(df["family"] == "primary") & df["p"].notna() & df["paper_diff"].notna()
+                   & (df["verdict"] != "skipped") & ~df["arms_identical"].astype(bool)
+                   & ~df["note"].astype(str).str.contains("single class")]
+    if len(fam):
+        adjusted = holm(df.loc[fam, "p"].astype(float).tolist())
+        df.loc[fam, "p_holm"] = adjusted
+        for i, p_adj in zip(fam, adjusted):
+            r = df.loc[i]
+            df.loc[i, "verdict"] = decide(r["ours_value"], r["ci_low"], r["ci_high"], p_adj, r["paper_diff"],
+                                          arms_identical=bool(r["arms_identical"]))
+    return df
+
+
 def build_ledger(root: str | os.PathLike = "results", tier: str | None = None) -> pd.DataFrame:
     """Collect ``<root>/claims/*.<tier>.json`` into ``<root>/CLAIMS.md`` and ``<root>/claims.csv``.
 
@@ -251,7 +316,7 @@ def build_ledger(root: str | os.PathLike = "results", tier: str | None = None) -
     """
     root = Path(root)
     tier = tier or "cpu"
-    df = read_claims(root, tier=tier)
+    df = decide_family(read_claims(root, tier=tier))
     suffix = "" if tier == "cpu" else f".{tier}"
     csv_path = root / f"claims{suffix}.csv"
     md_path = root / f"CLAIMS{suffix}.md"
@@ -260,11 +325,12 @@ def build_ledger(root: str | os.PathLike = "results", tier: str | None = None) -
     tmp_csv = df.to_csv(index=False)
     atomic_write(csv_path, tmp_csv)
 
-    counts = df["verdict"].value_counts().to_dict() if len(df) else {}
+    counted = df[~df["verdict"].astype(str).str.startswith("see ")] if len(df) else df
+    counts = counted["verdict"].value_counts().to_dict() if len(counted) else {}
     lines = [
         "# Claims ledger",
         "",
-        f"Tier: **{tier}** · {len(df)} claims"
+        f"Tier: **{tier}** · {len(counted)} distinct claims"
         + (" · " + ", ".join(f"{k}: {v}" for k, v in sorted(counts.items())) if counts else ""),
         "",
         "Generated by `python -m structlora reproduce` from `results/claims/*." + tier + ".json` "
@@ -272,7 +338,9 @@ def build_ledger(root: str | os.PathLike = "results", tier: str | None = None) -
         "",
         "## Verdict rule",
         "",
-        "Every verdict is computed by `structlora.repro.stats.verdict` from the measured numbers:",
+        "Every verdict is computed by `structlora.repro.stats.decide` from the measured numbers; the "
+        "pre-registered primary family (`claims.PRIMARY`) is decided with Holm-Bonferroni adjusted p-values "
+        "(column `p (Holm)`), every other claim is exploratory. A repeated comparison points to its claim.",
         "",
     ]
     lines += ["> " + ln if ln else ">" for ln in _verdict_rule().splitlines()]
@@ -296,16 +364,18 @@ def build_ledger(root: str | os.PathLike = "results", tier: str | None = None) -
         if links:
             lines += ["Artifacts: " + " · ".join(links), ""]
         lines += [
-            "| claim id | claim | paper | ours | n | verdict | note |",
-            "|---|---|---|---|---:|---|---|",
+            "| claim id | family | claim | paper | ours | n | p (Holm) | verdict | note |",
+            "|---|---|---|---|---|---:|---|---|---|",
         ]
         for r in g.itertuples(index=False):
             v = r.verdict
-            vtxt = {"reproduced": "✅ reproduced", "not reproduced": "❌ not reproduced",
-                    "inconclusive": "❔ inconclusive", "skipped": "⏭ skipped"}.get(v, v)
+            vtxt = {"reproduced": "✅ reproduced", "smaller than claimed": "🔽 smaller than claimed",
+                    "not reproduced": "❌ not reproduced", "inconclusive": "❔ inconclusive",
+                    "skipped": "⏭ skipped"}.get(v, v)
+            ph = "" if r.p_holm != r.p_holm else f"{r.p_holm:.3g}"
             lines.append(
-                f"| {_md_escape(r.claim_id)} | {_md_escape(r.claim)} | {_md_escape(r.paper_value)} | "
-                f"{_md_escape(r.ours)} | {int(r.n)} | {vtxt} | {_md_escape(r.note)} |"
+                f"| {_md_escape(r.claim_id)} | {r.family} | {_md_escape(r.claim)} | {_md_escape(r.paper_value)} | "
+                f"{_md_escape(r.ours)} | {int(r.n)} | {ph} | {vtxt} | {_md_escape(r.note)} |"
             )
         lines.append("")
     atomic_write(md_path, "\n".join(lines))
