@@ -46,6 +46,35 @@ def _table(folder: str) -> pd.DataFrame:
     return df[[c for c in cols if c in df]].sort_values(["method", "lr", "seed"])
 
 
+def select_lr(df: pd.DataFrame) -> pd.DataFrame:
+    """Per method, mean validation accuracy over the pilot seeds at each learning rate; the chosen rate
+    is the best mean (the test split is never looked at)."""
+    ok = df[df["status"] == "ok"]
+    g = ok.groupby(["method", "lr"]).agg(val=("val_accuracy", "mean"), test=("test_accuracy", "mean"),
+                                         seeds=("seed", "size"), best_step=("best_step", "mean")).reset_index()
+    g["chosen"] = g["val"] == g.groupby("method")["val"].transform("max")
+    return g
+
+
+def power(df: pd.DataFrame, chosen: pd.DataFrame, paper_effect: float = 1.5, cap: int = 10) -> str:
+    """sigma_d of StructLoRA - LoRA (test accuracy points, paired by seed, each at its chosen rate) and
+    the seeds `stats.seeds_needed` asks for the paper's effect (T2, SST-2: +1.5)."""
+    from structlora.repro.stats import seeds_needed
+
+    lr = {r.method: r.lr for r in chosen[chosen["chosen"]].itertuples()}
+    ok = df[df["status"] == "ok"]
+    a = ok[(ok["method"] == "structlora") & (ok["lr"] == lr.get("structlora"))].set_index("seed")["test_accuracy"]
+    b = ok[(ok["method"] == "lora") & (ok["lr"] == lr.get("lora"))].set_index("seed")["test_accuracy"]
+    d = (a - b).dropna() * 100
+    if len(d) < 2:
+        return "power analysis: fewer than 2 paired seeds so far"
+    sd = float(d.std(ddof=1))
+    n = seeds_needed(sd, paper_effect)
+    return (f"power analysis: StructLoRA - LoRA = {list(d.round(2))} points, sigma_d = {sd:.2f}; for a 95% "
+            f"half-width <= {paper_effect / 2:.2f} (half the paper's +{paper_effect}) it needs n = {n} paired "
+            f"seeds ({'within' if n <= cap else 'over'} the cap of {cap})")
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("which", choices=["stages", "lr"])
@@ -56,8 +85,14 @@ def main(argv: list[str] | None = None) -> int:
     if not a.show:
         specs = stage_specs() if a.which == "stages" else lr_specs()
         run_grid(specs, results_dir=folder, n_jobs=a.jobs, progress=True)
+    table = _table(folder)
     with pd.option_context("display.width", 250, "display.max_columns", 30):
-        print(_table(folder).to_string(index=False))
+        print(table.to_string(index=False))
+        if len(table):
+            chosen = select_lr(load_records(folder))
+            print("\nlearning rate on validation (mean over seeds):")
+            print(chosen.to_string(index=False))
+            print(power(load_records(folder), chosen))
     return 0
 
 

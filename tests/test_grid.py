@@ -141,6 +141,9 @@ def test_record_contents_and_determinism(tmp_path):
     assert 0 < a["trainable_params"] < a["total_params"] and a["diagnostics"]["lora_norm"] > 0
     c = run(_spec(seed=4), tmp_path / "a", progress=False)
     assert c["history"] != a["history"]
+    # the manipulation check's fingerprint: same run, same predictions; its hash is in the frame too
+    assert a["test_predictions_sha256"] and a["test_predictions_sha256"] == b["test_predictions_sha256"]
+    assert "test_predictions_sha256" in grid.records_to_frame([a, c]).columns
     # force recomputes; keep_model hands back the trained model
     CALLS["build_method"] = 0
     out = run(spec, tmp_path / "a", progress=False, keep_model=True)
@@ -193,3 +196,11 @@ def test_retrain_recomputes_records_older_than_the_job_once(tmp_path, monkeypatc
     assert retrain_pending(rec)
     rec.write_text("{}")  # rewritten during the job
     assert not retrain_pending(rec)
+
+
+def test_records_carry_a_convergence_flag_and_a_prediction_fingerprint(tmp_path):
+    from structlora.repro.grid import converged
+
+    assert converged({"best_step": 50, "history": [{"step": 50}, {"step": 100}]}) is True
+    assert converged({"best_step": 100, "history": [{"step": 50}, {"step": 100}]}) is False
+    assert converged({"best_step": None, "history": []}) is None

@@ -58,6 +58,8 @@ checked with one device synchronisation per step.
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import math
 import os
@@ -220,6 +222,7 @@ class TrainResult:
     world_size: int = 1
     metric: str = ""
     config: dict[str, Any] = field(default_factory=dict)
+    test_predictions_sha256: str | None = None   # the manipulation check: equal hashes = same predictions
 
 
 # --------------------------------------------------------------------------------------------- memory
@@ -590,14 +593,16 @@ def _predict(model: nn.Module, task: Any, ds: Any, rows: Sequence[int], batch_si
 
 def evaluate(model: nn.Module, task: Any, dataset: Any, batch_size: int = 64, pad_id: int | None = None,
              tokenizer: Any | None = None, max_examples: int | None = None,
-             _dist: _Dist | None = None) -> dict[str, float]:
+             _dist: _Dist | None = None, fingerprint: dict[str, str] | None = None) -> dict[str, float]:
     """Metrics of ``model`` on ``dataset`` (an encoded split of ``task``), computed by ``task.compute_metrics``.
 
     Classification: argmax predictions. Multiple choice: summed-log-prob scoring (``score_choices``),
     ``accuracy`` from ``task.compute_metrics`` plus ``acc_norm``. Under several processes each rank
     scores a strided shard and the predictions are gathered, so every rank returns the same metrics.
     ``pad_id`` defaults to ``pad_token_id(tokenizer, model)``; ``max_examples`` evaluates the fixed
-    seed-0 subset that ``train`` uses.
+    seed-0 subset that ``train`` uses. ``fingerprint`` (a dict) receives ``"sha256"`` of the predictions
+    in example order: two runs with equal fingerprints predicted exactly the same (the manipulation
+    check of the claims, `stats.identical_arms`).
     """
     if dataset is None or len(dataset) == 0:
         return {}
@@ -624,6 +629,8 @@ def evaluate(model: nn.Module, task: Any, dataset: Any, batch_size: int = 64, pa
             preds[row], refs[row] = part["preds"][k], part["refs"][k]
             if part["preds_norm"]:
                 preds_norm[row] = part["preds_norm"][k]
+    if fingerprint is not None:
+        fingerprint["sha256"] = hashlib.sha256(json.dumps(np.asarray(preds).tolist()).encode()).hexdigest()
     metrics = {k: float(v) for k, v in task.compute_metrics(np.asarray(preds), np.asarray(refs)).items()}
     if task.kind == _MC_KIND:
         metrics["acc_norm"] = float(np.mean(np.asarray(preds_norm) == np.asarray(refs)))
@@ -877,8 +884,9 @@ def train(handle: Any, task: Any, encoded: Mapping[str, Any], cfg: TrainConfig, 
     if best_state is not None:
         load_trainable_state(model, best_state)
     t1 = time.perf_counter()
+    fingerprint: dict[str, str] = {}
     test = evaluate(model, task, test_ds, cfg.eval_batch_size, pad_id, tokenizer, cfg.max_eval_examples,
-                    _dist=dist) if test_ds is not None else {}
+                    _dist=dist, fingerprint=fingerprint) if test_ds is not None else {}
     eval_time += time.perf_counter() - t1
     wall = prior_wall + time.perf_counter() - t_start
     total_train = prior["train_time_s"] + train_time
@@ -890,7 +898,8 @@ def train(handle: Any, task: Any, encoded: Mapping[str, Any], cfg: TrainConfig, 
         peak_mem_kind=mem.kind, train_time_s=total_train, eval_time_s=prior["eval_time_s"] + eval_time,
         resumed_from=resumed_from, train_steps=total_steps, sessions=int(prior["sessions"]) + 1,
         cost_partial=bool(prior["cost_partial"]) or total_steps != step,
-        world_size=dist.world, metric=metric, config=_config_dict(cfg))
+        world_size=dist.world, metric=metric, config=_config_dict(cfg),
+        test_predictions_sha256=fingerprint.get("sha256"))
 
 
 def _controller(handle: Any) -> Any:

@@ -73,6 +73,8 @@ __all__ = [
     "train_spec",
     "run_grid",
     "load_records",
+    "converged",
+    "retrain_pending",
     "read_record",
     "record_path",
     "records_to_frame",
@@ -592,7 +594,8 @@ def _train_spec(spec: RunSpec, results_dir: str | Path | None, progress: bool, f
             train_time_s=result.train_time_s, eval_time_s=result.eval_time_s, train_steps=result.train_steps,
             sessions=result.sessions, cost_partial=result.cost_partial,
             diagnostics={k: float(v) for k, v in diagnostics.items()}, world_size=result.world_size,
-            train_config=result.config, notes=getattr(handle, "notes", ""))
+            train_config=result.config, notes=getattr(handle, "notes", ""),
+            test_predictions_sha256=result.test_predictions_sha256)
     record["finished_at"] = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
     if results_dir is not None and _is_main_process():
         atomic_write_json(record_path(spec, results_dir), record)
@@ -793,12 +796,24 @@ def records_to_frame(records: Sequence[dict[str, Any]]) -> pandas.DataFrame:
         for k in ("best_step", "trainable_params", "total_params", "wall_time_s", "peak_mem_mb", "steps_per_s"):
             row[k] = rec.get(k)
         row.update({f"diag_{k}": v for k, v in (rec.get("diagnostics") or {}).items()})
+        row["test_predictions_sha256"] = rec.get("test_predictions_sha256")
+        row["converged"] = converged(rec)
         rows.append(row)
     spec_cols = [f.name for f in fields(RunSpec)]
     df = pd.DataFrame(rows)
     if df.empty:
         return pd.DataFrame(columns=spec_cols + ["key", "status", "skip_reason"])
     return df
+
+
+def converged(record: dict[str, Any]) -> bool | None:
+    """The convergence flag of a run: True when its best validation step is not its last evaluation
+    (the validation curve turned, so more steps would not have helped), False when the best step is the
+    last one (still improving when the budget ended), None without an evaluation history."""
+    steps = [h.get("step") for h in (record.get("history") or []) if h.get("step") is not None]
+    if not steps or record.get("best_step") is None:
+        return None
+    return int(record["best_step"]) < max(steps)
 
 
 def load_records(results_dir: str | Path = "results/runs", specs: Sequence[RunSpec] | None = None,
