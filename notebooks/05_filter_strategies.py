@@ -123,9 +123,13 @@ BOOTSTRAP = 200
 N_JOBS = 1
 
 # %%
+from functools import partial
+
 from structlora.repro.notebook import load_budget
 
 BUDGET = load_budget(TIER)  # params/<tier>/budget.yml: the tier's one budget, shared by every notebook
+# every verdict runs the power analysis against the tier's seed cap (stats.seeds_needed, stats.decide)
+claim_from_test = partial(claim_from_test, seeds_cap=BUDGET.seed_cap)
 
 # %% [markdown]
 # ### Derived settings

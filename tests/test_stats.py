@@ -244,3 +244,26 @@ def test_ledger_decides_the_primary_family_with_holm_and_counts_a_comparison_onc
     assert df.loc["T3.sst2.r2.structlora>lora", "verdict"] == "undecidable at this scale"
     md = (tmp_path / "CLAIMS.md").read_text()
     assert "5 distinct claims" in md and "needs 40 paired seeds" in md
+
+
+def test_paired_test_runs_the_manipulation_check_on_prediction_fingerprints():
+    from structlora.repro.claims import claim_from_test
+    from structlora.repro.stats import paired_test
+
+    rows = [{"task": "t", "method": m, "seed": s, "test_accuracy": 0.8, "test_predictions_sha256": f"h{s}"}
+            for m in ("structlora", "lora") for s in (0, 1, 2)]
+    df = pd.DataFrame(rows)
+    tt = paired_test(df, "structlora", "lora", by=("task",))
+    assert bool(tt.iloc[0]["arms_identical"])
+    c = claim_from_test("T6.x", "nb", "cpu", "hybrid beats adjacency", tt.iloc[0], 0.8)
+    assert c.verdict == "untestable (arms identical)" and c.arms_identical
+    df.loc[(df["method"] == "lora") & (df["seed"] == 1), "test_predictions_sha256"] = "other"
+    assert not bool(paired_test(df, "structlora", "lora", by=("task",)).iloc[0]["arms_identical"])
+
+
+def test_claim_from_test_declares_undecidable_claims_with_the_seeds_they_need():
+    from structlora.repro.claims import claim_from_test
+
+    noisy = {"diff_mean": 1.0, "ci_low": -20.0, "ci_high": 22.0, "p": 0.8, "n": 3, "diff_std": 9.0}
+    c = claim_from_test("T3.x", "nb", "cpu", "gain at low rank", noisy, 0.9, seeds_cap=10)
+    assert c.verdict == "undecidable at this scale" and c.seeds_required > 10 and "paired seeds" in c.note

@@ -165,8 +165,9 @@ def claim_from_test(claim_id: str, notebook: str, tier: str, claim: str, test, p
     with ``diff_mean``, ``ci_low``, ``ci_high``, ``p``, ``n`` and optionally ``diff_std``).
 
     The verdict is :func:`structlora.repro.stats.decide` of the measured numbers against ``paper_diff``
-    (with the manipulation check ``arms_identical`` and the power analysis ``seeds_required`` /
-    ``seeds_cap``);
+    (with the manipulation check ``arms_identical``, also read from the test row, and the power
+    analysis: ``seeds_required``, or computed by `stats.seeds_needed` from the row's ``diff_std`` when
+    ``seeds_cap`` is given; more than the cap makes the claim *undecidable at this scale*);
     ``test=None`` (nothing ran) gives verdict ``"skipped"`` with ``note`` saying why. A non-empty
     ``degenerate`` (why the comparison tests nothing, e.g. every run of both methods collapsed to one
     class, see :func:`structlora.repro.stats.single_class_runs`) makes the verdict ``"inconclusive"`` whatever
@@ -181,6 +182,11 @@ def claim_from_test(claim_id: str, notebook: str, tier: str, claim: str, test, p
     d, lo, hi, p = (_num(_get(test, k)) for k in ("diff_mean", "ci_low", "ci_high", "p"))
     n = _get(test, "n", 0)
     std = _num(_get(test, "diff_std", _get(test, "std")))
+    arms_identical = bool(arms_identical or _get(test, "arms_identical", False))
+    if seeds_required is None and seeds_cap is not None and std is not None and paper_diff:
+        from .stats import seeds_needed
+
+        seeds_required = seeds_needed(std, paper_diff, max_n=10 * seeds_cap)
     v = "inconclusive" if degenerate else decide(d, lo, hi, p, paper_diff, arms_identical=arms_identical,
                                                      seeds_required=seeds_required, seeds_cap=seeds_cap)
     if seeds_required is not None and v == "undecidable at this scale":

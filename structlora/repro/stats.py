@@ -19,6 +19,7 @@ __all__ = ["summarize", "paired_test", "verdict", "compare_to_paper", "single_cl
 
 VERDICTS = ("reproduced", "not reproduced", "inconclusive")
 DEFAULT_BY = ("task", "model", "method", "rank", "fraction")
+FINGERPRINT = "test_predictions_sha256"   # per-run hash of the test predictions (grid records)
 
 
 def _ok_rows(df: pd.DataFrame) -> pd.DataFrame:
@@ -86,6 +87,8 @@ def paired_test(df: pd.DataFrame, method: str, baseline: str = "lora", metric: s
     ``mean ± t_{n-1} * std / sqrt(n)``), ``t`` and two-sided ``p`` (``scipy.stats.ttest_rel``). With
     fewer than 2 pairs the interval, t and p are NaN. When all differences are equal (std 0), the
     interval is the point, p = 0 (t = ±inf) for a non-zero difference, p = 1 (t = 0) for zero.
+    ``arms_identical`` is the manipulation check: True when the frame has the runs' prediction
+    fingerprints (``test_predictions_sha256``) and every paired seed's two runs predicted the same.
     """
     by = [c for c in by if c != "method"]
     _check_columns(df, by + ["method", "seed", metric], "paired_test")
@@ -95,7 +98,7 @@ def paired_test(df: pd.DataFrame, method: str, baseline: str = "lora", metric: s
     groups = rows.groupby(by, dropna=False, sort=True) if by else [((), rows)]
     for key, grp in groups:
         key = key if isinstance(key, tuple) else (key,)
-        sides = {}
+        sides, prints = {}, {}
         for name in (method, baseline):
             part = grp[grp["method"] == name]
             dup = part["seed"][part["seed"].duplicated()].tolist()
@@ -103,6 +106,8 @@ def paired_test(df: pd.DataFrame, method: str, baseline: str = "lora", metric: s
                 raise ValueError(f"paired_test: {name!r} has several runs with seed(s) {dup} in group "
                                  f"{dict(zip(by, key))}; add the column that tells them apart to `by`")
             sides[name] = part.set_index("seed")[metric].astype(float) * scale
+            if FINGERPRINT in part:
+                prints[name] = part.set_index("seed")[FINGERPRINT]
         if sides[method].empty or sides[baseline].empty:
             continue
         joined = pd.concat({"m": sides[method], "b": sides[baseline]}, axis=1, join="inner").sort_index()
@@ -111,9 +116,12 @@ def paired_test(df: pd.DataFrame, method: str, baseline: str = "lora", metric: s
             warnings.warn(f"paired_test: seeds {unmatched} of group {dict(zip(by, key))} have no partner "
                           f"run ({method} vs {baseline}) and are dropped", stacklevel=2)
         stats = _paired_stats(joined["m"].to_numpy(), joined["b"].to_numpy(), confidence)
-        results.append({**dict(zip(by, key)), "method": method, "baseline": baseline, **stats})
+        same = (len(prints) == 2 and identical_arms(list(prints[method].reindex(joined.index)),
+                                                    list(prints[baseline].reindex(joined.index))))
+        results.append({**dict(zip(by, key)), "method": method, "baseline": baseline, **stats,
+                        "arms_identical": bool(same)})
     cols = by + ["method", "baseline", "n", "method_mean", "baseline_mean", "diff_mean", "diff_std",
-                 "ci_low", "ci_high", "t", "p"]
+                 "ci_low", "ci_high", "t", "p", "arms_identical"]
     return pd.DataFrame(results, columns=cols)
 
 
