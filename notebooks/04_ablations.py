@@ -440,7 +440,7 @@ fig;
 # ## Verdicts
 #
 # Every difference is paired over seeds (two-sided t-test, 95% CI of the mean difference) and judged by
-# `structlora.repro.stats.verdict` against the paper's difference in the column our task stands in for. With
+# `structlora.repro.stats.decide` against the paper's difference in the column our task stands in for. With
 # one seed there is no CI and the verdict is *inconclusive*. Claims:
 #
 # 1. Table 5: full − w/o IB filter, full − w/o GNN, full − LoRA are positive.

@@ -85,7 +85,7 @@ from structlora.repro import paper, plots
 from structlora.repro.claims import Claim, claim_from_test, format_diff, write_claims
 from structlora.repro.engine import collate
 from structlora.repro.grid import RunSpec, run_grid, train_spec
-from structlora.repro.stats import paired_test, summarize, verdict
+from structlora.repro.stats import decide, paired_test, summarize
 
 pd.set_option("display.width", 200)
 pd.set_option("display.max_columns", 40)
@@ -441,7 +441,9 @@ else:
 
 # %%
 # NBVAL_CHECK_OUTPUT
-SIGN = 1e-9  # "positive, size not given": verdict uses only the sign of the paper's difference
+# "positive, size not given" (Fig. 2): the one verdict rule (stats.decide) with the paper's direction (+1)
+# and a margin of 0, and no power analysis (there is no effect size to plan for)
+DIRECTION_ONLY = {"paper_diff": 1.0, "margin": 0.0}
 claims = []
 for t in TASKS:
     for a, b in pairs:
@@ -450,8 +452,8 @@ for t in TASKS:
         claims.append(claim_from_test(
             f"F2.{t}.{a.removeprefix('filter_')}>{b.removeprefix('filter_')}", NB, TIER,
             f"{LABELS[a]} {what} {LABELS[b]} at keep ratio {KEEP_RATIO} on {t} ({TASK_MODEL[t]})",
-            row.iloc[0] if len(row) else None, SIGN,
-            paper_value="> 0 (Fig. 2; bar heights not given in the text)",
+            row.iloc[0] if len(row) else None, DIRECTION_ONLY["paper_diff"], margin=DIRECTION_ONLY["margin"],
+            seeds_cap=None, paper_value="> 0 (Fig. 2; bar heights not given in the text)",
             note="" if len(row) else "not run"))
 for m in PROBE_METHODS:
     c = corr[(corr["model"] == m) & (corr["directions"] == "active")]
@@ -465,7 +467,7 @@ for m in PROBE_METHODS:
         continue
     c = c.iloc[0]
     d, lo, hi = float(c["rho_gate-rho_norm"]), float(c["ci_low"]), float(c["ci_high"])
-    v = verdict(d, lo, hi, float(c["p_boot"]), SIGN)
+    v = decide(d, lo, hi, float(c["p_boot"]), **DIRECTION_ONLY)
     claims.append(Claim(
         cid, NB, text, "> 0 (Sec. 3.2, 4.3: 'magnitude is a poor proxy'; not measured in the paper)",
         f"{format_diff(d, None, lo, hi, digits=2)}; ρ_gate {c['rho_gate_score']:.2f} (p={c['p_gate_score']:.2g}), "

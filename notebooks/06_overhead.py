@@ -88,7 +88,7 @@ from structlora.repro import paper, plots
 from structlora.repro.claims import Claim, format_diff, write_claims
 from structlora.repro.engine import collate
 from structlora.repro.grid import LOADERS, RunSpec, run_grid, train_spec
-from structlora.repro.stats import paired_test, verdict
+from structlora.repro.stats import decide, paired_test
 
 pd.set_option("display.width", 200)
 pd.set_option("display.max_columns", 40)
@@ -406,7 +406,9 @@ del merged
 
 # %%
 # NBVAL_CHECK_OUTPUT
-SIGN = 1e-9  # margin claims: only the sign of the paper's difference is used
+# margin claims ("overhead below the bound"): the one verdict rule (stats.decide) with the direction
+# of the claim (+1: margin to the bound > 0) and a margin of 0
+DIRECTION_ONLY = {"paper_diff": 1.0, "margin": 0.0}
 
 
 def p_vs_bound(est: dict, bound: float) -> float:
@@ -428,7 +430,7 @@ def margin_claim(cid: str, text: str, bound: float, est: dict, paper_value: str,
         return Claim(cid, NB, text, paper_value, "not measured", None, None, None, 0, TIER, "skipped", note)
     d = bound - est["pct"]
     lo, hi = bound - est["pct_high"], bound - est["pct_low"]
-    v = verdict(d, lo, hi, p_vs_bound(est, bound), SIGN)
+    v = decide(d, lo, hi, p_vs_bound(est, bound), **DIRECTION_ONLY)
     ci = (f" (95% CI [{est['pct_low']:+.1f}, {est['pct_high']:+.1f}])"
           if np.isfinite(est["pct_low"]) and np.isfinite(est["pct_high"]) and est["pct_low"] != est["pct_high"] else "")
     ours = f"overhead {est['pct']:+.1f}%{ci}; margin to {bound:g}%: {format_diff(d, None, lo, hi)}"

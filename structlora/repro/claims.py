@@ -160,12 +160,13 @@ def _get(row, key, default=None):
 def claim_from_test(claim_id: str, notebook: str, tier: str, claim: str, test, paper_diff: float | None,
                     paper_value: str | None = None, note: str = "", digits: int = 1,
                     degenerate: str = "", arms_identical: bool = False, seeds_required: int | None = None,
-                    seeds_cap: int | None = None) -> Claim:
+                    seeds_cap: int | None = None, margin: float | None = None) -> Claim:
     """A :class:`Claim` from one row of :func:`structlora.repro.stats.paired_test` (a dict / Series / namedtuple
     with ``diff_mean``, ``ci_low``, ``ci_high``, ``p``, ``n`` and optionally ``diff_std``).
 
     The verdict is :func:`structlora.repro.stats.decide` of the measured numbers against ``paper_diff``
-    (with the manipulation check ``arms_identical``, also read from the test row, and the power
+    (``margin`` overrides its half-effect margin: 0 for a claim of direction only, "> 0" in the paper;
+    with the manipulation check ``arms_identical``, also read from the test row, and the power
     analysis: ``seeds_required``, or computed by `stats.seeds_needed` from the row's ``diff_std`` when
     ``seeds_cap`` is given; more than the cap makes the claim *undecidable at this scale*);
     ``test=None`` (nothing ran) gives verdict ``"skipped"`` with ``note`` saying why. A non-empty
@@ -188,7 +189,8 @@ def claim_from_test(claim_id: str, notebook: str, tier: str, claim: str, test, p
 
         seeds_required = seeds_needed(std, paper_diff, max_n=10 * seeds_cap)
     v = "inconclusive" if degenerate else decide(d, lo, hi, p, paper_diff, arms_identical=arms_identical,
-                                                     seeds_required=seeds_required, seeds_cap=seeds_cap)
+                                                     seeds_required=seeds_required, seeds_cap=seeds_cap,
+                                                     margin=margin)
     if seeds_required is not None and v == "undecidable at this scale":
         note = f"needs {seeds_required} paired seeds (cap {seeds_cap}); " + note
     note = "; ".join(x for x in (degenerate, note) if x)
