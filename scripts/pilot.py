@@ -21,7 +21,7 @@ BUDGET = dict(max_steps=350, batch_size=32, max_length=64, eval_every=50)
 # StructLoRA closes half of its directions (the keep ratio of Fig. 2) through the Lagrangian; its gate
 # logits must travel ~5 logit units in ~320 steps, hence 50x the base learning rate (2.5e-2 at 5e-4)
 STAGES = {"lora": {}, "structlora": {"target_keep_ratio": 0.5, "gate_lr_multiplier": 50.0}}
-LR_GRID = {"lora": (5e-4, 2e-4, 1e-3), "structlora": (5e-4, 2e-4, 1e-3)}   # the paper's top, below, above
+LR_GRID = {"lora": (5e-4, 1e-3, 2e-4), "structlora": (5e-4, 1e-3, 2e-4)}   # the paper's top, above, below
 
 EVIDENCE = ["eta_init", "eta", "mix_dev", "similarity_edges", "mean_gate", "closed_directions", "closed_target",
             "drift_energy", "uncoord_drift_energy", "cos_adj", "uncoord_cos_adj"]
