@@ -63,13 +63,11 @@ if importlib.util.find_spec("structlora") is None:
     os.chdir(DEST)
 
 # %%
-import copy
 import os
 import time
 
 import numpy as np
 import pandas as pd
-import torch
 from IPython.display import Markdown, display
 
 from structlora.repro.reproduce import repo_root
@@ -78,13 +76,11 @@ os.chdir(repo_root())  # relative paths below are relative to the repository (pa
 
 import matplotlib.pyplot as plt
 import seaborn as sns
-from scipy import stats as sps
-from tqdm.auto import tqdm
 
 from structlora.repro import paper, plots
 from structlora.repro.claims import Claim, claim_from_test, format_diff, write_claims
-from structlora.repro.engine import collate
 from structlora.repro.grid import RunSpec, run_grid, train_spec
+from structlora.repro.probes import correlation_table, removal_table
 from structlora.repro.stats import decide, paired_test, summarize
 
 pd.set_option("display.width", 200)
@@ -260,87 +256,7 @@ fig;
 # (coefficient ≠ 0); the all-direction numbers are shown as well. `structlora_no_coord` has no keep mask
 # (all directions active unless a gate closed itself), so its all-direction test has no such artefact.
 
-
 # %%
-def probe_batches(task, encoded, loaded, n: int, batch_size: int = 64):
-    """Fixed validation subset (seed 0) as collated batches."""
-    ds = encoded["validation"]
-    rows = np.sort(np.random.default_rng(0).permutation(len(ds))[: min(n, len(ds))])
-    pad = getattr(loaded.tokenizer, "pad_token_id", None) if loaded.tokenizer is not None else None
-    pad = 0 if pad is None else int(pad)
-    return [collate(task.kind, ds[[int(i) for i in rows[b:b + batch_size]]], pad)
-            for b in range(0, len(rows), batch_size)]
-
-
-@torch.no_grad()
-def val_loss(model, batches) -> tuple[float, float]:
-    """Mean cross-entropy and accuracy of ``model`` (eval mode) on ``batches``."""
-    model.eval()
-    total, correct, n = 0.0, 0, 0
-    for b in batches:
-        inputs = {k: v for k, v in b.items() if k != "labels"}
-        logits = model(**inputs).logits.float()
-        total += float(torch.nn.functional.cross_entropy(logits, b["labels"], reduction="sum"))
-        correct += int((logits.argmax(-1) == b["labels"]).sum())
-        n += len(b["labels"])
-    return total / n, correct / n
-
-
-def probe_layers(n_fam: int, n_layers: int | None) -> list[int]:
-    """``n_layers`` evenly spaced layer indices of a family of ``n_fam`` (None: every layer)."""
-    if n_layers is None or n_layers >= n_fam:
-        return list(range(n_fam))
-    return sorted({int(round(x)) for x in np.linspace(0, n_fam - 1, n_layers)})
-
-
-@torch.no_grad()
-def removal_table(trained, n_examples: int, n_layers: int | None = None, label: str = "") -> pd.DataFrame:
-    """One row per (module, direction): gate score, norms, Δloss / Δacc when only that direction is removed."""
-    sm = trained.handle.model
-    if trained.task.kind not in ("seq-cls", "image-cls"):
-        raise ValueError(f"the removal probe needs a classification task, got {trained.task.kind!r}")
-    if any(fam.coord is not None for fam in sm.families):
-        raise ValueError("the removal probe needs graph=None: with a coordinator a direction enters other modules too")
-    batches = probe_batches(trained.task, trained.encoded, trained.loaded, n_examples)
-    sm.eval()
-    base_loss, base_acc = val_loss(sm, batches)
-    rows = []
-    bar = tqdm(desc=f"removal probe {label}".strip(), unit="dir", leave=False,
-               total=sum(len(probe_layers(len(fam.names), n_layers)) * fam.A(0).shape[0] for fam in sm.families))
-    for fam in sm.families:
-        sm._reset_states()
-        st = sm.family_state(fam)
-        m = st["m"] if st["m"] is not None else torch.ones(len(fam.layers), fam.A(0).shape[0])
-        m = m.detach().clone()
-        scores = fam.gate.scores()
-        s = st["s"]
-        sm._reset_states()
-        for l in probe_layers(len(fam.names), n_layers):
-            name = fam.names[l]
-            A, B = fam.A(l), fam.B(l)
-            norms = (B.norm(dim=0) * A.norm(dim=1)).detach()
-            for j in range(A.shape[0]):
-                if m[l, j] == 0:  # an inactive direction (closed gate / masked): removing it changes nothing
-                    loss, acc = base_loss, base_acc
-                else:
-                    saved = B[:, j].clone()
-                    B[:, j] = 0.0
-                    try:
-                        loss, acc = val_loss(sm, batches)
-                    finally:
-                        B[:, j] = saved
-                rows.append({"family": fam.key.split(".")[-1], "layer": l, "module": name, "direction": j,
-                             "gate_score": float(scores[l, j]) if scores is not None else np.nan,
-                             "gate_value": float(m[l, j]), "active": bool(m[l, j] != 0),
-                             "norm": float(norms[j]), "effective_norm": float(s[l] * m[l, j] * norms[j]),
-                             "dloss": loss - base_loss, "dacc": 100 * (acc - base_acc)})
-                bar.update()
-    bar.close()
-    out = pd.DataFrame(rows)
-    out.attrs.update(base_loss=base_loss, base_acc=base_acc, n_examples=sum(len(b["labels"]) for b in batches))
-    return out
-
-
 t_probe = time.perf_counter()
 removal = {}
 for m, trained in probed.items():
@@ -360,46 +276,8 @@ print(f"probe time {time.perf_counter() - t_probe:.0f} s")
 # `BOOTSTRAP` times). Directions with a tied score (e.g. every gate still at its initial value) give a
 # NaN ρ.
 
-
 # %%
-def spearman(x, y) -> tuple[float, float]:
-    x, y = np.asarray(x, float), np.asarray(y, float)
-    if len(x) < 3 or np.all(x == x[0]) or np.all(y == y[0]):
-        return float("nan"), float("nan")
-    r = sps.spearmanr(x, y)
-    return float(r.statistic), float(r.pvalue)
-
-
-def boot_diff(d: pd.DataFrame, a: str, b: str, n_boot: int, seed: int = 0) -> tuple[float, float, float]:
-    """95% percentile bootstrap CI of spearman(a, dloss) − spearman(b, dloss) over directions, and the
-    two-sided bootstrap p-value (twice the smaller share of resampled differences on either side of 0)."""
-    rng = np.random.default_rng(seed)
-    xa, xb, y = d[a].to_numpy(float), d[b].to_numpy(float), d["dloss"].to_numpy(float)
-    diffs = []
-    for _ in range(n_boot):
-        i = rng.integers(0, len(y), len(y))
-        ra, rb = spearman(xa[i], y[i])[0], spearman(xb[i], y[i])[0]
-        if np.isfinite(ra) and np.isfinite(rb):
-            diffs.append(ra - rb)
-    if len(diffs) < max(20, n_boot // 10):
-        return float("nan"), float("nan"), float("nan")
-    diffs = np.asarray(diffs)
-    p = min(1.0, 2 * min(np.mean(diffs <= 0), np.mean(diffs >= 0)))
-    return float(np.percentile(diffs, 2.5)), float(np.percentile(diffs, 97.5)), float(p)
-
-
-corr_rows = []
-for m, r in removal.items():
-    for subset, d in (("active", r[r["active"]]), ("all", r)):
-        row = {"model": m, "directions": subset, "n": len(d)}
-        for score in ("gate_score", "norm", "effective_norm"):
-            rho, p = spearman(d[score], d["dloss"])
-            row[f"rho_{score}"], row[f"p_{score}"] = rho, p
-        row["rho_gate-rho_norm"] = row["rho_gate_score"] - row["rho_norm"]
-        row["ci_low"], row["ci_high"], row["p_boot"] = (boot_diff(d, "gate_score", "norm", BOOTSTRAP) if len(d) >= 3
-                                                        else (np.nan, np.nan, np.nan))
-        corr_rows.append(row)
-corr = pd.DataFrame(corr_rows)
+corr = correlation_table(removal, BOOTSTRAP)
 display(corr.round(3))
 
 # %%

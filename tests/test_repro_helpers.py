@@ -1,0 +1,123 @@
+"""Unit tests of the helpers the reproduction notebooks call (tiny synthetic inputs; no training)."""
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from structlora import StructLoraConfig, get_structlora_model
+from structlora.repro import probes
+from toy import randomize_lora, tiny_bert, toy_batch
+
+
+# ----------------------------------------------------------------------------------------- probes (05)
+def _probe_model(**kw):
+    cfg = StructLoraConfig(r=4, lora_alpha=8, target_modules=["query", "value"], task_type="SEQ_CLS",
+                           gate="concrete", graph=None, **kw)
+    sm = get_structlora_model(tiny_bert(layers=2), cfg)
+    randomize_lora(sm)
+    return sm
+
+
+def test_probe_layers_even_spacing():
+    assert probes.probe_layers(6, None) == list(range(6))
+    assert probes.probe_layers(6, 10) == list(range(6))
+    assert probes.probe_layers(6, 2) == [0, 5]
+    assert probes.probe_layers(5, 3) == [0, 2, 4]
+
+
+def test_val_loss_matches_cross_entropy():
+    sm = _probe_model()
+    batches = [toy_batch(8, seed=0), toy_batch(4, seed=1)]
+    loss, acc = probes.val_loss(sm, batches)
+    with torch.no_grad():
+        logits = torch.cat([sm(input_ids=b["input_ids"]).logits for b in batches])
+    labels = torch.cat([b["labels"] for b in batches])
+    assert loss == pytest.approx(float(torch.nn.functional.cross_entropy(logits, labels)), rel=1e-5)
+    assert acc == pytest.approx(float((logits.argmax(-1) == labels).float().mean()))
+
+
+def test_removal_table_one_row_per_direction_and_restores_the_model():
+    sm = _probe_model()
+    batches = [toy_batch(8, seed=0), toy_batch(8, seed=1)]
+    before = {n: p.detach().clone() for n, p in sm.named_parameters()}
+    tab = probes.removal_table_model(sm, batches, n_layers=None, progress=False)
+    assert len(tab) == sum(len(f.names) * f.A(0).shape[0] for f in sm.families)  # 2 families x 2 layers x r=4
+    assert set(tab.columns) >= {"family", "layer", "direction", "gate_score", "norm", "effective_norm", "dloss",
+                                "dacc", "active"}
+    assert tab.attrs["n_examples"] == 16
+    for n, p in sm.named_parameters():
+        assert torch.equal(p, before[n]), n
+    # one direction by hand: zero column j of B and recompute the loss
+    fam = sm.families[0]
+    row = tab[(tab["family"] == fam.key.split(".")[-1]) & (tab["layer"] == 1) & (tab["direction"] == 2)].iloc[0]
+    with torch.no_grad():
+        B = fam.B(1)
+        saved = B[:, 2].clone()
+        B[:, 2] = 0.0
+        loss, _ = probes.val_loss(sm, batches)
+        B[:, 2] = saved
+    assert row["dloss"] == pytest.approx(loss - tab.attrs["base_loss"], abs=1e-6)
+    assert row["dloss"] != 0.0
+    sub = probes.removal_table_model(sm, batches, n_layers=1, progress=False)
+    assert set(sub["layer"]) == {0}
+
+
+def test_removal_table_refuses_a_coordinator():
+    cfg = StructLoraConfig(r=4, lora_alpha=8, target_modules=["query", "value"], task_type="SEQ_CLS")
+    sm = get_structlora_model(tiny_bert(layers=2), cfg)
+    if all(f.coord is None for f in sm.families):
+        pytest.skip("the default config has no coordinator")
+    with pytest.raises(ValueError, match="graph=None"):
+        probes.removal_table_model(sm, [toy_batch()], progress=False)
+
+
+def test_probe_batches_fixed_subset():
+    from datasets import Dataset
+
+    ids = [[1, 2, 3], [4, 5], [6], [7, 8, 9, 10], [11, 12]]
+    ds = Dataset.from_dict({"input_ids": ids, "attention_mask": [[1] * len(i) for i in ids], "labels": [0, 1, 0, 1, 0]})
+    out = probes.probe_batches(SimpleNamespace(kind="seq-cls"), {"validation": ds},
+                               SimpleNamespace(tokenizer=None), n=4, batch_size=3)
+    assert [len(b["labels"]) for b in out] == [3, 1]
+    assert out[0]["input_ids"].shape[0] == 3
+    again = probes.probe_batches(SimpleNamespace(kind="seq-cls"), {"validation": ds},
+                                 SimpleNamespace(tokenizer=None), n=4, batch_size=3)
+    assert torch.equal(out[0]["input_ids"], again[0]["input_ids"])
+
+
+def test_spearman_and_constant_inputs():
+    rho, p = probes.spearman([1, 2, 3, 4], [10, 20, 30, 40])
+    assert rho == pytest.approx(1.0) and p < 0.1
+    assert np.isnan(probes.spearman([1, 1, 1], [1, 2, 3])[0])
+    assert np.isnan(probes.spearman([1, 2], [1, 2])[0])
+
+
+def test_boot_diff_sign_and_nan():
+    rng = np.random.default_rng(0)
+    y = rng.normal(size=40)
+    d = pd.DataFrame({"dloss": y, "good": y + 0.1 * rng.normal(size=40), "bad": rng.normal(size=40)})
+    lo, hi, p = probes.boot_diff(d, "good", "bad", n_boot=200)
+    assert 0 < lo < hi and p < 0.05
+    assert probes.boot_diff(d, "good", "bad", n_boot=200) == (lo, hi, p)  # seeded
+    const = d.assign(bad=1.0)
+    assert all(np.isnan(probes.boot_diff(const, "good", "bad", n_boot=50)))
+
+
+def test_correlation_table_rows():
+    rng = np.random.default_rng(1)
+    n = 12
+    y = rng.normal(size=n)
+    r = pd.DataFrame({"dloss": y, "gate_score": y, "norm": -y, "effective_norm": rng.normal(size=n),
+                      "active": [True] * 8 + [False] * 4})
+    corr = probes.correlation_table({"m": r, "tiny": r.head(2)}, n_boot=100)
+    assert list(zip(corr["model"], corr["directions"])) == [("m", "active"), ("m", "all"), ("tiny", "active"),
+                                                             ("tiny", "all")]
+    first = corr.iloc[0]
+    assert first["n"] == 8 and first["rho_gate_score"] == pytest.approx(1.0)
+    assert first["rho_gate-rho_norm"] == pytest.approx(2.0)
+    assert np.isnan(corr.iloc[3]["ci_low"])
+    assert probes.correlation_table({}, n_boot=10).empty
