@@ -64,6 +64,7 @@ if importlib.util.find_spec("structlora") is None:
 
 # %%
 import copy
+import functools
 import importlib.util
 import json
 import os
@@ -85,10 +86,11 @@ import matplotlib.pyplot as plt
 import seaborn as sns
 
 from structlora.repro import paper, plots
-from structlora.repro.claims import Claim, format_diff, write_claims
+from structlora.repro.claims import write_claims
 from structlora.repro.engine import collate
 from structlora.repro.grid import LOADERS, RunSpec, run_grid, train_spec
-from structlora.repro.stats import decide, paired_test
+from structlora.repro.overhead import log_ci, margin_claim, per_round_table
+from structlora.repro.stats import paired_test
 
 pd.set_option("display.width", 200)
 pd.set_option("display.max_columns", 40)
@@ -184,46 +186,7 @@ for k, v in result.get("what_is_measured", {}).items():
 # `step_x_amortized` column above).
 
 # %%
-def round_ratios(raw: dict, variant: str, ref: str = "lora") -> np.ndarray:
-    """Per-round log(step time of ``variant`` / step time of ``ref``), normal (non-refresh, non-warm-up) steps."""
-    def by_round(name):
-        return {s["round"]: s["wall_s"] for s in raw["steps"][name] if not s["warmup"] and s["refresh_pos"] < 0}
-    a, b = by_round(variant), by_round(ref)
-    common = sorted(set(a) & set(b))
-    return np.log(np.array([a[i] for i in common]) / np.array([b[i] for i in common]))
-
-
-def merged_ratios(raw: dict, variant: str) -> np.ndarray:
-    a, b = raw["merged_eval_s"][variant], raw["merged_eval_s"]["base"]
-    return np.log(np.asarray(a[: len(b)]) / np.asarray(b[: len(a)]))
-
-
-def log_ci(logs: np.ndarray) -> dict:
-    """Geometric-mean ratio with a 95% t-interval, as % overhead (NaN interval for < 2 values)."""
-    from scipy import stats as sps
-
-    n = len(logs)
-    m = float(np.mean(logs)) if n else float("nan")
-    if n >= 2 and np.std(logs, ddof=1) > 0:
-        half = float(sps.t.ppf(0.975, n - 1) * np.std(logs, ddof=1) / np.sqrt(n))
-        p = float(sps.ttest_1samp(logs, 0.0).pvalue)
-    else:
-        half, p = float("nan"), float("nan")
-    pct = lambda x: 100 * (np.exp(x) - 1)  # noqa: E731
-    return {"pct": pct(m), "pct_low": pct(m - half), "pct_high": pct(m + half), "p": p, "n": n, "logs": np.asarray(logs)}
-
-
-per_round = []
-for raw in result["raw"]:
-    for v in ("gate", "coord", "both"):
-        if v in raw["steps"]:
-            per_round.append({"model": raw["model"], "r": raw["r"], "variant": v, "what": "train step vs LoRA",
-                              **log_ci(round_ratios(raw, v))})
-    for v in ("lora", "both"):
-        if v in raw.get("merged_eval_s", {}):
-            per_round.append({"model": raw["model"], "r": raw["r"], "variant": v, "what": "merged inference vs base",
-                              **log_ci(merged_ratios(raw, v))})
-per_round = pd.DataFrame(per_round)
+per_round = per_round_table(result["raw"])
 display(per_round.drop(columns="logs").round(2))
 
 # %%
@@ -407,37 +370,8 @@ del merged
 # %%
 # NBVAL_CHECK_OUTPUT
 # margin claims ("overhead below the bound"): the one verdict rule (stats.decide) with the direction
-# of the claim (+1: margin to the bound > 0) and a margin of 0
-DIRECTION_ONLY = {"paper_diff": 1.0, "margin": 0.0}
-
-
-def p_vs_bound(est: dict, bound: float) -> float:
-    """Two-sided p of H0 'overhead == bound': t-test of the log ratios against log(1 + bound/100); an exact
-    count (no spread) gives p = 0 unless it equals the bound (the convention of stats.paired_test)."""
-    from scipy import stats as sps
-
-    logs = est.get("logs")
-    if logs is None:
-        return 0.0 if est["pct"] != bound else 1.0
-    if len(logs) < 2 or np.std(logs, ddof=1) == 0:
-        return float("nan")
-    return float(sps.ttest_1samp(logs, np.log1p(bound / 100)).pvalue)
-
-
-def margin_claim(cid: str, text: str, bound: float, est: dict, paper_value: str, note: str) -> Claim:
-    """Claim that our overhead (est['pct'] with its CI) stays below ``bound`` %."""
-    if est is None or not np.isfinite(est.get("pct", np.nan)):
-        return Claim(cid, NB, text, paper_value, "not measured", None, None, None, 0, TIER, "skipped", note)
-    d = bound - est["pct"]
-    lo, hi = bound - est["pct_high"], bound - est["pct_low"]
-    v = decide(d, lo, hi, p_vs_bound(est, bound), **DIRECTION_ONLY)
-    ci = (f" (95% CI [{est['pct_low']:+.1f}, {est['pct_high']:+.1f}])"
-          if np.isfinite(est["pct_low"]) and np.isfinite(est["pct_high"]) and est["pct_low"] != est["pct_high"] else "")
-    ours = f"overhead {est['pct']:+.1f}%{ci}; margin to {bound:g}%: {format_diff(d, None, lo, hi)}"
-    return Claim(cid, NB, text, paper_value, ours, d, lo if np.isfinite(lo) else None, hi if np.isfinite(hi) else None,
-                 int(est.get("n", 0)), TIER, v, note)
-
-
+# of the claim (+1: margin to the bound > 0) and a margin of 0 (overhead.margin_claim, overhead.DIRECTION_ONLY)
+margin_claim = functools.partial(margin_claim, notebook=NB, tier=TIER)
 claims = []
 for raw in result["raw"]:
     tag = f"{raw['model']}.r{raw['r']}"

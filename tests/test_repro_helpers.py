@@ -121,3 +121,65 @@ def test_correlation_table_rows():
     assert first["rho_gate-rho_norm"] == pytest.approx(2.0)
     assert np.isnan(corr.iloc[3]["ci_low"])
     assert probes.correlation_table({}, n_boot=10).empty
+
+
+# ----------------------------------------------------------------------------------------- overhead (06)
+from structlora.repro import overhead  # noqa: E402
+
+
+def _raw():
+    def steps(times, refresh_round=None):
+        return [{"round": i, "wall_s": t, "warmup": i == 0, "refresh_pos": 0 if i == refresh_round else -1}
+                for i, t in enumerate(times)]
+    return {"model": "toy", "r": 8,
+            "steps": {"lora": steps([9.0, 1.0, 1.0, 1.0, 1.0]), "both": steps([9.0, 1.1, 1.2, 5.0, 1.1], refresh_round=3)},
+            "merged_eval_s": {"base": [1.0, 1.0, 1.0], "both": [1.0, 1.02, 0.98, 7.0], "lora": [1.0, 1.0, 1.0]}}
+
+
+def test_round_ratios_drop_warmup_and_refresh_steps():
+    logs = overhead.round_ratios(_raw(), "both")
+    np.testing.assert_allclose(logs, np.log([1.1, 1.2, 1.1]))
+    np.testing.assert_allclose(overhead.merged_ratios(_raw(), "both"), np.log([1.0, 1.02, 0.98]))
+
+
+def test_log_ci_geometric_mean_and_degenerate_cases():
+    logs = np.log([1.1, 1.2, 1.1])
+    est = overhead.log_ci(logs)
+    assert est["pct"] == pytest.approx(100 * (np.exp(logs.mean()) - 1))
+    assert est["pct_low"] < est["pct"] < est["pct_high"] and est["n"] == 3 and 0 < est["p"] < 1
+    flat = overhead.log_ci(np.zeros(3))
+    assert flat["pct"] == 0 and np.isnan(flat["pct_low"]) and np.isnan(flat["p"])
+    assert np.isnan(overhead.log_ci(np.array([]))["pct"])
+
+
+def test_per_round_table_rows():
+    tab = overhead.per_round_table([_raw()])
+    assert list(zip(tab["variant"], tab["what"])) == [("both", "train step vs LoRA"), ("lora", "merged inference vs base"),
+                                                      ("both", "merged inference vs base")]
+    assert tab.iloc[1]["pct"] == pytest.approx(0.0)
+
+
+def test_p_vs_bound():
+    assert overhead.p_vs_bound({"pct": 3.0}, 4.0) == 0.0  # exact count, not at the bound
+    assert overhead.p_vs_bound({"pct": 4.0}, 4.0) == 1.0
+    assert np.isnan(overhead.p_vs_bound({"pct": 1.0, "logs": np.zeros(3)}, 4.0))
+    logs = np.log([1.01, 1.02, 1.015, 1.005])
+    p = overhead.p_vs_bound({"pct": 1.0, "logs": logs}, 4.0)
+    from scipy import stats as sps
+    assert p == pytest.approx(sps.ttest_1samp(logs, np.log(1.04)).pvalue)
+
+
+def test_margin_claim_verdicts():
+    kw = dict(notebook="06_overhead", tier="smoke")
+    below = overhead.log_ci(np.log([1.01, 1.02, 1.015, 1.005]))
+    c = overhead.margin_claim("T7.x", "at most 4% slower", 4.0, below, "≤ +4%", "note", **kw)
+    assert c.verdict == "reproduced" and c.ours_value == pytest.approx(4.0 - below["pct"])
+    assert c.ci_low == pytest.approx(4.0 - below["pct_high"]) and c.n == 4 and c.notebook == "06_overhead"
+    assert c.ours.startswith("overhead +1.2% (95% CI [")
+    above = overhead.log_ci(np.log([1.20, 1.22, 1.21, 1.19]))
+    assert overhead.margin_claim("T7.y", "t", 4.0, above, "p", "", **kw).verdict == "not reproduced"
+    exact = overhead.margin_claim("T7.m", "t", 4.2, {"pct": 1.0, "pct_low": 1.0, "pct_high": 1.0, "n": 1}, "p", "", **kw)
+    assert exact.verdict == "reproduced" and "95% CI" not in exact.ours.split(";")[0]
+    skipped = overhead.margin_claim("T7.s", "t", 4.0, None, "p", "why", **kw)
+    assert skipped.verdict == "skipped" and skipped.ours == "not measured" and skipped.tier == "smoke"
+    assert overhead.margin_claim("T7.n", "t", 4.0, {"pct": float("nan")}, "p", "", **kw).verdict == "skipped"
