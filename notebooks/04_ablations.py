@@ -84,7 +84,8 @@ os.chdir(repo_root())  # relative paths below are relative to the repository (pa
 import matplotlib.pyplot as plt
 import seaborn as sns
 
-from structlora.repro import paper, plots
+from structlora.repro import ablations, paper, plots
+from structlora.repro.ablations import paper_str
 from structlora.repro.claims import claim_from_test, write_claims
 from structlora.repro.grid import RunSpec, run_grid
 from structlora.repro.stats import paired_test, summarize
@@ -288,29 +289,7 @@ summ = summarize(ok, metric="acc", by=("task", "variant"))
 
 def delta_table(group: str, reference: str = "full", table_col=None) -> pd.DataFrame:
     """Mean accuracy per variant of ``group`` and its paired difference to ``reference``, per task."""
-    rows = []
-    for t in TASKS:
-        if group not in TASKS[t]:
-            continue
-        for v in GROUPS[group]:
-            s = summ[(summ["task"] == t) & (summ["variant"] == v)]
-            if s.empty:
-                continue
-            row = {"task": t, "variant": v, "setting": LABELS[v], "acc": round(float(s["mean"].iloc[0]), 1),
-                   "std": round(float(s["std"].iloc[0]), 1) if pd.notna(s["std"].iloc[0]) else np.nan}
-            if v != reference:
-                tt = paired_test(okv[(okv["task"] == t) & okv["method"].isin([v, reference])], method=v,
-                                 baseline=reference, metric="acc", by=("task",))
-                if len(tt):
-                    r = tt.iloc[0]
-                    row.update(delta=round(float(r["diff_mean"]), 1), ci_low=round(float(r["ci_low"]), 1),
-                               ci_high=round(float(r["ci_high"]), 1), n=int(r["n"]))
-            else:
-                row.update(delta=0.0)
-            if table_col is not None:
-                row["paper_delta"] = table_col(t, v)
-            rows.append(row)
-    return pd.DataFrame(rows)
+    return ablations.delta_table(summ, okv, TASKS, group, GROUPS[group], LABELS, reference, table_col)
 
 
 def t5_paper_delta(task: str, variant: str) -> float | None:
@@ -455,16 +434,7 @@ fig;
 
 # %%
 # NBVAL_CHECK_OUTPUT
-def paired(task: str, a: str, b: str, metric: str = "acc"):
-    """Row of paired_test(a − b) on ``task`` or None."""
-    sub = okv[(okv["task"] == task) & okv["method"].isin([a, b])]
-    tt = paired_test(sub, method=a, baseline=b, metric=metric, by=("task",))
-    return tt.iloc[0] if len(tt) else None
-
-
-def paper_str(value: float | None, where: str, unit: str = "") -> str:
-    return "n/a" if value is None else f"{value:+.{2 if abs(value) < 1 else 1}f}{unit} ({where})"
-
+paired = partial(ablations.paired, okv)  # paired(task, a, b, metric="acc"): paired_test row or None
 
 claims = []
 for t in TASKS:

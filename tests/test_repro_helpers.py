@@ -183,3 +183,29 @@ def test_margin_claim_verdicts():
     skipped = overhead.margin_claim("T7.s", "t", 4.0, None, "p", "why", **kw)
     assert skipped.verdict == "skipped" and skipped.ours == "not measured" and skipped.tier == "smoke"
     assert overhead.margin_claim("T7.n", "t", 4.0, {"pct": float("nan")}, "p", "", **kw).verdict == "skipped"
+
+
+# ----------------------------------------------------------------------------------------- ablations (04)
+from structlora.repro import ablations  # noqa: E402
+from structlora.repro.stats import summarize  # noqa: E402
+
+
+def test_delta_table_and_paired():
+    runs = pd.DataFrame({"task": ["t"] * 6, "method": ["full"] * 3 + ["no_gate"] * 3, "seed": [0, 1, 2] * 2,
+                         "status": "ok", "acc": [80.0, 82.0, 81.0, 78.0, 79.5, 80.0]})
+    summ = summarize(runs.assign(variant=runs["method"]), metric="acc", by=("task", "variant"))
+    tab = ablations.delta_table(summ, runs, {"t": ["components"], "u": ["graph"]}, "components",
+                                ["full", "no_gate", "missing"], {"full": "StructLoRA", "no_gate": "w/o gate"},
+                                table_col=lambda t, v: -1.0)
+    assert list(tab["variant"]) == ["full", "no_gate"]
+    assert tab.iloc[0]["delta"] == 0.0 and tab.iloc[0]["acc"] == 81.0
+    assert tab.iloc[1]["delta"] == pytest.approx(-1.8) and tab.iloc[1]["n"] == 3 and tab.iloc[1]["paper_delta"] == -1.0
+    r = ablations.paired(runs, "t", "no_gate", "full")
+    assert r["diff_mean"] == pytest.approx(-1.8333, abs=1e-3) and r["n"] == 3
+    assert ablations.paired(runs, "u", "no_gate", "full") is None
+
+
+def test_paper_str():
+    assert ablations.paper_str(None, "Table 5") == "n/a"
+    assert ablations.paper_str(-0.45, "Table 5") == "-0.45 (Table 5)"
+    assert ablations.paper_str(1.44, "Table 9", "%") == "+1.4% (Table 9)"
