@@ -35,6 +35,9 @@ class StructLoraConfig(LoraConfig):
     keep_ratio: Optional[float] = field(default=None, metadata={"help": "fraction of each module's r directions kept (per module, ceil(rho*r)); None = no cardinality constraint"})
     lambda_ib: float = field(default=0.05, metadata={"help": "weight of the compression term per module (its expected open fraction / mean KL), summed over modules: L_total = L_task + lambda_IB * L_IB (Eq. 8)"})
     target_keep_ratio: Optional[float] = field(default=None, metadata={"help": "fraction of each module's directions left open at the end, reached by a Lagrange multiplier on the expected L0 (hard-concrete only); None = lambda_IB alone decides"})
+    lagrangian_mu: float = field(default=10.0, metadata={"help": "mu of the augmented Lagrangian's quadratic term (mu/2)(s - rho)^2: pulls each module's open fraction back at once"})
+    lagrangian_lr: float = field(default=0.05, metadata={"help": "eta of the multiplier's dual-ascent step lambda += eta (s - rho) per training step (eta << mu: slow integral action)"})
+    target_ramp_steps: int = field(default=150, metadata={"help": "steps after the gate warm-up over which the target keep ratio falls linearly from 1 to target_keep_ratio (CoFi's schedule; without it the multipliers overshoot)"})
     gate_warmup_steps: int = field(default=30, metadata={"help": "training steps during which the gate logits are held (no gradient, no compression term) while B is still near 0"})
     gate_init: float = field(default=2.0, metadata={"help": "initial gate logit: log_alpha (concrete) or theta (gaussian, mu=sigmoid(theta)); large = open, so training starts near LoRA"})
     gate_temperature: float = field(default=2 / 3, metadata={"help": "hard-concrete temperature beta (Louizos et al. 2018)"})
@@ -85,7 +88,7 @@ class StructLoraConfig(LoraConfig):
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)!r}")
         if self.filter_warmup_steps < 0:
             raise ValueError(f"filter_warmup_steps must be >= 0, got {self.filter_warmup_steps!r}")
-        for name in ("lambda_ib", "penalty_weight", "gate_sigma", "gate_temperature", "gate_lr_multiplier", "coordinator_lr_multiplier"):
+        for name in ("lagrangian_mu", "lagrangian_lr", "lambda_ib", "penalty_weight", "gate_sigma", "gate_temperature", "gate_lr_multiplier", "coordinator_lr_multiplier"):
             value = float(getattr(self, name))
             if not math.isfinite(value) or value < 0:
                 raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
@@ -103,6 +106,8 @@ class StructLoraConfig(LoraConfig):
             raise ValueError(f"sim_ema must be in [0, 1), got {self.sim_ema!r}")
         if int(self.sim_k) < 1:
             raise ValueError(f"sim_k must be >= 1, got {self.sim_k!r}")
+        if not isinstance(self.target_ramp_steps, int) or self.target_ramp_steps < 0:
+            raise ValueError(f"target_ramp_steps must be an int >= 0, got {self.target_ramp_steps!r}")
         if self.gate_warmup_steps < 0:
             raise ValueError(f"gate_warmup_steps must be >= 0, got {self.gate_warmup_steps!r}")
         if self.target_keep_ratio is not None:

@@ -17,10 +17,17 @@ fraction of open directions for hard-concrete), and `StructLoraModel.structlora_
 so ``lambda_ib`` is the price of one module's full open fraction, whatever the number of modules.
 
 A target keep ratio rho (``target_keep_ratio``) is reached by a Lagrange multiplier on the expected
-L0 (Louizos et al. 2018; Wang et al. 2020; Xia et al. 2022, CoFi): per module, with s_l its expected
-open fraction, the loss gains lambda1_l (s_l - rho) + lambda2_l (s_l - rho)^2, and the multipliers
-(zero-initialised, in the gates' optimizer group) are updated by gradient *ascent* (their gradient is
-negated by a hook), so the gates are pushed to rho as long as they miss it. At eval, when more than
+L0 (Louizos et al. 2018; Wang et al. 2020; Xia et al. 2022, CoFi), in the augmented-Lagrangian form
+(the method of multipliers): per module, with s_l its expected open fraction, the loss gains
+lambda_l (s_l - rho) + (mu / 2) (s_l - rho)^2, and after every training step the multiplier takes a
+dual-ascent step lambda_l += eta (s_l - rho) (`dual_step`; a buffer, not an Adam parameter: Adam would
+move it by a fixed amount per step whatever the gap, which made it overshoot). The quadratic term
+pulls s_l back at once when it crosses rho; the multiplier removes the remaining offset slowly
+(eta << mu). As in CoFi, the target is
+ramped linearly from 1 (all open) to rho over ``target_ramp_steps`` after the warm-up, so the
+constraint moves no faster than the gates can follow: a target imposed at once lets the multipliers
+grow while the gates are still open and then overshoot, closing every direction (seen on SST-2, see
+the README's deviations). At eval, when more than
 ceil(rho r) gates of a module are open, the extra ones with the lowest scores are closed. While
 ``hold`` is set (the warm-up, while B is near 0) the gates pass a zero gradient to their logits, so the
 compression term cannot move them before the task says anything.
@@ -62,12 +69,10 @@ class FamilyGate(nn.Module):
         self.temperature, self.sigma, self.target = temperature, sigma, target
         self.hold = False  # set by the model during the gate warm-up: logits get no gradient
         self.logits = nn.Parameter(torch.full((num_layers, r), float(init))) if kind else None
-        self.lagrange: Optional[nn.Parameter] = None
-        if target is not None:
-            if kind != "concrete":
-                raise ValueError("a target keep ratio needs hard-concrete gates (gate='concrete')")
-            self.lagrange = nn.Parameter(torch.zeros(2, num_layers))     # (lambda1, lambda2) per module
-            self.lagrange.register_hook(lambda g: -g)                    # gradient ascent on the multipliers
+        if target is not None and kind != "concrete":
+            raise ValueError("a target keep ratio needs hard-concrete gates (gate='concrete')")
+        # lambda_l per module (the dual variable); None without a target
+        self.register_buffer("lagrange", torch.zeros(num_layers) if target is not None else None)
         gen = torch.Generator().manual_seed(seed)
         # 'random' filter: one fixed mask with exactly `keep` ones per layer; 'topk_norm': re-scored buffer.
         mask = torch.ones(num_layers, r)
@@ -128,12 +133,19 @@ class FamilyGate(nn.Module):
             return torch.sigmoid(self.logits).pow(2).mean(-1) / (2 * self.sigma**2)
         return torch.zeros(1)
 
-    def lagrangian(self) -> torch.Tensor:
-        """sum_l lambda1_l (s_l - rho) + lambda2_l (s_l - rho)^2 (0 without a target)."""
+    def lagrangian(self, target: Optional[float] = None, mu: float = 10.0) -> torch.Tensor:
+        """sum_l lambda_l (s_l - rho_t) + (mu / 2) (s_l - rho_t)^2 (0 without a target); ``target`` is the
+        current point rho_t of the target schedule (default: the final target rho)."""
         if self.lagrange is None:
             return torch.zeros(())
-        gap = self.open_fraction() - self.target                       # (L,)
-        return (self.lagrange[0] * gap + self.lagrange[1] * gap.pow(2)).sum()
+        gap = self.open_fraction() - (self.target if target is None else target)   # (L,)
+        return (self.lagrange * gap + 0.5 * mu * gap.pow(2)).sum()
+
+    @torch.no_grad()
+    def dual_step(self, target: Optional[float] = None, eta: float = 0.05) -> None:
+        """lambda_l += eta (s_l - rho_t): the multiplier's ascent step, once per training step."""
+        if self.lagrange is not None:
+            self.lagrange += eta * (self.open_fraction() - (self.target if target is None else target))
 
     @torch.no_grad()
     def closed_count(self) -> int:

@@ -179,6 +179,8 @@ class StructLoraModel(nn.Module):
         cfg, step = self.structlora_config, int(self.structlora_step)
         for fam in self.families:
             fam.gate.hold = step < cfg.gate_warmup_steps
+            if cfg.target_keep_ratio is not None and not fam.gate.hold:
+                fam.gate.dual_step(self.target_now(), cfg.lagrangian_lr)
             if cfg.keep_ratio is not None and step >= cfg.filter_warmup_steps:
                 fam.gate.mask_active.fill_(True)
                 if cfg.filter == "topk_norm" and (step - cfg.filter_warmup_steps) % cfg.rescore_every == 0:
@@ -244,9 +246,8 @@ class StructLoraModel(nn.Module):
             if cfg.lambda_ib > 0:
                 loss = loss + cfg.lambda_ib * sum(fam.gate.module_compression().sum() for fam in self.families)
             if cfg.target_keep_ratio is not None:
-                loss = loss + sum(fam.gate.lagrangian() for fam in self.families)
-        elif cfg.target_keep_ratio is not None:  # held: keep the multipliers in the graph (zero gradient)
-            loss = loss + 0.0 * sum(fam.gate.lagrange.sum() for fam in self.families)
+                rho_t = self.target_now()
+                loss = loss + sum(fam.gate.lagrangian(rho_t, cfg.lagrangian_mu) for fam in self.families)
         if cfg.penalty is not None and cfg.penalty_weight > 0:
             fn = cos_penalty if cfg.penalty == "cos" else laplacian_penalty
             for fam in self.families:
@@ -254,6 +255,13 @@ class StructLoraModel(nn.Module):
                     factors = [self._uncoordinated_factors(fam, l) for l in range(len(fam.layers))]
                     loss = loss + cfg.penalty_weight * fn(factors)
         return loss
+
+    def target_now(self) -> float:
+        """The keep-ratio target of the current step: 1 until the gate warm-up ends, then linear to
+        ``target_keep_ratio`` over ``target_ramp_steps`` (the CoFi schedule), then constant."""
+        cfg = self.structlora_config
+        done = (int(self.structlora_step) - cfg.gate_warmup_steps) / max(cfg.target_ramp_steps, 1)
+        return 1.0 - (1.0 - cfg.target_keep_ratio) * min(max(done, 0.0), 1.0)
 
     def _uncoordinated_factors(self, fam: Family, l: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(B_eff (d, r), A (r, k)) of the filtered update dW~_l = s B diag(m) A (no coordination)."""
