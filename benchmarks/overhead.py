@@ -420,6 +420,8 @@ def bench_one(bench: Bench, r: int, args: argparse.Namespace, device: torch.devi
         if i % 2:
             order.reverse()
         for v in order:
+            if i >= args.warmup:
+                ensure_normal_step(v)  # time normal steps only (refresh steps are timed in section 3)
             wall, cpu, step = timed_step(v, batch, device)
             pos = refresh_position(v, step)
             v.all_steps.append({"round": i, "step": step, "wall_s": wall, "cpu_s": cpu, "refresh_pos": pos, "warmup": i < args.warmup})
