@@ -4,6 +4,8 @@
                                      # 350 steps of 32 (about one epoch), seeds 0-1, LoRA vs StructLoRA
     python scripts/pilot.py lr       # issue 13: each method's learning rate on validation, seeds 0-1
                                      # (the stages pilot is its lr = 5e-4 column, run first)
+    python scripts/pilot.py gates    # the target keep ratio without the compression term (lambda_IB = 0):
+                                     # do the open gates stay small when only the Lagrangian acts?
 
 Records go to ``results/pilot/sst2/`` (never read by the notebooks); the script prints the table
 it was run for. ``--jobs`` runs that many processes (1 torch thread each).
@@ -32,6 +34,11 @@ def stage_specs() -> list[RunSpec]:
             for m, kw in STAGES.items() for s in (0, 1)]
 
 
+def gate_specs() -> list[RunSpec]:
+    kw = {**STAGES["structlora"], "lambda_ib": 0.0}
+    return [RunSpec.make("sst2", "minilm-l6", "structlora", rank=8, seed=s, lr=5e-4, **BUDGET, **kw) for s in (0, 1)]
+
+
 def lr_specs() -> list[RunSpec]:
     return [RunSpec.make("sst2", "minilm-l6", m, rank=8, seed=s, lr=lr, **BUDGET, **STAGES.get(m, {}))
             for i in range(3) for m, lrs in LR_GRID.items() for lr in lrs[i:i + 1] for s in (0, 1)]
@@ -41,7 +48,7 @@ def _table(folder: str) -> pd.DataFrame:
     df = load_records(folder)
     if df.empty:
         return df
-    cols = ["method", "lr", "seed", "test_accuracy", "val_accuracy", "best_step", "max_steps"]
+    cols = ["method", "lr", "method_kwargs", "seed", "test_accuracy", "val_accuracy", "best_step", "max_steps"]
     cols += [f"diag_{c}" for c in EVIDENCE if f"diag_{c}" in df]
     return df[[c for c in cols if c in df]].sort_values(["method", "lr", "seed"])
 
@@ -77,13 +84,13 @@ def power(df: pd.DataFrame, chosen: pd.DataFrame, paper_effect: float = 1.5, cap
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("which", choices=["stages", "lr"])
+    p.add_argument("which", choices=["stages", "lr", "gates"])
     p.add_argument("--jobs", type=int, default=2)
     p.add_argument("--show", action="store_true", help="only print the table of the finished records")
     a = p.parse_args(argv)
     folder = "results/pilot/sst2"
     if not a.show:
-        specs = stage_specs() if a.which == "stages" else lr_specs()
+        specs = {"stages": stage_specs, "lr": lr_specs, "gates": gate_specs}[a.which]()
         run_grid(specs, results_dir=folder, n_jobs=a.jobs, progress=True)
     table = _table(folder)
     with pd.option_context("display.width", 250, "display.max_columns", 30):
