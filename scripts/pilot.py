@@ -53,10 +53,19 @@ def _table(folder: str) -> pd.DataFrame:
     return df[[c for c in cols if c in df]].sort_values(["method", "lr", "seed"])
 
 
+def _lr_arms(df: pd.DataFrame) -> pd.DataFrame:
+    """The finished runs of the learning-rate pilot's arms (the method kwargs of `STAGES`)."""
+    import json
+
+    want = {m: json.dumps(kw, sort_keys=True) for m, kw in STAGES.items()}
+    ok = df[df["status"] == "ok"]
+    return ok[[want.get(m) == k for m, k in zip(ok["method"], ok["method_kwargs"])]]
+
+
 def select_lr(df: pd.DataFrame) -> pd.DataFrame:
     """Per method, mean validation accuracy over the pilot seeds at each learning rate; the chosen rate
     is the best mean (the test split is never looked at)."""
-    ok = df[df["status"] == "ok"]
+    ok = _lr_arms(df)
     g = ok.groupby(["method", "lr"]).agg(val=("val_accuracy", "mean"), test=("test_accuracy", "mean"),
                                          seeds=("seed", "size"), best_step=("best_step", "mean")).reset_index()
     g["chosen"] = g["val"] == g.groupby("method")["val"].transform("max")
@@ -69,7 +78,7 @@ def power(df: pd.DataFrame, chosen: pd.DataFrame, paper_effect: float = 1.5, cap
     from structlora.repro.stats import seeds_needed
 
     lr = {r.method: r.lr for r in chosen[chosen["chosen"]].itertuples()}
-    ok = df[df["status"] == "ok"]
+    ok = _lr_arms(df)
     a = ok[(ok["method"] == "structlora") & (ok["lr"] == lr.get("structlora"))].set_index("seed")["test_accuracy"]
     b = ok[(ok["method"] == "lora") & (ok["lr"] == lr.get("lora"))].set_index("seed")["test_accuracy"]
     d = (a - b).dropna() * 100
