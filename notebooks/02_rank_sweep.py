@@ -98,7 +98,7 @@ N_JOBS = 1
 # %%
 from functools import partial
 
-from structlora.repro.notebook import load_budget
+from structlora.repro.notebook import load_budget, run_summary
 
 BUDGET = load_budget(TIER)  # params/<tier>/budget.yml: the tier's one budget, shared by every notebook
 # every verdict runs the power analysis against the tier's seed cap (stats.seeds_needed, stats.decide)
@@ -129,7 +129,7 @@ df = run_grid(specs, results_dir=RESULTS_DIR, n_jobs=N_JOBS, progress=True)
 ok = df[df["status"] == "ok"].copy()
 ok["acc"] = 100.0 * ok["test_accuracy"]
 ok["single_class"] = single_class_runs(ok, NUM_CLASSES)
-print(f"{len(ok)} runs ok, {int((df['status'] != 'ok').sum())} skipped")
+print(f"{run_summary(df)}")
 
 # %%
 # NBVAL_CHECK_OUTPUT

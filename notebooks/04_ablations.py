@@ -127,7 +127,7 @@ N_JOBS = 1
 # %%
 from functools import partial
 
-from structlora.repro.notebook import load_budget
+from structlora.repro.notebook import load_budget, run_summary
 
 BUDGET = load_budget(TIER)  # params/<tier>/budget.yml: the tier's one budget, shared by every notebook
 # every verdict runs the power analysis against the tier's seed cap (stats.seeds_needed, stats.decide)
@@ -251,7 +251,7 @@ ok = df[df["status"] == "ok"].copy()
 ok["acc"] = 100.0 * ok["test_accuracy"]
 ok["step_s"] = 1.0 / ok["steps_per_s"]
 okv = ok.assign(method=ok["variant"])  # paired tests compare variants (several share a method name)
-print(f"{len(ok)} runs ok, {int((df['status'] != 'ok').sum())} skipped; "
+print(f"{run_summary(df)}; "
       f"training wall time {df['wall_time_s'].fillna(0).sum() / 60:.1f} min (cached runs count their original time)")
 
 # %% [markdown]

@@ -420,3 +420,14 @@ def test_budget_gives_each_method_its_rate_and_the_variants_structloras(tmp_path
     (tmp_path / "params" / "x" / "budget.yml").write_text("models: {}\nlr: {}\nSEEDS: [1]\n")
     with pytest.raises(ValueError, match="unknown keys"):
         load_budget("x", tmp_path)
+
+
+def test_run_summary_counts_converged_skipped_and_diverged_runs():
+    import pandas as pd
+
+    from structlora.repro.notebook import run_summary
+
+    df = pd.DataFrame({"status": ["ok", "ok", "ok", "skipped", "diverged"],
+                       "converged": [True, False, None, None, None]})
+    assert run_summary(df) == ("3 runs ok (1 converged: best validation step before the last evaluation), "
+                               "1 skipped, 1 diverged")

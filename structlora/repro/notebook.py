@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
-__all__ = ["Budget", "load_budget", "budget_path", "STRUCTLORA_FAMILY", "BUDGET_KEYS"]
+__all__ = ["Budget", "load_budget", "budget_path", "run_summary", "STRUCTLORA_FAMILY", "BUDGET_KEYS"]
 
 BUDGET_KEYS = ("max_steps", "batch_size", "max_length", "eval_every", "max_eval_examples")
 # methods that are StructLoRA with a stage removed, changed or replaced: they train at StructLoRA's rate
@@ -93,3 +93,15 @@ def load_budget(tier: str, root: str | Path | None = None) -> Budget:
     if unknown:
         raise ValueError(f"{path}: unknown keys {unknown} (expected models, lr, seed_cap)")
     return Budget(tier, data.get("models") or {}, data.get("lr") or {}, data.get("seed_cap", 3), str(path))
+
+
+def run_summary(df: "Any") -> str:
+    """One line over a grid's frame: runs ok (and how many converged: best validation step before the
+    last evaluation, `grid.converged`), skipped and diverged."""
+    status = df["status"] if "status" in df else []
+    ok = df[status == "ok"] if len(df) else df
+    conv = ok["converged"] if "converged" in ok else None
+    n_conv = int(conv.fillna(False).astype(bool).sum()) if conv is not None else 0
+    return (f"{len(ok)} runs ok ({n_conv} converged: best validation step before the last evaluation), "
+            f"{int((status == 'skipped').sum()) if len(df) else 0} skipped, "
+            f"{int((status == 'diverged').sum()) if len(df) else 0} diverged")
