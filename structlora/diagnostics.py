@@ -65,9 +65,8 @@ def uncoordinated_factors(model: "StructLoraModel") -> dict[str, list[Factors]]:
     try:
         out = {}
         for fam in model.families:
-            m = model.family_state(fam)["m"]
-            out[fam.key] = [((fam.B(l) * fam.scalings[l] * (m[l] if m is not None else 1.0)).detach(),
-                             fam.A(l).detach()) for l in range(len(fam.layers))]
+            out[fam.key] = [tuple(t.detach() for t in model._uncoordinated_factors(fam, l))
+                            for l in range(len(fam.layers))]
         return out
     finally:
         model._reset_states()

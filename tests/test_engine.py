@@ -19,13 +19,7 @@ from structlora.repro.engine import (TrainConfig, batch_indices, collate, evalua
 HERE = Path(__file__).resolve().parent
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Toy models gain nothing from threads, and a busy machine makes extra threads very slow."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _params(model: torch.nn.Module) -> dict[str, torch.Tensor]:

@@ -16,28 +16,14 @@ import torch
 from filelock import FileLock
 
 import dist_train
-from dist_train import CALLS, TOY_LOADERS, toy_bert, toy_handle, toy_seq_data
-from structlora.repro import engine, grid
+from dist_train import CALLS, toy_bert, toy_handle, toy_seq_data
+from structlora.repro import grid
 from structlora.repro.engine import DivergedError, TrainConfig, train
 from structlora.repro.grid import (RunSpec, cost_is_complete, load_records, read_record, record_path, run,
                                    run_grid)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
-@pytest.fixture(autouse=True)
-def toy_loaders(monkeypatch):
-    for name, fn in TOY_LOADERS.items():
-        monkeypatch.setitem(grid.LOADERS, name, fn)
-    for k in CALLS:
-        CALLS[k] = 0
-    yield
+pytestmark = pytest.mark.usefixtures("one_thread", "toy_loaders")
 
 
 @pytest.fixture(scope="module")

@@ -4,30 +4,14 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
 
 import dist_train
-from dist_train import CALLS, TOY_LOADERS
+from dist_train import CALLS
 from structlora.repro import grid
 from structlora.repro.grid import RunSpec, load_records, read_record, record_path, run, run_grid
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Toy models gain nothing from threads, and a busy machine makes extra threads very slow."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
-@pytest.fixture(autouse=True)
-def toy_loaders(monkeypatch):
-    for name, fn in TOY_LOADERS.items():
-        monkeypatch.setitem(grid.LOADERS, name, fn)
-    for k in CALLS:
-        CALLS[k] = 0
-    yield
+pytestmark = pytest.mark.usefixtures("one_thread", "toy_loaders")
 
 
 def _spec(method: str = "lora", **kw) -> RunSpec:

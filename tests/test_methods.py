@@ -33,14 +33,7 @@ VOCAB = 100
 SEQ = 8
 N_FIRST = 8  # the first token is one of ids 10..17; label = its parity
 
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny models: one intra-op thread is fastest, and avoids OpenMP spin-waiting on a loaded 2-core box."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # ----------------------------------------------------------------------------------------- toy models

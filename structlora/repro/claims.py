@@ -15,7 +15,6 @@ import dataclasses
 import json
 import math
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable
@@ -56,15 +55,6 @@ SAME_COMPARISON = {
     "T5.sst2.full>lora": "T2.sst2.structlora>lora",
 }
 TIERS = ("smoke", "cpu", "gpu")
-
-# Used only when structlora.repro.stats (or its verdict docstring) is not importable.
-_FALLBACK_RULE = (
-    "A claim is *reproduced* when our paired difference (StructLoRA minus the baseline, over seeds) "
-    "has the paper's sign and its 95% confidence interval excludes zero; *not reproduced* when the "
-    "interval excludes zero with the opposite sign, or lies entirely below the paper's effect; "
-    "*inconclusive* otherwise (the interval contains zero, or too few seeds)."
-)
-
 
 def _num(x) -> float | None:
     """float or None (NaN/inf/None -> None), so JSON stays valid."""
@@ -261,17 +251,12 @@ def read_claims(root: str | os.PathLike = "results", tier: str | None = "cpu") -
 
 
 def _verdict_rule() -> str:
-    try:
-        from . import stats  # noqa: WPS433  (written by another module; optional at import time)
+    """The rule the ledger prints: the docstring of `stats.decide`, the one rule every verdict uses."""
+    import inspect
 
-        doc = (stats.decide.__doc__ or "").strip()
-        if doc:
-            import inspect
+    from .stats import decide
 
-            return inspect.cleandoc(doc)
-    except Exception:  # pragma: no cover - stats not there yet
-        pass
-    return _FALLBACK_RULE
+    return inspect.cleandoc(decide.__doc__ or "")
 
 
 def _md_escape(s) -> str:

@@ -345,9 +345,6 @@ def clean_executed(src: Path, dst: Path, root: Path | None = None, marker: dict[
     atomic_write(dst, text if text.endswith("\n") else text + "\n")
 
 
-RETRAIN_ENV = "STRUCTLORA_RETRAIN"
-
-
 def count_records(folder: Path) -> int:
     """Finished run records (``<key>.json``) in a results folder."""
     return sum(1 for p in folder.glob("*.json") if not p.name.startswith(".")) if folder.is_dir() else 0
@@ -381,6 +378,8 @@ def run_all(tier: str = "cpu", only: Sequence[str] | None = None, force: bool = 
     jobs = plan(tier, only, root, results)
     print(announce(tier, jobs, root, retrain), flush=True)
     if retrain:
+        from .grid import RETRAIN_ENV
+
         os.environ[RETRAIN_ENV] = repr(time.time())  # grid.retrain_pending: records older than this retrain
         force = True
     t_all = time.perf_counter()
