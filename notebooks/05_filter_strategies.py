@@ -81,7 +81,7 @@ from structlora.repro import paper, plots
 from structlora.repro.claims import Claim, claim_from_test, format_diff, write_claims
 from structlora.repro.grid import RunSpec, run_grid, train_spec
 from structlora.repro.probes import correlation_table, removal_table
-from structlora.repro.stats import decide, paired_test, summarize
+from structlora.repro.stats import DIRECTION_ONLY, decide, paired_test, summarize
 
 pd.set_option("display.width", 200)
 pd.set_option("display.max_columns", 40)
@@ -320,8 +320,7 @@ else:
 # %%
 # NBVAL_CHECK_OUTPUT
 # "positive, size not given" (Fig. 2): the one verdict rule (stats.decide) with the paper's direction (+1)
-# and a margin of 0, and no power analysis (there is no effect size to plan for)
-DIRECTION_ONLY = {"paper_diff": 1.0, "margin": 0.0}
+# and a margin of 0 (stats.DIRECTION_ONLY), and no power analysis (there is no effect size to plan for)
 claims = []
 for t in TASKS:
     for a, b in pairs:

@@ -15,13 +15,12 @@ import pandas as pd
 from scipy import stats as _st
 
 from structlora.repro.claims import Claim, format_diff
-from structlora.repro.stats import decide
+from structlora.repro.stats import DIRECTION_ONLY, decide
 
 __all__ = ["round_ratios", "merged_ratios", "log_ci", "per_round_table", "p_vs_bound", "margin_claim",
            "DIRECTION_ONLY"]
 
-# margin claims ("overhead below the bound"): the direction of the claim (+1: margin to the bound > 0), margin 0
-DIRECTION_ONLY: dict[str, float] = {"paper_diff": 1.0, "margin": 0.0}
+# margin claims ("overhead below the bound") use stats.DIRECTION_ONLY: the claim's direction (+1: margin to the bound > 0), margin 0
 
 
 def round_ratios(raw: Mapping[str, Any], variant: str, ref: str = "lora") -> np.ndarray:

@@ -331,6 +331,7 @@ def clean_executed(src: Path, dst: Path, root: Path | None = None, marker: dict[
     nb = nbformat.read(src, as_version=4)
     pm_meta = nb.metadata.pop("papermill", {}) or {}
     nb.metadata.pop("widgets", None)
+    nb.metadata.pop("structlora", None)  # the committed notebooks/ copies carry no run marker
     if marker is not None:
         nb.metadata["structlora"] = {**marker, "parameters": pm_meta.get("parameters", {})}
     for i, cell in enumerate(nb.cells):

@@ -15,7 +15,7 @@ import pandas as pd
 from scipy import stats as _st
 
 __all__ = ["summarize", "paired_test", "verdict", "compare_to_paper", "single_class_runs", "single_class_table", "VERDICTS",
-           "OUTCOMES", "seeds_needed", "holm", "decide", "identical_arms"]
+           "OUTCOMES", "DIRECTION_ONLY", "seeds_needed", "holm", "decide", "identical_arms"]
 
 VERDICTS = ("reproduced", "not reproduced", "inconclusive")
 DEFAULT_BY = ("task", "model", "method", "rank", "fraction")
@@ -279,6 +279,9 @@ def _fmt_ci(mean: float, lo: float, hi: float, digits: int) -> str:
 
 
 # ------------------------------------------------------------------------------ power, decisions, Holm
+# a claim of direction only ("> 0" in the paper, no number): decide() with the paper's sign and margin 0
+DIRECTION_ONLY: dict[str, float] = {"paper_diff": 1.0, "margin": 0.0}
+
 OUTCOMES = ("reproduced", "smaller than claimed", "not reproduced", "inconclusive",
             "undecidable at this scale", "untestable (arms identical)")
 
