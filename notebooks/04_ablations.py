@@ -248,6 +248,8 @@ print("never run here: COCO captioning / LLaVA-1.5-7B (no vision-language model 
 df = run_grid(specs, results_dir=RESULTS_DIR, n_jobs=N_JOBS, progress=True)
 df["variant"] = [variant_of[k][1] for k in df["key"]]
 ok = df[df["status"] == "ok"].copy()
+for col in ("diag_drift_energy", "diag_cos_adj"):   # absent until a run has finished (records-only mode)
+    ok[col] = ok.get(col, np.nan)
 ok["acc"] = 100.0 * ok["test_accuracy"]
 ok["step_s"] = 1.0 / ok["steps_per_s"]
 okv = ok.assign(method=ok["variant"])  # paired tests compare variants (several share a method name)

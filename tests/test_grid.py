@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
 import dist_train
 from dist_train import CALLS
@@ -188,3 +189,76 @@ def test_records_carry_a_convergence_flag_and_a_prediction_fingerprint(tmp_path)
     assert converged({"best_step": 50, "history": [{"step": 50}, {"step": 100}]}) is True
     assert converged({"best_step": 100, "history": [{"step": 50}, {"step": 100}]}) is False
     assert converged({"best_step": None, "history": []}) is None
+
+
+# ------------------------------------------------------------------------------- trained models, records only
+def _structlora_builder(name, loaded, rank=8, seed=0, total_steps=None, **kwargs):
+    """A toy StructLoRA (gates closing half the directions, hybrid graph): buffers that must travel."""
+    from structlora import StructLoraConfig, get_structlora_model
+
+    CALLS["build_method"] += 1
+    torch.manual_seed(seed)
+    cfg = StructLoraConfig(r=rank, lora_alpha=2 * rank, target_modules=["query", "value"], task_type="SEQ_CLS",
+                           gate="concrete", graph="hybrid", gate_warmup_steps=1, target_keep_ratio=0.5,
+                           target_ramp_steps=2, sim_batches=1, structlora_seed=seed)
+    sm = get_structlora_model(loaded.model, cfg)
+    return dist_train.toy_handle(sm, name=name, extra_loss=sm.structlora_loss)
+
+
+def _eval_logits(trained):
+    from structlora.repro.engine import collate
+
+    batch = collate("seq-cls", trained.encoded["validation"][:16])
+    batch.pop("labels")
+    trained.handle.model.eval()
+    with torch.no_grad():
+        return trained.handle.model(**batch).logits
+
+
+@pytest.mark.parametrize("builder", ["peft-lora", "structlora"])
+def test_train_spec_keeps_the_trained_model_and_rebuilds_it_without_training(tmp_path, monkeypatch, builder):
+    if builder == "structlora":
+        monkeypatch.setitem(grid.LOADERS, "build_method", _structlora_builder)
+    spec = _spec(seed=1, max_steps=8, eval_every=4)
+    first = grid.train_spec(spec, tmp_path, progress=False)
+    assert grid.weights_path(spec, tmp_path).is_file()
+    CALLS["build_method"] = 0
+    back = grid.train_spec(spec, tmp_path, progress=False)
+    assert CALLS["build_method"] == 1 and back.record == read_record(record_path(spec, tmp_path), spec)
+    assert torch.equal(_eval_logits(first), _eval_logits(back))      # the same model, not a retrained one
+    if builder == "structlora":
+        sm = back.handle.model
+        assert int(sm.structlora_step) == int(first.handle.model.structlora_step) > 0
+    # weights of another training (a record rewritten since) are refused, and the run trains again
+    rec = json.loads(record_path(spec, tmp_path).read_text())
+    rec["finished_at"] = "2000-01-01T00:00:00+00:00"
+    record_path(spec, tmp_path).write_text(json.dumps(rec))
+    CALLS["build_method"] = 0
+    with pytest.warns(UserWarning, match="not of the record"):
+        grid.train_spec(spec, tmp_path, progress=False)
+    assert CALLS["build_method"] == 1
+
+
+def test_records_only_mode_trains_nothing_and_lists_the_pending_runs(tmp_path, monkeypatch):
+    done, missing, probed = _spec(seed=0), _spec(seed=1), _spec(seed=2)
+    run(done, tmp_path, progress=False)
+    pending_file = tmp_path / "pending.jsonl"
+    monkeypatch.setattr(grid, "_PENDING_SEEN", set())        # process-wide: restored after the test
+    monkeypatch.setenv(grid.RECORDS_ONLY_ENV, str(pending_file))
+    CALLS["build_method"] = 0
+    df = run_grid([done, missing], tmp_path, progress=False)
+    assert list(df["status"]) == ["ok", "pending"] and CALLS["build_method"] == 0
+    assert run(missing, tmp_path, progress=False)["status"] == "pending"
+    out = grid.train_spec(probed, tmp_path, progress=False)
+    assert out.handle is None and out.record["status"] == "pending" and CALLS["build_method"] == 0
+    assert not record_path(missing, tmp_path).exists() and not record_path(probed, tmp_path).exists()
+    lines = [json.loads(x) for x in pending_file.read_text().splitlines()]
+    assert [RunSpec.from_dict(x["spec"]) for x in lines] == [missing, missing, probed]
+    assert [x["weights"] for x in lines] == [False, False, True]
+    assert "pending" not in grid.STATUSES     # never a record status
+    # claims made in such a process say they are partial; one with nothing to test is pending, not skipped
+    from structlora.repro.claims import claim_from_test
+
+    assert grid.pending_seen() == 2
+    c = claim_from_test("T2.x", "nb", "cpu", "beats LoRA", None, 1.5, note="arms not run")
+    assert c.verdict == "pending" and c.note.startswith("partial: 2 run(s)")

@@ -230,20 +230,25 @@ def test_ledger_decides_the_primary_family_with_holm_and_counts_a_comparison_onc
                         "ci_low": 0.0, "ci_high": 0.0, "p": 1.0}, 0.8, arms_identical=True),
         claim_from_test("T3.sst2.r2.structlora>lora", "01_x", "cpu", "exploratory", sig, 1.0, seeds_required=40,
                         seeds_cap=10),
+        claim_from_test("F2.sst2.ib>random", "01_x", "cpu", "primary, underpowered", {**sig, "p": 0.001}, 1.0,
+                        seeds_required=40, seeds_cap=10),
     ]
     assert claims[0].verdict == "reproduced"                       # on its own, raw p = 0.02
     write_claims("01_x", "cpu", claims, root=tmp_path)
     df = build_ledger(tmp_path, tier="cpu").set_index("claim_id")
-    # three primary tests with p = 0.02: Holm gives 0.06, not significant; the intervals still admit the
-    # paper's half effect -> inconclusive; the repeated comparison points to T2; identical arms untestable
+    # four primary tests (three with p = 0.02): Holm gives 0.06, not significant; the intervals still admit
+    # the paper's half effect -> inconclusive; the repeated comparison points to T2; identical arms
+    # untestable; the underpowered primary claim counts in the family but Holm never decides it
     assert df.loc["T2.sst2.structlora>lora", "p_holm"] == pytest.approx(0.06)
+    assert df.loc["F2.sst2.ib>random", "p_holm"] == pytest.approx(0.004)
+    assert df.loc["F2.sst2.ib>random", "verdict"] == "undecidable at this scale"
     assert df.loc["T2.sst2.structlora>lora", "verdict"] == "inconclusive"
     assert df.loc["T5.sst2.full>lora", "verdict"] == "see T2.sst2.structlora>lora"
     assert df.loc["T6.sst2.full>graph_adjacency", "verdict"] == "untestable (arms identical)"
     assert df.loc["T3.sst2.r2.structlora>lora", "family"] == "exploratory"
     assert df.loc["T3.sst2.r2.structlora>lora", "verdict"] == "undecidable at this scale"
     md = (tmp_path / "CLAIMS.md").read_text()
-    assert "5 distinct claims" in md and "needs 40 paired seeds" in md
+    assert "6 distinct claims" in md and "needs 40 paired seeds" in md
 
 
 def test_paired_test_runs_the_manipulation_check_on_prediction_fingerprints():

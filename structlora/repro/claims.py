@@ -36,7 +36,7 @@ __all__ = [
 ]
 
 VERDICTS = ("reproduced", "smaller than claimed", "not reproduced", "inconclusive", "undecidable at this scale",
-            "untestable (arms identical)", "skipped")
+            "untestable (arms identical)", "skipped", "pending")
 
 # The pre-registered primary family (issue 13): the claims the cpu tier is planned to decide, tested with
 # Holm-Bonferroni across the family in the ledger; every other claim is exploratory (raw p).
@@ -159,7 +159,9 @@ def claim_from_test(claim_id: str, notebook: str, tier: str, claim: str, test, p
     with the manipulation check ``arms_identical``, also read from the test row, and the power
     analysis: ``seeds_required``, or computed by `stats.seeds_needed` from the row's ``diff_std`` when
     ``seeds_cap`` is given; more than the cap makes the claim *undecidable at this scale*);
-    ``test=None`` (nothing ran) gives verdict ``"skipped"`` with ``note`` saying why. A non-empty
+    ``test=None`` (nothing ran) gives verdict ``"skipped"`` with ``note`` saying why, or ``"pending"``
+    when the process met runs without a record (records-only mode, `grid.pending_seen`); a claim made
+    while runs are pending says so in its note (its seeds may be partial). A non-empty
     ``degenerate`` (why the comparison tests nothing, e.g. every run of both methods collapsed to one
     class, see :func:`structlora.repro.stats.single_class_runs`) makes the verdict ``"inconclusive"`` whatever
     the numbers say, and is prepended to the note.
@@ -168,8 +170,14 @@ def claim_from_test(claim_id: str, notebook: str, tier: str, claim: str, test, p
 
     pv = paper_value if paper_value is not None else (format_diff(paper_diff, digits=digits)
                                                       if paper_diff is not None else "n/a")
+    from .grid import pending_seen
+
+    if pending_seen():
+        note = (f"partial: {pending_seen()} run(s) of this notebook have no record yet "
+                "(python -m structlora reproduce --train-pending); " + note).rstrip("; ")
     if test is None:
-        return Claim(claim_id, notebook, claim, pv, "not run", None, None, None, 0, tier, "skipped", note)
+        return Claim(claim_id, notebook, claim, pv, "not run", None, None, None, 0, tier,
+                     "pending" if pending_seen() else "skipped", note)
     d, lo, hi, p = (_num(_get(test, k)) for k in ("diff_mean", "ci_low", "ci_high", "p"))
     n = _get(test, "n", 0)
     std = _num(_get(test, "diff_std", _get(test, "std")))
@@ -274,7 +282,9 @@ def _figures_for(root: Path, notebook: str, tier: str) -> list[Path]:
 def decide_family(df: pd.DataFrame) -> pd.DataFrame:
     """Mark each claim primary (pre-registered, `PRIMARY`) or exploratory, point repeated comparisons to
     their claim (`SAME_COMPARISON`: verdict "see <id>", not counted), and re-decide the primary claims
-    that carry a p-value with Holm-Bonferroni adjusted p across the family (`stats.holm`, `stats.decide`)."""
+    that carry a p-value with Holm-Bonferroni adjusted p across the family (`stats.holm`, `stats.decide`).
+    A claim the power analysis declared undecidable at this scale counts in the family (conservative)
+    but keeps its verdict: Holm never turns it into a decision."""
     from .stats import decide, holm
 
     df = df.copy()
@@ -295,6 +305,8 @@ def decide_family(df: pd.DataFrame) -> pd.DataFrame:
         df.loc[fam, "p_holm"] = adjusted
         for i, p_adj in zip(fam, adjusted):
             r = df.loc[i]
+            if r["verdict"] == "undecidable at this scale":   # the power analysis comes first (stats.decide)
+                continue
             df.loc[i, "verdict"] = decide(r["ours_value"], r["ci_low"], r["ci_high"], p_adj, r["paper_diff"],
                                           arms_identical=bool(r["arms_identical"]))
     return df
@@ -364,7 +376,7 @@ def build_ledger(root: str | os.PathLike = "results", tier: str | None = None) -
             v = r.verdict
             vtxt = {"reproduced": "✅ reproduced", "smaller than claimed": "🔽 smaller than claimed",
                     "not reproduced": "❌ not reproduced", "inconclusive": "❔ inconclusive",
-                    "skipped": "⏭ skipped"}.get(v, v)
+                    "skipped": "⏭ skipped", "pending": "⏳ pending"}.get(v, v)
             ph = "" if r.p_holm != r.p_holm else f"{r.p_holm:.3g}"
             lines.append(
                 f"| {_md_escape(r.claim_id)} | {r.family} | {_md_escape(r.claim)} | {_md_escape(r.paper_value)} | "

@@ -27,8 +27,15 @@
   (``structlora._io.clean_stale_tmp``) and checkpoint folders of finished runs are removed.
 * Configuration errors (unknown method, a task whose ``model_kind`` is not the model's kind) are
   raised before any training.
-* ``train_spec(spec)`` is ``run`` for notebooks that need the trained model: it always trains and
-  returns ``TrainedRun(record, handle, task, encoded, loaded)``.
+* ``train_spec(spec)`` is ``run`` for notebooks that need the trained model: it returns
+  ``TrainedRun(record, handle, task, encoded, loaded)``. It also writes the trained part of the model
+  (trainable parameters and buffers, ``<key>.weights.safetensors``, ~1 MB for minilm at r = 8), so a
+  later call rebuilds the model from the record's spec and loads them instead of training again.
+* Records-only mode (``$STRUCTLORA_RECORDS_ONLY``, set by ``python -m structlora reproduce
+  --records-only``): nothing trains. A run without a record gets a row with status ``"pending"`` (never
+  written, never a result) and, when the variable holds a file path, a line in that JSON-lines file
+  (``{"spec", "results_dir", "weights"}``), so a driver (``scripts/tier.py``) can train exactly the runs
+  the notebooks ask for.
 
 The loaders live in the module-level dict ``LOADERS`` (``load_task``, ``load_model``, ``encode``,
 ``build_method``, ``list_methods``, ``update_diagnostics``) so that tests and notebooks can swap in toy
@@ -58,7 +65,7 @@ import time
 import torch
 from filelock import FileLock, Timeout
 
-from .._io import atomic_write_json, clean_stale_tmp
+from .._io import atomic_write, atomic_write_json, clean_stale_tmp
 from . import engine
 
 if TYPE_CHECKING:
@@ -81,6 +88,10 @@ __all__ = [
     "cost_is_complete",
     "clean_results_dir",
     "STATUSES",
+    "RECORDS_ONLY_ENV",
+    "records_only",
+    "weights_path",
+    "pending_seen",
 ]
 
 log = logging.getLogger(__name__)
@@ -297,6 +308,43 @@ def record_path(spec: RunSpec, results_dir: str | Path) -> Path:
 
 def _checkpoint_dir(spec: RunSpec, results_dir: str | Path) -> Path:
     return Path(results_dir) / f"{spec.key()}.ckpt"
+
+
+def weights_path(spec: RunSpec, results_dir: str | Path) -> Path:
+    """Where ``train_spec`` keeps the trained part of the model: ``results_dir/<key>.weights.safetensors``."""
+    return Path(results_dir) / f"{spec.key()}.weights.safetensors"
+
+
+RECORDS_ONLY_ENV = "STRUCTLORA_RECORDS_ONLY"
+
+
+def records_only() -> bool:
+    """True when ``$STRUCTLORA_RECORDS_ONLY`` is set (not "" / "0"): runs without a record do not train."""
+    return os.environ.get(RECORDS_ONLY_ENV, "") not in ("", "0")
+
+
+_PENDING_SEEN: set[str] = set()
+
+
+def pending_seen() -> int:
+    """How many distinct runs this process found without a record in records-only mode (claims made
+    from such a notebook say they are partial)."""
+    return len(_PENDING_SEEN)
+
+
+def _pending(spec: RunSpec, results_dir: str | Path | None, weights: bool = False) -> dict[str, Any]:
+    """The row of a run that records-only mode did not train (status "pending", never written), noted
+    in the pending file when ``$STRUCTLORA_RECORDS_ONLY`` names one."""
+    _PENDING_SEEN.add(spec.key())
+    record = _base_record(spec)
+    record.update(status="pending", skip_reason=f"not run yet: no record in {results_dir} (records-only mode)")
+    target = os.environ.get(RECORDS_ONLY_ENV, "")
+    if target not in ("", "0", "1"):
+        line = json.dumps({"spec": spec.to_dict(), "results_dir": str(results_dir), "weights": weights},
+                          sort_keys=True)
+        with open(target, "a", encoding="utf-8") as f:
+            f.write(line + "\n")
+    return record
 
 
 def _number_problem(where: str, value: Any, lo: float | None = None, hi: float | None = None) -> str | None:
@@ -541,20 +589,85 @@ def _locked(spec: RunSpec, results_dir: str | Path, blocking: bool, work: Callab
 
 
 def train_spec(spec: RunSpec, results_dir: str | Path | None = "results/runs", progress: bool = True,
-               force: bool = False, *, progress_leave: bool = True) -> TrainedRun:
-    """Train ``spec`` (always) and write its record under ``results_dir`` (None: write nothing).
+               force: bool = False, *, progress_leave: bool = True, reuse: bool = True) -> TrainedRun:
+    """Train ``spec`` and write its record and its weights under ``results_dir`` (None: write nothing).
 
-    Resumes from ``results_dir/<key>.ckpt`` when a previous attempt was interrupted (``force``
-    discards it). Raises ``ValueError`` for an unknown method or a task/model mismatch before training.
-    Holds the run's lock while training (waiting for another process that holds it).
+    With ``reuse`` (and not ``force``), a valid record plus its ``weights_path`` file are read back
+    instead: the model is rebuilt from the spec and the trained parameters and buffers are loaded into
+    it, so the live model is the one the record describes. In records-only mode a run with neither is
+    returned as pending (``handle`` None). Resumes from ``results_dir/<key>.ckpt`` when a previous
+    attempt was interrupted (``force`` discards it). Raises ``ValueError`` for an unknown method or a
+    task/model mismatch before training. Holds the run's lock while training.
     """
     if results_dir is None:
         return _train_spec(spec, None, progress, force, progress_leave)
-    return _locked(spec, results_dir, True, lambda: _train_spec(spec, results_dir, progress, force, progress_leave))[1]
+
+    def work() -> TrainedRun:
+        if reuse and not force and not retrain_pending(record_path(spec, results_dir)):
+            back = _reload(spec, results_dir)
+            if back is not None:
+                return back
+        if records_only():
+            return TrainedRun(_pending(spec, results_dir, weights=True), None, None, None, None)
+        return _train_spec(spec, results_dir, progress, force, progress_leave, keep_weights=True)
+
+    _check_method(spec)
+    return _locked(spec, results_dir, True, work)[1]
+
+
+def _trained_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The part of a model that training changed: trainable parameters and every buffer (gate masks,
+    Lagrange multipliers, similarity edges, the step counter), detached, contiguous, on cpu."""
+    keep = {n for n, p in model.named_parameters() if p.requires_grad} | {n for n, _ in model.named_buffers()}
+    return {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items() if k in keep}
+
+
+def _save_weights(spec: RunSpec, results_dir: str | Path, model: torch.nn.Module, finished_at: str) -> None:
+    """The weights file, tied to its record by the run key and the record's ``finished_at``."""
+    from safetensors.torch import save
+
+    meta = {"key": spec.key(), "finished_at": finished_at}
+    atomic_write(weights_path(spec, results_dir), save(_trained_state(model), metadata=meta))
+
+
+def _reload(spec: RunSpec, results_dir: str | Path) -> TrainedRun | None:
+    """``TrainedRun`` of a finished run from its record and weights; None (with a warning when the
+    weights are unusable) when either is missing or does not belong to this spec."""
+    from safetensors import safe_open
+    from safetensors.torch import load
+
+    record, path = read_record(record_path(spec, results_dir), spec, warn=False), weights_path(spec, results_dir)
+    if record is not None and record["status"] != "ok":
+        return TrainedRun(record, None, None, None, None)   # skipped / diverged: nothing to rebuild
+    if record is None or not path.is_file():
+        return None
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+        tensors = load(path.read_bytes())
+    except Exception as exc:
+        warnings.warn(f"ignoring {path}: unreadable weights ({type(exc).__name__}: {exc})", stacklevel=3)
+        return None
+    if meta.get("key") != spec.key() or meta.get("finished_at") != record.get("finished_at"):
+        warnings.warn(f"ignoring {path}: weights of run {meta.get('key')!r} finished at {meta.get('finished_at')},"
+                      f" not of the record {spec.key()!r} finished at {record.get('finished_at')}", stacklevel=3)
+        return None
+    task, loaded, encoded = _load(spec)
+    handle = LOADERS["build_method"](spec.method, loaded, rank=spec.rank, seed=spec.seed,
+                                     total_steps=spec.max_steps, **_method_kwargs(spec, task, loaded, encoded))
+    own = handle.model.state_dict()
+    bad = sorted(k for k, v in tensors.items() if k not in own or own[k].shape != v.shape)
+    if bad:
+        warnings.warn(f"ignoring {path}: {len(bad)} tensor(s) do not fit the rebuilt model, e.g. {bad[0]}",
+                      stacklevel=3)
+        return None
+    handle.model.load_state_dict(tensors, strict=False)
+    handle.model.eval()
+    return TrainedRun(record, handle, task, encoded, loaded)
 
 
 def _train_spec(spec: RunSpec, results_dir: str | Path | None, progress: bool, force: bool,
-                progress_leave: bool) -> TrainedRun:
+                progress_leave: bool, keep_weights: bool = False) -> TrainedRun:
     _check_method(spec)
     ckpt = _checkpoint_dir(spec, results_dir) if results_dir is not None else None
     if force and ckpt is not None and ckpt.exists() and _is_main_process():
@@ -598,6 +711,8 @@ def _train_spec(spec: RunSpec, results_dir: str | Path | None, progress: bool, f
             test_predictions_sha256=result.test_predictions_sha256)
     record["finished_at"] = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
     if results_dir is not None and _is_main_process():
+        if keep_weights and result is not None:
+            _save_weights(spec, results_dir, handle.model, record["finished_at"])  # first: a record implies them
         atomic_write_json(record_path(spec, results_dir), record)
         if ckpt is not None and ckpt.exists():
             shutil.rmtree(ckpt, ignore_errors=True)
@@ -608,7 +723,7 @@ def run(spec: RunSpec, results_dir: str | Path = "results/runs", force: bool = F
         keep_model: bool = False, *, progress_leave: bool = True) -> dict[str, Any] | TrainedRun:
     """The record of ``spec``: read back when a valid one exists (unless ``force``), else trained and written.
 
-    ``keep_model=True`` always trains and returns ``train_spec``'s ``TrainedRun`` (record, handle, task,
+    ``keep_model=True`` returns ``train_spec``'s ``TrainedRun`` (record, handle, task,
     encoded, loaded) for notebooks that probe the trained model.
     """
     if keep_model:
@@ -626,6 +741,8 @@ def _read_or_train(spec: RunSpec, results_dir: str | Path, progress: bool, force
         record = read_record(path, spec, warn=warn)
         if record is not None:
             return record
+    if records_only():
+        return _pending(spec, results_dir)
     return _train_spec(spec, results_dir, progress, force, progress_leave).record
 
 
@@ -728,6 +845,9 @@ def run_grid(specs: Sequence[RunSpec], results_dir: str | Path = "results/runs",
             todo.append(spec)
         else:
             records[spec.key()] = record
+    if records_only():
+        records.update({spec.key(): _pending(spec, results_dir) for spec in todo})
+        todo = []
     bar = tqdm(total=len(specs), initial=len(specs) - len(todo), desc="runs", disable=not progress,
                dynamic_ncols=True)
     try:
@@ -802,8 +922,14 @@ def records_to_frame(records: Sequence[dict[str, Any]]) -> pandas.DataFrame:
     spec_cols = [f.name for f in fields(RunSpec)]
     df = pd.DataFrame(rows)
     if df.empty:
-        return pd.DataFrame(columns=spec_cols + ["key", "status", "skip_reason"])
+        return pd.DataFrame(columns=spec_cols + ["key", "status", "skip_reason"] + list(_ALWAYS))
+    for col in _ALWAYS:   # every task reports accuracy: a frame of pending / skipped runs still has the column
+        if col not in df:
+            df[col] = float("nan")
     return df
+
+
+_ALWAYS = ("val_accuracy", "test_accuracy", "val_macro_f1", "test_macro_f1")
 
 
 def converged(record: dict[str, Any]) -> bool | None:

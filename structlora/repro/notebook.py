@@ -97,11 +97,14 @@ def load_budget(tier: str, root: str | Path | None = None) -> Budget:
 
 def run_summary(df: "Any") -> str:
     """One line over a grid's frame: runs ok (and how many converged: best validation step before the
-    last evaluation, `grid.converged`), skipped and diverged."""
+    last evaluation, `grid.converged`), skipped and diverged, and the runs pending (no record yet, in
+    records-only mode: ``reproduce --records-only``)."""
     status = df["status"] if "status" in df else []
     ok = df[status == "ok"] if len(df) else df
     conv = ok["converged"] if "converged" in ok else None
     n_conv = int(conv.fillna(False).astype(bool).sum()) if conv is not None else 0
     return (f"{len(ok)} runs ok ({n_conv} converged: best validation step before the last evaluation), "
             f"{int((status == 'skipped').sum()) if len(df) else 0} skipped, "
-            f"{int((status == 'diverged').sum()) if len(df) else 0} diverged")
+            f"{int((status == 'diverged').sum()) if len(df) else 0} diverged"
+            + (f", {n_pending} PENDING (no record yet: python -m structlora reproduce --train-pending)"
+               if (n_pending := int((status == 'pending').sum()) if len(df) else 0) else ""))

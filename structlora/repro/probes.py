@@ -166,4 +166,6 @@ def correlation_table(removal: Mapping[str, pd.DataFrame], n_boot: int,
             row["ci_low"], row["ci_high"], row["p_boot"] = (boot_diff(d, "gate_score", "norm", n_boot) if len(d) >= 3
                                                             else (np.nan, np.nan, np.nan))
             corr_rows.append(row)
-    return pd.DataFrame(corr_rows)
+    cols = (["model", "directions", "n"] + [f"{k}_{s}" for s in scores for k in ("rho", "p")]
+            + ["rho_gate-rho_norm", "ci_low", "ci_high", "p_boot"])
+    return pd.DataFrame(corr_rows, columns=cols)

@@ -243,9 +243,12 @@ def run_job(job: NotebookJob, root: Path, cell_progress: bool = True, log_output
                 log_output=log_output, cwd=str(root), request_save_on_cell_execute=True,
             )
             job.status = "ok"
+            from .grid import records_only
+
+            # a records-only copy is never "up to date" for a job that trains (its pending runs are missing)
             clean_executed(job.output, job.output, root,
-                           marker={"status": "ok", "tier": job.parameters.get("TIER", "smoke"),
-                                   "sources_sha256": sources_sha256(job)})
+                           marker={"status": "ok" if not records_only() else "records-only",
+                                   "tier": job.parameters.get("TIER", "smoke"), "sources_sha256": sources_sha256(job)})
         except BaseException as err:  # noqa: BLE001 - reported, then re-raised as a job failure
             job.status = "failed"
             job.message = _describe_failure(job, err)
@@ -368,16 +371,94 @@ def announce(tier: str, jobs: list[NotebookJob], root: Path, retrain: bool) -> s
     return "\n".join(lines)
 
 
+def pending_path(tier: str, root: Path | None = None) -> Path:
+    """Where ``--records-only`` lists the runs the notebooks asked for and found no record of."""
+    return (root or repo_root()) / "results" / f"pending.{tier}.jsonl"
+
+
+def read_pending(path: Path) -> list[tuple[Any, str, bool]]:
+    """``(RunSpec, results_dir, weights)`` per pending run in ``path``, each run once (weights wins)."""
+    from .grid import RunSpec
+
+    out: dict[tuple[str, str], tuple[Any, str, bool]] = {}
+    for line in path.read_text(encoding="utf-8").splitlines() if path.is_file() else []:
+        item = json.loads(line)
+        spec = RunSpec.from_dict(item["spec"])
+        k = (spec.key(), item["results_dir"])
+        out[k] = (spec, item["results_dir"], bool(item["weights"]) or (k in out and out[k][2]))
+    return list(out.values())
+
+
+# The pre-registered primary family's runs (claims.PRIMARY), in the order the pending runs train:
+# (task, method, method kwargs). Every seed of these comes before any other run, seed by seed, so the
+# paired comparisons grow together and a session that stops leaves whole seeds behind.
+PRIMARY_RUNS: tuple[tuple[str, str, dict[str, Any]], ...] = (
+    ("sst2", "lora", {}), ("sst2", "structlora", {}), ("sst2", "structlora_no_gate", {}),
+    ("sst2", "structlora_no_coord", {}), ("sst2", "structlora", {"graph": "adjacency"}),
+    ("sst2", "structlora", {"learn_eta": False}), ("sst2", "filter_ib", {}), ("sst2", "filter_random", {}),
+    ("sst2", "filter_topk_norm", {}), ("sst2", "dora", {}),
+    ("fmnist-transfer", "lora", {}), ("fmnist-transfer", "structlora", {}), ("fmnist-transfer", "dora", {}),
+)
+
+
+def priority(spec: Any) -> tuple[int, int, int, str]:
+    """Sort key of a pending run: primary runs first (seed, then `PRIMARY_RUNS` order), the rest after."""
+    kw = spec.method_kwargs_dict()
+    for i, (task, method, want) in enumerate(PRIMARY_RUNS):
+        if (spec.task, spec.method) == (task, method) and kw == want:
+            return (0, spec.seed, i, spec.key())
+    return (1, spec.seed, 0, spec.key())
+
+
+def train_pending(tier: str, n_jobs: int = 2, root: Path | None = None, limit: int | None = None) -> int:
+    """Train the runs ``--records-only`` listed (primary family first, `priority`), ``n_jobs`` at a time;
+    runs that keep their trained model for a probe go through ``train_spec`` (which writes its weights)."""
+    from .grid import run_grid, train_spec
+
+    root = root or repo_root()
+    path = pending_path(tier, root)
+    items = sorted(read_pending(path), key=lambda it: priority(it[0]))[:limit]
+    if not items:
+        print(f"nothing pending in {path} (run python -m structlora reproduce --tier {tier} --records-only first)")
+        return 0
+    print(f"training {len(items)} pending run(s) of tier {tier} from {path.relative_to(root)}, {n_jobs} at a time",
+          flush=True)
+    os.chdir(root)  # the notebooks' RESULTS_DIR are relative to the repository
+    for spec, folder, weights in items:   # probed models first: they are few and in the primary family
+        if weights:
+            train_spec(spec, folder, progress=True)
+    by_dir: dict[str, list[Any]] = {}
+    for spec, folder, weights in items:
+        if not weights:
+            by_dir.setdefault(folder, []).append(spec)
+    for folder, specs in by_dir.items():
+        df = run_grid(specs, results_dir=folder, n_jobs=n_jobs, progress=True)
+        print(f"{folder}: {', '.join(f'{k} {v}' for k, v in df['status'].value_counts().items())}", flush=True)
+    return 0
+
+
 def run_all(tier: str = "cpu", only: Sequence[str] | None = None, force: bool = False, keep_going: bool = False,
             ledger: bool = True, log_output: bool = False, root: Path | None = None,
-            update_notebooks: bool = False, retrain: bool = False) -> int:
-    """Run the notebooks of ``tier``; returns the process exit code (0 = all ok)."""
+            update_notebooks: bool = False, retrain: bool = False, records_only: bool = False) -> int:
+    """Run the notebooks of ``tier``; returns the process exit code (0 = all ok).
+
+    ``records_only``: nothing trains; the notebooks show the runs without a record as pending, and the
+    pending runs are listed in `pending_path` for ``--train-pending``."""
     from tqdm.auto import tqdm
 
     root = root or repo_root()
     results = root / "results"
     jobs = plan(tier, only, root, results)
     print(announce(tier, jobs, root, retrain), flush=True)
+    if records_only:
+        from .grid import RECORDS_ONLY_ENV
+
+        if retrain:
+            raise SystemExit("--records-only and --retrain contradict each other")
+        pending = pending_path(tier, root)
+        pending.unlink(missing_ok=True)
+        os.environ[RECORDS_ONLY_ENV] = str(pending)
+        force = True  # cheap (nothing trains), and the copies must show the records as they are now
     if retrain:
         from .grid import RETRAIN_ENV
 
@@ -421,6 +502,11 @@ def run_all(tier: str = "cpu", only: Sequence[str] | None = None, force: bool = 
         t = f"{j.wall_s / 60:6.1f} min" if j.wall_s is not None else "       -  "
         print(f"  {j.stem:<28} {j.status:<11} {t}")
     print(f"  total wall time: {(time.perf_counter() - t_all) / 60:.1f} min")
+    if records_only:
+        items = read_pending(pending_path(tier, root))
+        print(f"\nrecords-only: {len(items)} run(s) have no record yet and are shown as pending "
+              f"({sum(w for *_, w in items)} of them probed models); train them, primary family first, with\n"
+              f"  python -m structlora reproduce --tier {tier} --train-pending [--jobs 2]")
     if failed:
         print("\nFAILED:", file=sys.stderr)
         for j in jobs:
@@ -445,6 +531,13 @@ def add_arguments(p) -> None:
     p.add_argument("--keep-going", action="store_true", help="run the remaining notebooks after a failure")
     p.add_argument("--no-ledger", action="store_true", help="do not rebuild results/CLAIMS.md at the end")
     p.add_argument("--log-output", action="store_true", help="stream the notebooks' cell output to the terminal")
+    p.add_argument("--records-only", action="store_true",
+                   help="train nothing: show runs without a record as pending and list them in "
+                        "results/pending.<tier>.jsonl (minutes on any tier)")
+    p.add_argument("--train-pending", action="store_true",
+                   help="train the runs the last --records-only job listed, the pre-registered primary family "
+                        "first (resumable: stop any time, finished runs keep their records); then rerun the job")
+    p.add_argument("--jobs", type=int, default=2, help="--train-pending: runs side by side (1 torch thread each)")
     p.add_argument("--update-notebooks", action="store_true",
                    help="(smoke tier only) also write the executed notebooks, without volatile metadata, over "
                         "notebooks/<nb>.ipynb: how the committed smoke-tier outputs are refreshed")
@@ -453,6 +546,8 @@ def add_arguments(p) -> None:
 def main(args) -> int:
     if args.update_notebooks and args.tier != "smoke":
         raise SystemExit("--update-notebooks: the committed notebooks carry smoke-tier outputs only (use --tier smoke)")
+    if args.train_pending:
+        return train_pending(args.tier, n_jobs=args.jobs)
     return run_all(tier=args.tier, only=args.only, force=args.force, keep_going=args.keep_going,
                    ledger=not args.no_ledger, log_output=args.log_output, update_notebooks=args.update_notebooks,
-                   retrain=args.retrain)
+                   retrain=args.retrain, records_only=args.records_only)

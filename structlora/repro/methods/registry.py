@@ -473,11 +473,15 @@ def _build_linear_probe(name, loaded, model, rank, seed, total_steps, kw, heads)
 # Config overrides per variant (any StructLoraConfig field in **kwargs overrides them). penalty_weight 0.1
 # for lora_cos / lora_lap and keep_ratio 0.5 for the filter variants are our documented defaults: the paper
 # gives no value. The filter variants compare filters only (graph=None); random / top-k-norm masks are fixed,
-# so they run without a learned gate.
+# so they run without a learned gate. The gated variants close half of each module's directions (target
+# keep ratio 0.5, Fig. 2's keep ratio, reached by the augmented Lagrangian of `structlora.gates`) with gate
+# logits at 50x the base rate: the configuration whose learning rate the cpu-tier pilot selected
+# (scripts/pilot.py). Without a target, lambda_IB alone closed no direction in the protocol-1 runs.
+_GATED = {"gate": "concrete", "target_keep_ratio": 0.5, "gate_lr_multiplier": 50.0}
 _STRUCT_VARIANTS: dict[str, dict[str, Any]] = {
-    "structlora": {"gate": "concrete", "graph": "hybrid"},
+    "structlora": {**_GATED, "graph": "hybrid"},
     "structlora_no_gate": {"gate": None, "graph": "hybrid"},
-    "structlora_no_coord": {"gate": "concrete", "graph": None},
+    "structlora_no_coord": {**_GATED, "graph": None},
     "lora_cos": {"gate": None, "graph": None, "penalty": "cos", "penalty_weight": 0.1},
     "lora_lap": {"gate": None, "graph": None, "penalty": "laplacian", "penalty_weight": 0.1},
     "filter_ib": {"gate": "concrete", "filter": "ib", "keep_ratio": 0.5, "graph": None},
