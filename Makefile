@@ -25,8 +25,21 @@ test: setup
 test-slow: setup
 	$(PY) -m pytest -q -m slow tests
 
+# cpu / gpu tier: re-execute the notebooks from the committed run records (minutes: runs without a
+# record are shown as pending and listed in results/pending.<tier>.jsonl); TRAIN=1 first trains the
+# pending runs (hours, resumable, the pre-registered primary family first); RETRAIN=1 trains every run
+# again. The smoke tier always trains (seconds-long runs, never committed).
+ONLY_ARG = $(if $(ONLY),--only $(ONLY))
 reproduce: setup
-	$(PY) -m structlora reproduce --tier $(TIER) $(if $(ONLY),--only $(ONLY)) $(if $(RETRAIN),--retrain)
+ifeq ($(TIER),smoke)
+	$(PY) -m structlora reproduce --tier smoke $(ONLY_ARG) $(if $(RETRAIN),--retrain)
+else ifdef RETRAIN
+	$(PY) -m structlora reproduce --tier $(TIER) $(ONLY_ARG) --retrain
+else
+	$(if $(TRAIN),$(PY) -m structlora reproduce --tier $(TIER) $(ONLY_ARG) --records-only --no-ledger && \
+	  $(PY) -m structlora reproduce --tier $(TIER) --train-pending &&) \
+	$(PY) -m structlora reproduce --tier $(TIER) $(ONLY_ARG) --records-only
+endif
 
 bench: setup
 	$(PY) benchmarks/overhead.py

@@ -209,3 +209,43 @@ def test_paper_str():
     assert ablations.paper_str(None, "Table 5") == "n/a"
     assert ablations.paper_str(-0.45, "Table 5") == "-0.45 (Table 5)"
     assert ablations.paper_str(1.44, "Table 9", "%") == "+1.4% (Table 9)"
+
+
+# ------------------------------------------------------------------------------- pending runs (reproduce)
+def test_pending_runs_train_primary_family_first_seed_by_seed(tmp_path):
+    import json
+
+    from structlora.repro.grid import RunSpec
+    from structlora.repro.reproduce import priority, read_pending
+
+    mk = lambda m, s, **kw: RunSpec.make("sst2", "minilm-l6", m, seed=s, **kw)  # noqa: E731
+    specs = [mk("lora", 1, rank=4), mk("structlora", 1), mk("structlora", 0, graph="similarity"),
+             mk("filter_ib", 1, keep_ratio=0.5), mk("lora", 1), mk("structlora", 0), mk("dora", 0),
+             mk("lora", 0, fraction=0.1)]
+    path = tmp_path / "pending.jsonl"
+    lines = [{"spec": s.to_dict(), "results_dir": "results/runs", "weights": False} for s in specs]
+    lines.append({**lines[1], "weights": True})                     # listed twice: once kept for a probe
+    path.write_text("".join(json.dumps(x) + "\n" for x in lines))
+    items = read_pending(path)
+    assert len(items) == len(specs) and [w for s, _, w in items if s == specs[1]] == [True]
+    order = [s for s, _, _ in sorted(items, key=lambda it: priority(it[0]))]
+    # wave 1 (sst2 stages vs LoRA, r = 8, all data) seed by seed, then wave 2 (DoRA), then the rest
+    assert order[:4] == [mk("structlora", 0), mk("lora", 1), mk("structlora", 1), mk("filter_ib", 1, keep_ratio=0.5)]
+    assert order[4] == mk("dora", 0)
+    assert set(order[5:]) == {mk("structlora", 0, graph="similarity"), mk("lora", 1, rank=4), mk("lora", 0, fraction=0.1)}
+
+
+def test_make_reproduce_reexecutes_from_records_and_trains_only_when_asked():
+    import shutil
+    import subprocess
+    from pathlib import Path
+
+    if shutil.which("make") is None:
+        pytest.skip("make is not installed")
+    root = Path(__file__).resolve().parents[1]
+    dry = lambda *a: subprocess.run(["make", "-n", "reproduce", *a], cwd=root, capture_output=True,  # noqa: E731
+                                    text=True, check=True).stdout
+    assert "--records-only" in dry() and "--train-pending" not in dry()
+    assert "--train-pending" in dry("TRAIN=1")
+    assert "--retrain" in dry("RETRAIN=1") and "--records-only" not in dry("RETRAIN=1")
+    assert "--records-only" not in dry("TIER=smoke")

@@ -734,7 +734,7 @@ def run(spec: RunSpec, results_dir: str | Path = "results/runs", force: bool = F
 
 
 def _read_or_train(spec: RunSpec, results_dir: str | Path, progress: bool, force: bool,
-                   progress_leave: bool, warn: bool = True) -> dict[str, Any]:
+                   progress_leave: bool, warn: bool = True, keep_weights: bool = False) -> dict[str, Any]:
     """Under the run's lock: the valid record (another process may just have written it), else train."""
     path = record_path(spec, results_dir)
     if not force and not retrain_pending(path):
@@ -743,7 +743,7 @@ def _read_or_train(spec: RunSpec, results_dir: str | Path, progress: bool, force
             return record
     if records_only():
         return _pending(spec, results_dir)
-    return _train_spec(spec, results_dir, progress, force, progress_leave).record
+    return _train_spec(spec, results_dir, progress, force, progress_leave, keep_weights=keep_weights).record
 
 
 RETRAIN_ENV = "STRUCTLORA_RETRAIN"
@@ -762,11 +762,12 @@ def retrain_pending(path: Path) -> bool:
         return False
 
 
-def _try_run(spec: RunSpec, results_dir: str | Path, progress: bool, force: bool, blocking: bool
-             ) -> dict[str, Any] | None:
+def _try_run(spec: RunSpec, results_dir: str | Path, progress: bool, force: bool, blocking: bool,
+             keep_weights: bool = False) -> dict[str, Any] | None:
     """``_read_or_train`` under the run's lock; None when not ``blocking`` and another process holds it."""
     done, record = _locked(spec, results_dir, blocking,
-                           lambda: _read_or_train(spec, results_dir, progress, force, False, warn=False))
+                           lambda: _read_or_train(spec, results_dir, progress, force, False, warn=False,
+                                                  keep_weights=keep_weights))
     return record if done else None
 
 
@@ -809,12 +810,13 @@ def _init_worker(threads: int, loaders: dict[str, Callable[..., Any]]) -> None:
     LOADERS.update(loaders)
 
 
-def _run_in_worker(spec: RunSpec, results_dir: str, force: bool, blocking: bool = False) -> dict[str, Any] | None:
-    return _try_run(spec, results_dir, False, force, blocking)
+def _run_in_worker(spec: RunSpec, results_dir: str, force: bool, blocking: bool = False,
+                   keep_weights: bool = False) -> dict[str, Any] | None:
+    return _try_run(spec, results_dir, False, force, blocking, keep_weights)
 
 
 def run_grid(specs: Sequence[RunSpec], results_dir: str | Path = "results/runs", n_jobs: int = 1,
-             progress: bool = True, force: bool = False) -> pandas.DataFrame:
+             progress: bool = True, force: bool = False, keep_weights: Sequence[RunSpec] = ()) -> pandas.DataFrame:
     """Run every spec (duplicates once), reading back finished ones; one DataFrame row per spec.
 
     ``n_jobs > 1`` runs specs in that many spawned processes, each with
@@ -825,10 +827,14 @@ def run_grid(specs: Sequence[RunSpec], results_dir: str | Path = "results/runs",
 
     Runs whose lock another process holds (another grid on the same folder) are left for the end, where
     the grid waits for their records (training them itself if the other process died first).
+
+    The runs in ``keep_weights`` also write their trained weights, as ``train_spec`` does (the models
+    a notebook probes, trained side by side with the rest).
     """
     from tqdm.auto import tqdm
 
     specs = list(dict.fromkeys(specs))
+    keep = {spec.key() for spec in keep_weights}
     for spec in specs:
         if not isinstance(spec, RunSpec):
             raise TypeError(f"run_grid expects RunSpec objects, got {type(spec).__name__}")
@@ -857,7 +863,7 @@ def run_grid(specs: Sequence[RunSpec], results_dir: str | Path = "results/runs",
                 for spec in todo:
                     bar.set_postfix_str(spec.key()[:60], refresh=False)
                     try:
-                        record = _try_run(spec, results_dir, progress, force, blocking)
+                        record = _try_run(spec, results_dir, progress, force, blocking, spec.key() in keep)
                     except Exception as exc:
                         raise RuntimeError(f"run {spec.key()} failed: {exc}") from exc
                     if record is None:
@@ -872,7 +878,8 @@ def run_grid(specs: Sequence[RunSpec], results_dir: str | Path = "results/runs",
             with cf.ProcessPoolExecutor(max_workers=min(n_jobs, len(todo)), mp_context=ctx,
                                         initializer=_init_worker, initargs=(threads, dict(LOADERS))) as pool:
                 for blocking in (False, True):
-                    futures = {pool.submit(_run_in_worker, spec, str(results_dir), force, blocking): spec
+                    futures = {pool.submit(_run_in_worker, spec, str(results_dir), force, blocking,
+                                           spec.key() in keep): spec
                                for spec in todo}
                     busy = []
                     try:

@@ -389,31 +389,35 @@ def read_pending(path: Path) -> list[tuple[Any, str, bool]]:
     return list(out.values())
 
 
-# The pre-registered primary family's runs (claims.PRIMARY), in the order the pending runs train:
-# (task, method, method kwargs). Every seed of these comes before any other run, seed by seed, so the
-# paired comparisons grow together and a session that stops leaves whole seeds behind.
-PRIMARY_RUNS: tuple[tuple[str, str, dict[str, Any]], ...] = (
-    ("sst2", "lora", {}), ("sst2", "structlora", {}), ("sst2", "structlora_no_gate", {}),
-    ("sst2", "structlora_no_coord", {}), ("sst2", "structlora", {"graph": "adjacency"}),
-    ("sst2", "structlora", {"learn_eta": False}), ("sst2", "filter_ib", {}), ("sst2", "filter_random", {}),
-    ("sst2", "filter_topk_norm", {}), ("sst2", "dora", {}),
-    ("fmnist-transfer", "lora", {}), ("fmnist-transfer", "structlora", {}), ("fmnist-transfer", "dora", {}),
+# The pre-registered primary family's runs (claims.PRIMARY; r = 8, all the data), in the order the
+# pending runs train, in waves of (task, method, method kwargs): within a wave seed by seed, so the paired comparisons grow
+# together and a session that stops leaves whole seeds behind. Wave 1 is sst2's StructLoRA stages
+# against LoRA; wave 2 the best-PEFT candidate and fmnist-transfer (which waits for a ViT that reaches
+# ~0.9 on its own classes); everything else comes after.
+PRIMARY_RUNS: tuple[tuple[tuple[str, str, dict[str, Any] | None], ...], ...] = (   # None: any kwargs
+    (("sst2", "lora", {}), ("sst2", "structlora", {}), ("sst2", "structlora_no_gate", {}),
+     ("sst2", "structlora_no_coord", {}), ("sst2", "structlora", {"graph": "adjacency"}),
+     ("sst2", "structlora", {"learn_eta": False}), ("sst2", "filter_ib", None), ("sst2", "filter_random", None),
+     ("sst2", "filter_topk_norm", None)),
+    (("sst2", "dora", {}), ("fmnist-transfer", "lora", {}), ("fmnist-transfer", "structlora", {}),
+     ("fmnist-transfer", "dora", {})),
 )
 
 
 def priority(spec: Any) -> tuple[int, int, int, str]:
-    """Sort key of a pending run: primary runs first (seed, then `PRIMARY_RUNS` order), the rest after."""
+    """Sort key of a pending run: wave by wave of `PRIMARY_RUNS` (seed, then order), the rest after."""
     kw = spec.method_kwargs_dict()
-    for i, (task, method, want) in enumerate(PRIMARY_RUNS):
-        if (spec.task, spec.method) == (task, method) and kw == want:
-            return (0, spec.seed, i, spec.key())
-    return (1, spec.seed, 0, spec.key())
+    for w, wave in enumerate(PRIMARY_RUNS):
+        for i, (task, method, want) in enumerate(wave):
+            if (spec.task, spec.method, spec.rank, spec.fraction) == (task, method, 8, 1.0) and want in (None, kw):
+                return (w, spec.seed, i, spec.key())
+    return (len(PRIMARY_RUNS), spec.seed, 0, spec.key())
 
 
 def train_pending(tier: str, n_jobs: int = 2, root: Path | None = None, limit: int | None = None) -> int:
-    """Train the runs ``--records-only`` listed (primary family first, `priority`), ``n_jobs`` at a time;
-    runs that keep their trained model for a probe go through ``train_spec`` (which writes its weights)."""
-    from .grid import run_grid, train_spec
+    """Train the runs ``--records-only`` listed (`priority` order), ``n_jobs`` at a time; the models a
+    notebook probes also keep their weights (``run_grid(keep_weights=...)``, as ``train_spec`` does)."""
+    from .grid import run_grid
 
     root = root or repo_root()
     path = pending_path(tier, root)
@@ -424,15 +428,10 @@ def train_pending(tier: str, n_jobs: int = 2, root: Path | None = None, limit: i
     print(f"training {len(items)} pending run(s) of tier {tier} from {path.relative_to(root)}, {n_jobs} at a time",
           flush=True)
     os.chdir(root)  # the notebooks' RESULTS_DIR are relative to the repository
-    for spec, folder, weights in items:   # probed models first: they are few and in the primary family
-        if weights:
-            train_spec(spec, folder, progress=True)
-    by_dir: dict[str, list[Any]] = {}
-    for spec, folder, weights in items:
-        if not weights:
-            by_dir.setdefault(folder, []).append(spec)
-    for folder, specs in by_dir.items():
-        df = run_grid(specs, results_dir=folder, n_jobs=n_jobs, progress=True)
+    for folder in dict.fromkeys(folder for _, folder, _ in items):
+        specs = [spec for spec, f, _ in items if f == folder]
+        keep = [spec for spec, f, weights in items if f == folder and weights]
+        df = run_grid(specs, results_dir=folder, n_jobs=n_jobs, progress=True, keep_weights=keep)
         print(f"{folder}: {', '.join(f'{k} {v}' for k, v in df['status'].value_counts().items())}", flush=True)
     return 0
 
