@@ -360,7 +360,7 @@ for t in TASKS:
         bt.iloc[0] if len(bt) else None, pd_,
         paper_value=f"{pd_:+.1f} vs {paper.METHOD_LABELS[p_best]} (Table {TASK_TABLE[t]}, {col})",
         note="; ".join(x for x in (f"{len(means) + 1} PEFT methods ran on {t} in this tier", note) if x),
-        degenerate=degenerate))
+        degenerate=degenerate, same_as=f"T{TASK_TABLE[t]}.{t}.structlora>lora" if best == "lora" else ""))
 
 ledger = pd.DataFrame([c.to_dict() for c in claims])
 display(ledger[["claim_id", "paper_value", "ours", "n", "verdict"]])

@@ -232,6 +232,8 @@ def test_ledger_decides_the_primary_family_with_holm_and_counts_a_comparison_onc
                         seeds_cap=10),
         claim_from_test("F2.sst2.ib>random", "01_x", "cpu", "primary, underpowered", {**sig, "p": 0.001}, 1.0,
                         seeds_required=40, seeds_cap=10),
+        claim_from_test("T2.sst2.structlora_best_peft", "01_x", "cpu", "best PEFT on validation is LoRA",
+                        {**sig, "p": 0.0001}, 0.4, same_as="T2.sst2.structlora>lora"),
     ]
     assert claims[0].verdict == "reproduced"                       # on its own, raw p = 0.02
     write_claims("01_x", "cpu", claims, root=tmp_path)
@@ -244,6 +246,9 @@ def test_ledger_decides_the_primary_family_with_holm_and_counts_a_comparison_onc
     assert df.loc["F2.sst2.ib>random", "verdict"] == "undecidable at this scale"
     assert df.loc["T2.sst2.structlora>lora", "verdict"] == "inconclusive"
     assert df.loc["T5.sst2.full>lora", "verdict"] == "see T2.sst2.structlora>lora"
+    # a repeat found by the data (the competitor chosen on validation is LoRA): not counted, not in Holm
+    assert df.loc["T2.sst2.structlora_best_peft", "verdict"] == "see T2.sst2.structlora>lora"
+    assert df.loc["T2.sst2.structlora_best_peft", "p_holm"] != df.loc["T2.sst2.structlora_best_peft", "p_holm"]
     assert df.loc["T6.sst2.full>graph_adjacency", "verdict"] == "untestable (arms identical)"
     assert df.loc["T3.sst2.r2.structlora>lora", "family"] == "exploratory"
     assert df.loc["T3.sst2.r2.structlora>lora", "verdict"] == "undecidable at this scale"

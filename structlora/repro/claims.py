@@ -100,6 +100,9 @@ class Claim:
                 with Holm-adjusted p from them)
     arms_identical  the manipulation check failed (the two arms predicted the same)
     seeds_required  the power analysis' seeds for a half-width of half the paper's effect (or None)
+    same_as     the claim this one repeats when the data make it the same comparison (e.g. the best
+                other PEFT method chosen on validation is LoRA: the same runs as StructLoRA vs LoRA);
+                the ledger points to it instead of counting it (static repeats: `SAME_COMPARISON`)
     """
 
     claim_id: str
@@ -118,6 +121,7 @@ class Claim:
     paper_diff: float | None = None
     arms_identical: bool = False
     seeds_required: int | None = None
+    same_as: str = ""
 
     def __post_init__(self):
         self.ours_value = _num(self.ours_value)
@@ -132,6 +136,7 @@ class Claim:
         self.arms_identical = bool(self.arms_identical)
         self.seeds_required = None if self.seeds_required is None else int(self.seeds_required)
         self.ours = str(self.ours)
+        self.same_as = "" if self.same_as is None or self.same_as != self.same_as else str(self.same_as)
         if self.verdict not in VERDICTS:
             raise ValueError(f"Claim {self.claim_id!r}: verdict {self.verdict!r} not in {VERDICTS}")
 
@@ -150,7 +155,7 @@ def _get(row, key, default=None):
 def claim_from_test(claim_id: str, notebook: str, tier: str, claim: str, test, paper_diff: float | None,
                     paper_value: str | None = None, note: str = "", digits: int = 1,
                     degenerate: str = "", arms_identical: bool = False, seeds_required: int | None = None,
-                    seeds_cap: int | None = None, margin: float | None = None) -> Claim:
+                    seeds_cap: int | None = None, margin: float | None = None, same_as: str = "") -> Claim:
     """A :class:`Claim` from one row of :func:`structlora.repro.stats.paired_test` (a dict / Series / namedtuple
     with ``diff_mean``, ``ci_low``, ``ci_high``, ``p``, ``n`` and optionally ``diff_std``).
 
@@ -194,7 +199,7 @@ def claim_from_test(claim_id: str, notebook: str, tier: str, claim: str, test, p
     note = "; ".join(x for x in (degenerate, note) if x)
     return Claim(claim_id, notebook, claim, pv, format_diff(d, std, lo, hi, digits=digits), d, lo, hi,
                  int(n or 0), tier, v, note, p=p, paper_diff=paper_diff, arms_identical=arms_identical,
-                 seeds_required=seeds_required)
+                 seeds_required=seeds_required, same_as=same_as)
 
 
 def collapse_status(runs: pd.DataFrame, column: str = "single_class") -> tuple[str, str]:
@@ -294,11 +299,13 @@ def decide_family(df: pd.DataFrame) -> pd.DataFrame:
         if col not in df:
             df[col] = default
     df["family"] = ["primary" if c in PRIMARY else "exploratory" for c in df["claim_id"]]
-    df["same_as"] = [SAME_COMPARISON.get(c, "") for c in df["claim_id"]]
+    own = df["same_as"].fillna("").astype(str) if "same_as" in df else pd.Series("", index=df.index)
+    df["same_as"] = [SAME_COMPARISON.get(c, o) for c, o in zip(df["claim_id"], own)]
     df.loc[df["same_as"] != "", "verdict"] = "see " + df.loc[df["same_as"] != "", "same_as"]
     df["p_holm"] = float("nan")
     fam = df.index[(df["family"] == "primary") & df["p"].notna() & df["paper_diff"].notna()
-                   & (df["verdict"] != "skipped") & ~df["arms_identical"].astype(bool)
+                   & ~df["verdict"].isin(["skipped", "pending"]) & (df["same_as"] == "")
+                   & ~df["arms_identical"].astype(bool)
                    & ~df["note"].astype(str).str.contains("single class")]
     if len(fam):
         adjusted = holm(df.loc[fam, "p"].astype(float).tolist())
