@@ -115,16 +115,14 @@ N_JOBS = 1
 # %%
 from functools import partial
 
-from structlora.repro.notebook import load_budget, run_summary
+from structlora.repro.notebook import TASK_MODEL, load_budget, run_summary
 
 BUDGET = load_budget(TIER)  # params/<tier>/budget.yml: the tier's one budget, shared by every notebook
 # every verdict runs the power analysis against the tier's seed cap (stats.seeds_needed, stats.decide)
 claim_from_test = partial(claim_from_test, seeds_cap=BUDGET.seed_cap)
 
 # %%
-TASK_MODEL = {"sst2": "minilm-l6", "mrpc": "minilm-l6", "rte": "minilm-l6",
-              "boolq": "smollm2-135m", "piqa": "smollm2-135m", "fmnist-transfer": "vit-tiny-fmnist"}
-TASK_TABLE = {"sst2": 2, "mrpc": 2, "rte": 2, "boolq": 1, "piqa": 1, "fmnist-transfer": 1}
+TASK_TABLE = paper.MAIN_TABLE
 # Table 1/2 rows, plus the LoRA variants the paper uses elsewhere; ablation variants live in 04-06.
 PAPER_METHODS = ["full_ft", "linear_probe", "adapter", "prefix", "adapterfusion", "lora", "qlora", "dora", "vera",
                  "lora_fa", "adalora", "dylora", "sensitivity_lora", "lora_dropout", "loraprune", "structlora"]

@@ -98,16 +98,15 @@ N_JOBS = 1
 # %%
 from functools import partial
 
-from structlora.repro.notebook import load_budget, run_summary
+from structlora.repro.notebook import TASK_MODEL, load_budget, run_summary
 
 BUDGET = load_budget(TIER)  # params/<tier>/budget.yml: the tier's one budget, shared by every notebook
 # every verdict runs the power analysis against the tier's seed cap (stats.seeds_needed, stats.decide)
 claim_from_test = partial(claim_from_test, seeds_cap=BUDGET.seed_cap)
 
 # %%
-TASK_MODEL = {"sst2": "minilm-l6", "boolq": "smollm2-135m", "fmnist-transfer": "vit-tiny-fmnist"}
 # the paper column each task stands in for (sst2 has no Table 3 column: it is compared with BoolQ's)
-PAPER_COL = {"sst2": "boolq", "boolq": "boolq", "fmnist-transfer": "cifar100"}
+PAPER_COL = paper.ABLATION_COL
 LOW = [r for r in RANKS if r <= 8]
 HIGH = [r for r in RANKS if r > 8]
 specs = [RunSpec(task=t, model=TASK_MODEL[t], method=m, rank=r, seed=s, fraction=1.0, **BUDGET.run(TASK_MODEL[t], m))

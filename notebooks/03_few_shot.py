@@ -98,15 +98,14 @@ N_JOBS = 1
 # %%
 from functools import partial
 
-from structlora.repro.notebook import load_budget, run_summary
+from structlora.repro.notebook import TASK_MODEL, load_budget, run_summary
 
 BUDGET = load_budget(TIER)  # params/<tier>/budget.yml: the tier's one budget, shared by every notebook
 # every verdict runs the power analysis against the tier's seed cap (stats.seeds_needed, stats.decide)
 claim_from_test = partial(claim_from_test, seeds_cap=BUDGET.seed_cap)
 
 # %%
-TASK_MODEL = {"sst2": "minilm-l6", "boolq": "smollm2-135m", "fmnist-transfer": "vit-tiny-fmnist"}
-PAPER_COL = {"sst2": "boolq", "boolq": "boolq", "fmnist-transfer": "cifar100"}
+PAPER_COL = paper.ABLATION_COL
 specs = [RunSpec(task=t, model=TASK_MODEL[t], method=m, rank=RANK, seed=s, fraction=f, **BUDGET.run(TASK_MODEL[t], m))
          for t in TASKS for f in FRACTIONS for m in METHODS for s in SEEDS]
 print(f"tier {TIER}: {len(specs)} runs = {len(TASKS)} task(s) x {len(FRACTIONS)} fractions x {len(METHODS)} methods "

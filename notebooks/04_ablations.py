@@ -127,7 +127,7 @@ N_JOBS = 1
 # %%
 from functools import partial
 
-from structlora.repro.notebook import load_budget, run_summary
+from structlora.repro.notebook import TASK_MODEL, load_budget, run_summary
 
 BUDGET = load_budget(TIER)  # params/<tier>/budget.yml: the tier's one budget, shared by every notebook
 # every verdict runs the power analysis against the tier's seed cap (stats.seeds_needed, stats.decide)
@@ -138,12 +138,8 @@ claim_from_test = partial(claim_from_test, seeds_cap=BUDGET.seed_cap)
 
 # %%
 # NBVAL_CHECK_OUTPUT
-TASK_MODEL = {"sst2": "minilm-l6", "mrpc": "minilm-l6", "rte": "minilm-l6", "boolq": "smollm2-135m",
-              "piqa": "smollm2-135m", "fmnist-transfer": "vit-tiny-fmnist"}
 # the paper column each task's differences are compared with (Tables 5 and 9 have boolq and cifar100)
-PAPER_COL = {"sst2": "boolq", "mrpc": "boolq", "rte": "boolq", "boolq": "boolq", "piqa": "boolq",
-             "fmnist-transfer": "cifar100"}
-PAPER_COL_LABEL = {"boolq": "BoolQ/LLaMA-7B", "cifar100": "CIFAR-100/ViT-B/16"}
+PAPER_COL, PAPER_COL_LABEL = paper.ABLATION_COL, paper.COLUMN_LABEL
 
 # variant -> (method, method kwargs); "full" is the default StructLoRA (T=1, hybrid graph)
 VARIANTS = {

@@ -121,7 +121,7 @@ N_JOBS = 1
 # %%
 from functools import partial
 
-from structlora.repro.notebook import load_budget, run_summary
+from structlora.repro.notebook import TASK_MODEL, load_budget, run_summary
 
 BUDGET = load_budget(TIER)  # params/<tier>/budget.yml: the tier's one budget, shared by every notebook
 # every verdict runs the power analysis against the tier's seed cap (stats.seeds_needed, stats.decide)
@@ -132,8 +132,6 @@ claim_from_test = partial(claim_from_test, seeds_cap=BUDGET.seed_cap)
 
 # %%
 # NBVAL_CHECK_OUTPUT
-TASK_MODEL = {"sst2": "minilm-l6", "mrpc": "minilm-l6", "rte": "minilm-l6", "boolq": "smollm2-135m",
-              "piqa": "smollm2-135m", "fmnist-transfer": "vit-tiny-fmnist"}
 LABELS = {m: paper.METHOD_LABELS.get(m, m) for m in STRATEGIES + REFERENCE + PROBE_METHODS}
 FILTER_KW = {"keep_ratio": KEEP_RATIO, **FILTER_OPTIONS}  # same keep ratio and warm-up for the three strategies
 PROBE_TASK = TASKS[0]

@@ -130,13 +130,12 @@ MERGED_TOLERANCE_PCT = 3.0
 N_JOBS = 1
 
 # %%
-from structlora.repro.notebook import load_budget
+from structlora.repro.notebook import TASK_MODEL, load_budget
 
 BUDGET = load_budget(TIER)  # params/<tier>/budget.yml: the tier's one budget, shared by every notebook
 
 # %%
 # NBVAL_CHECK_OUTPUT
-TASK_MODEL = {"sst2": "minilm-l6", "mrpc": "minilm-l6", "rte": "minilm-l6"}
 MODEL = TASK_MODEL[TASK]
 bench_argv = [f"--{k}={v}" for k, v in BENCH.items()] + [f"--out={BENCH_OUT}"]
 print("benchmark:", "benchmarks/overhead.py", " ".join(a for a in bench_argv if not a.startswith("--out")))

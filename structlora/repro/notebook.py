@@ -17,8 +17,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
-__all__ = ["Budget", "load_budget", "budget_path", "run_summary", "STRUCTLORA_FAMILY", "BUDGET_KEYS"]
+__all__ = ["Budget", "load_budget", "budget_path", "run_summary", "STRUCTLORA_FAMILY", "BUDGET_KEYS", "TASK_MODEL"]
 
+# The offline model each task trains (its stand-in for the paper's model, docs/notebooks.md): one table
+# for every notebook.
+TASK_MODEL: dict[str, str] = {"sst2": "minilm-l6", "mrpc": "minilm-l6", "rte": "minilm-l6",
+                              "boolq": "smollm2-135m", "piqa": "smollm2-135m", "fmnist-transfer": "vit-tiny-fmnist"}
 BUDGET_KEYS = ("max_steps", "batch_size", "max_length", "eval_every", "max_eval_examples")
 # methods that are StructLoRA with a stage removed, changed or replaced: they train at StructLoRA's rate
 STRUCTLORA_FAMILY = ("structlora_no_gate", "structlora_no_coord", "lora_cos", "lora_lap", "filter_ib",

@@ -18,7 +18,7 @@ import pandas as pd
 __all__ = [
     "TABLE1", "TABLE1_TYPES", "TABLE1_COLUMNS", "TABLE2", "TABLE2_COLUMNS", "TABLE3", "TABLE3_PARAMS_PCT",
     "TABLE4", "TABLE5", "TABLE6", "TABLE7", "TABLE9", "TABLE13", "PAPER_TASK", "TABLE_CAPTIONS",
-    "paper_value", "paper_diff", "table_frame", "METHOD_LABELS",
+    "paper_value", "paper_diff", "table_frame", "METHOD_LABELS", "MAIN_TABLE", "ABLATION_COL", "COLUMN_LABEL",
 ]
 
 # ----------------------------------------------------------------------------------------------- Table 1
@@ -186,6 +186,15 @@ PAPER_TASK: Final[dict[str, dict[int, str]]] = {
     "piqa": {1: "piqa"},
     "fmnist-transfer": {1: "cifar100", 3: "cifar100", 4: "cifar100", 5: "cifar100", 9: "cifar100"},
 }
+
+# The main-results table each task's StructLoRA - LoRA difference is compared with (Table 1: LLaMA-7B
+# and ViT-B/16 tasks, Table 2: the GLUE tasks).
+MAIN_TABLE: Final[dict[str, int]] = {"sst2": 2, "mrpc": 2, "rte": 2, "boolq": 1, "piqa": 1, "fmnist-transfer": 1}
+# The paper column a task's rank, few-shot and ablation differences are compared with: Tables 3-6 and 9
+# report BoolQ (LLaMA-7B) and CIFAR-100 (ViT-B/16) only, so the language tasks stand in for BoolQ.
+ABLATION_COL: Final[dict[str, str]] = {"sst2": "boolq", "mrpc": "boolq", "rte": "boolq", "boolq": "boolq",
+                                       "piqa": "boolq", "fmnist-transfer": "cifar100"}
+COLUMN_LABEL: Final[dict[str, str]] = {"boolq": "BoolQ/LLaMA-7B", "cifar100": "CIFAR-100/ViT-B/16"}
 
 _TABLES = {1: TABLE1, 2: TABLE2}
 
