@@ -262,3 +262,33 @@ def test_records_only_mode_trains_nothing_and_lists_the_pending_runs(tmp_path, m
     assert grid.pending_seen() == 2
     c = claim_from_test("T2.x", "nb", "cpu", "beats LoRA", None, 1.5, note="arms not run")
     assert c.verdict == "pending" and c.note.startswith("partial: 2 run(s)")
+
+
+def test_a_record_written_under_other_method_defaults_is_not_served(tmp_path, monkeypatch):
+    """Changing a method's registry defaults (e.g. StructLoRA's keep ratio) must retrain its runs: the
+    key holds only the spec, so the record carries the defaults it was trained under."""
+    spec = _spec(seed=5)
+    rec = run(spec, tmp_path, progress=False)
+    assert rec["method_defaults"] == {}                      # peft LoRA: nothing beyond the spec
+    monkeypatch.setitem(grid.LOADERS, "method_defaults", lambda name: {"target_keep_ratio": 0.5})
+    with pytest.warns(UserWarning, match="other defaults"):
+        assert read_record(record_path(spec, tmp_path), spec) is None
+    CALLS["build_method"] = 0
+    assert run(spec, tmp_path, progress=False)["method_defaults"] == {"target_keep_ratio": 0.5}
+    assert CALLS["build_method"] == 1
+    # the registry's own defaults: StructLoRA's gated variants close half their directions
+    from structlora.repro.methods import method_defaults
+
+    assert method_defaults("structlora")["target_keep_ratio"] == 0.5 and method_defaults("lora") == {}
+    assert method_defaults("qlora+structlora") == method_defaults("structlora")
+
+
+def test_records_name_the_commit_of_the_checkout():
+    import subprocess
+    from pathlib import Path
+
+    root = Path(grid.__file__).resolve().parents[2]
+    if not (root / ".git").exists():
+        pytest.skip("not a git checkout")
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True).stdout.strip()
+    assert grid._git_commit() == head

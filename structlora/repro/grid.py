@@ -17,6 +17,9 @@
   ``read_record`` checks (present, finite, accuracy-like ones in [0, 1]). ``load_records`` returns only
   ``"ok"`` records unless asked otherwise; ``run_grid``'s frame keeps every status (filter on
   ``status == "ok"``, as the notebooks and ``stats`` do).
+* A record also stores the registry's defaults of its method (``method_defaults``: what the method is
+  beyond its spec, e.g. StructLoRA's keep ratio): a record written under other defaults is invalid and
+  retrained, since the key hashes only the spec. Records without the field (older) are read as they are.
 * Cost fields (``wall_time_s``, ``steps_per_s``, ``peak_mem_mb``) cover all the processes of a resumed
   run; ``cost_is_complete(record)`` says whether they can be trusted (False for old records of resumed
   runs, whose costs covered only the last process).
@@ -147,6 +150,12 @@ def _list_methods() -> list[str]:
     return list_methods()
 
 
+def _method_defaults(name: str) -> dict[str, Any]:
+    from .methods import method_defaults
+
+    return method_defaults(name)
+
+
 def _update_diagnostics(model: torch.nn.Module) -> dict[str, float]:
     from ..diagnostics import update_diagnostics
 
@@ -160,6 +169,7 @@ LOADERS: dict[str, Callable[..., Any]] = {
     "build_method": _build_method,
     "list_methods": _list_methods,
     "update_diagnostics": _update_diagnostics,
+    "method_defaults": _method_defaults,
 }
 """Injectable loaders (monkeypatch entries in tests; module-level functions so worker processes can import them)."""
 
@@ -422,7 +432,19 @@ def _validate(record: Any, spec: RunSpec | None) -> str | None:
         return "key does not match its spec"
     if spec is not None and stored != spec:
         return "written for another spec"
+    if "method_defaults" in record and record["method_defaults"] != _current_defaults(stored.method):
+        return (f"written under other defaults of method {stored.method!r} ({record['method_defaults']} != "
+                f"{_current_defaults(stored.method)}): the registry changed since")
     return None
+
+
+def _current_defaults(method: str) -> dict[str, Any] | None:
+    """The registry's defaults for ``method`` (None when the loaders cannot say, e.g. toy loaders)."""
+    fn = LOADERS.get("method_defaults")
+    try:
+        return fn(method) if fn is not None else None
+    except ValueError:
+        return None
 
 
 def cost_is_complete(record: dict[str, Any]) -> bool:
@@ -478,7 +500,7 @@ def _versions() -> dict[str, str]:
 
 def _git_commit() -> str | None:
     """HEAD commit of the checkout holding this package, read from ``.git`` (no git subprocess)."""
-    root = Path(__file__).resolve().parent.parent / ".git"
+    root = Path(__file__).resolve().parents[2] / ".git"   # structlora/repro/grid.py -> the checkout
     try:
         if root.is_file():  # worktree: "gitdir: <path>"
             root = Path(root.read_text().split(":", 1)[1].strip())
@@ -518,6 +540,7 @@ def _base_record(spec: RunSpec) -> dict[str, Any]:
         "total_params": None, "wall_time_s": None, "peak_mem_mb": None, "steps_per_s": None, "history": [],
         "diagnostics": {}, "versions": _versions(), "git_commit": _git_commit(), "hostname": socket.gethostname(),
         "device": _device_name(), "schema": SCHEMA, "finished_at": None,
+        "method_defaults": _current_defaults(spec.method),
     }
 
 

@@ -30,6 +30,8 @@ apply to the model kind, missing required options, and (:func:`check_budget`) bu
 """
 from __future__ import annotations
 
+import json
+
 import copy
 import math
 from collections.abc import Callable, Mapping
@@ -65,6 +67,7 @@ __all__ = [
     "describe_methods",
     "list_methods",
     "lora_param_count",
+    "method_defaults",
     "param_groups",
 ]
 
@@ -598,6 +601,16 @@ BUDGET_POLICY: dict[str, str] = {
 def list_methods() -> list[str]:
     """Every registered method name, in the registry's order."""
     return list(_REGISTRY)
+
+
+def method_defaults(name: str) -> dict[str, Any]:
+    """The configuration the registry gives method ``name`` beyond its run's spec (the StructLoRA
+    variants' overrides, `_STRUCT_VARIANTS`; {} for the others). A run record stores it, so a record
+    written under other defaults is never served for the method as it is now (`grid.read_record`)."""
+    if name not in _REGISTRY:
+        raise ValueError(f"unknown method {name!r}")
+    base = "structlora" if name in ("qlora+structlora", "lorafa+structlora", "vera+structlora") else name
+    return json.loads(json.dumps(_STRUCT_VARIANTS.get(base, {}), sort_keys=True))
 
 
 def describe_methods() -> pandas.DataFrame:
