@@ -497,6 +497,8 @@ def _structlora_config(name, loaded, model, rank, seed, kw, heads, variant: str 
     from ... import StructLoraConfig
 
     defaults = {**_lora_defaults(loaded, model, rank, heads), "structlora_seed": seed, **_STRUCT_VARIANTS[variant]}
+    if kw.get("gate", defaults.get("gate")) != "concrete":   # gate switched off / changed: no keep-ratio target
+        defaults.pop("target_keep_ratio", None)
     return _config(StructLoraConfig, name, defaults, kw)
 
 
