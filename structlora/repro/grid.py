@@ -32,13 +32,13 @@
   raised before any training.
 * ``train_spec(spec)`` is ``run`` for notebooks that need the trained model: it returns
   ``TrainedRun(record, handle, task, encoded, loaded)``. It also writes the trained part of the model
-  (trainable parameters and buffers, ``<key>.weights.safetensors``, ~1 MB for minilm at r = 8), so a
+  (trainable parameters and buffers, ``<key>.weights.safetensors``, ~300 KB for minilm at r = 8), so a
   later call rebuilds the model from the record's spec and loads them instead of training again.
 * Records-only mode (``$STRUCTLORA_RECORDS_ONLY``, set by ``python -m structlora reproduce
   --records-only``): nothing trains. A run without a record gets a row with status ``"pending"`` (never
   written, never a result) and, when the variable holds a file path, a line in that JSON-lines file
-  (``{"spec", "results_dir", "weights"}``), so a driver (``scripts/tier.py``) can train exactly the runs
-  the notebooks ask for.
+  (``{"spec", "results_dir", "weights"}``), so ``python -m structlora reproduce --train-pending`` can
+  train exactly the runs the notebooks ask for.
 
 The loaders live in the module-level dict ``LOADERS`` (``load_task``, ``load_model``, ``encode``,
 ``build_method``, ``list_methods``, ``update_diagnostics``) so that tests and notebooks can swap in toy
@@ -432,9 +432,10 @@ def _validate(record: Any, spec: RunSpec | None) -> str | None:
         return "key does not match its spec"
     if spec is not None and stored != spec:
         return "written for another spec"
-    if "method_defaults" in record and record["method_defaults"] != _current_defaults(stored.method):
+    now = _current_defaults(stored.method)
+    if "method_defaults" in record and record["method_defaults"] != now:
         return (f"written under other defaults of method {stored.method!r} ({record['method_defaults']} != "
-                f"{_current_defaults(stored.method)}): the registry changed since")
+                f"{now}): the registry changed since")
     return None
 
 
@@ -612,10 +613,10 @@ def _locked(spec: RunSpec, results_dir: str | Path, blocking: bool, work: Callab
 
 
 def train_spec(spec: RunSpec, results_dir: str | Path | None = "results/runs", progress: bool = True,
-               force: bool = False, *, progress_leave: bool = True, reuse: bool = True) -> TrainedRun:
+               force: bool = False, *, progress_leave: bool = True) -> TrainedRun:
     """Train ``spec`` and write its record and its weights under ``results_dir`` (None: write nothing).
 
-    With ``reuse`` (and not ``force``), a valid record plus its ``weights_path`` file are read back
+    Unless ``force``, a valid record plus its ``weights_path`` file are read back
     instead: the model is rebuilt from the spec and the trained parameters and buffers are loaded into
     it, so the live model is the one the record describes. In records-only mode a run with neither is
     returned as pending (``handle`` None). Resumes from ``results_dir/<key>.ckpt`` when a previous
@@ -626,7 +627,7 @@ def train_spec(spec: RunSpec, results_dir: str | Path | None = "results/runs", p
         return _train_spec(spec, None, progress, force, progress_leave)
 
     def work() -> TrainedRun:
-        if reuse and not force and not retrain_pending(record_path(spec, results_dir)):
+        if not force and not retrain_pending(record_path(spec, results_dir)):
             back = _reload(spec, results_dir)
             if back is not None:
                 return back
@@ -657,7 +658,6 @@ def _reload(spec: RunSpec, results_dir: str | Path) -> TrainedRun | None:
     """``TrainedRun`` of a finished run from its record and weights; None (with a warning when the
     weights are unusable) when either is missing or does not belong to this spec."""
     from safetensors import safe_open
-    from safetensors.torch import load
 
     record, path = read_record(record_path(spec, results_dir), spec, warn=False), weights_path(spec, results_dir)
     if record is not None and record["status"] != "ok":
@@ -666,8 +666,7 @@ def _reload(spec: RunSpec, results_dir: str | Path) -> TrainedRun | None:
         return None
     try:
         with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
-        tensors = load(path.read_bytes())
+            meta, tensors = f.metadata() or {}, {k: f.get_tensor(k) for k in f.keys()}
     except Exception as exc:
         warnings.warn(f"ignoring {path}: unreadable weights ({type(exc).__name__}: {exc})", stacklevel=3)
         return None
@@ -927,6 +926,9 @@ def run_grid(specs: Sequence[RunSpec], results_dir: str | Path = "results/runs",
     return records_to_frame([records[spec.key()] for spec in specs])
 
 
+_ALWAYS = ("val_accuracy", "test_accuracy", "val_macro_f1", "test_macro_f1")  # columns even of an all-pending frame
+
+
 def records_to_frame(records: Sequence[dict[str, Any]]) -> pandas.DataFrame:
     """One row per record: spec fields (``method_kwargs`` as a JSON string), ``key``, ``status``,
     ``skip_reason``, ``error`` (diverged runs), ``val_<metric>``/``test_<metric>``, ``best_step``, parameter
@@ -957,9 +959,6 @@ def records_to_frame(records: Sequence[dict[str, Any]]) -> pandas.DataFrame:
         if col not in df:
             df[col] = float("nan")
     return df
-
-
-_ALWAYS = ("val_accuracy", "test_accuracy", "val_macro_f1", "test_macro_f1")
 
 
 def converged(record: dict[str, Any]) -> bool | None:

@@ -414,14 +414,14 @@ def priority(spec: Any) -> tuple[int, int, int, str]:
     return (len(PRIMARY_RUNS), spec.seed, 0, spec.key())
 
 
-def train_pending(tier: str, n_jobs: int = 2, root: Path | None = None, limit: int | None = None) -> int:
+def train_pending(tier: str, n_jobs: int = 2, root: Path | None = None) -> int:
     """Train the runs ``--records-only`` listed (`priority` order), ``n_jobs`` at a time; the models a
     notebook probes also keep their weights (``run_grid(keep_weights=...)``, as ``train_spec`` does)."""
     from .grid import run_grid
 
     root = root or repo_root()
     path = pending_path(tier, root)
-    items = sorted(read_pending(path), key=lambda it: priority(it[0]))[:limit]
+    items = sorted(read_pending(path), key=lambda it: priority(it[0]))
     if not items:
         print(f"nothing pending in {path} (run python -m structlora reproduce --tier {tier} --records-only first)")
         return 0

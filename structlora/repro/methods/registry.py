@@ -30,8 +30,6 @@ apply to the model kind, missing required options, and (:func:`check_budget`) bu
 """
 from __future__ import annotations
 
-import json
-
 import copy
 import math
 from collections.abc import Callable, Mapping
@@ -611,8 +609,8 @@ def method_defaults(name: str) -> dict[str, Any]:
     written under other defaults is never served for the method as it is now (`grid.read_record`)."""
     if name not in _REGISTRY:
         raise ValueError(f"unknown method {name!r}")
-    base = "structlora" if name in ("qlora+structlora", "lorafa+structlora", "vera+structlora") else name
-    return json.loads(json.dumps(_STRUCT_VARIANTS.get(base, {}), sort_keys=True))
+    base = "structlora" if name.endswith("+structlora") else name   # meta-adapters build the full method
+    return copy.deepcopy(_STRUCT_VARIANTS.get(base, {}))
 
 
 def describe_methods() -> pandas.DataFrame:
