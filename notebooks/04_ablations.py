@@ -112,7 +112,8 @@ display(paper.table_frame(9))
 # numbers mean nothing). `python -m structlora reproduce --tier cpu|gpu` replaces it with
 # `params/<tier>/04_ablations.yml`. `TASKS` maps each task to the ablation groups it runs
 # (`components` = Table 5, `gnn_depth` / `graph` = Table 6, `penalties` = Table 9); `BUDGET` is per
-# model and `SEEDS_BY_MODEL` overrides `SEEDS` for one model.
+# model; `SEEDS_BY_MODEL` overrides `SEEDS` for one model and `SEEDS_BY_VARIANT` for one variant (the
+# seeds the power analysis asks for, docs/notebooks.md).
 
 # %% tags=["parameters"]
 TIER = "smoke"
@@ -120,6 +121,7 @@ RESULTS_DIR = "results/smoke/runs"
 TASKS = {"sst2": ["components", "gnn_depth", "graph", "penalties", "coupling"]}
 SEEDS = [0]
 SEEDS_BY_MODEL = {}
+SEEDS_BY_VARIANT = {}
 RANK = 8
 PENALTY_WEIGHT = 0.1
 N_JOBS = 1
@@ -173,8 +175,13 @@ assert set(TASKS) <= set(TASK_MODEL), f"unknown task in {sorted(TASKS)}"
 assert all(set(g) <= set(GROUPS) for g in TASKS.values()), f"unknown ablation group in {TASKS}"
 
 
-def seeds_for(task: str) -> list[int]:
-    return list(SEEDS_BY_MODEL.get(TASK_MODEL[task], SEEDS))
+def seeds_for(task: str, variant: str) -> list[int]:
+    return list(SEEDS_BY_VARIANT.get(variant, SEEDS_BY_MODEL.get(TASK_MODEL[task], SEEDS)))
+
+
+def n_range(ns) -> str:
+    ns = sorted(set(ns))
+    return f"{ns[0]}" if len(ns) == 1 else f"{ns[0]}-{ns[-1]}"
 
 
 def variants_for(task: str) -> list[str]:
@@ -187,12 +194,13 @@ def spec_for(task: str, variant: str, seed: int) -> RunSpec:
     return RunSpec.make(task, model, method, rank=RANK, seed=seed, fraction=1.0, **BUDGET.run(model, method), **kw)
 
 
-plan = [(t, v, s) for t in TASKS for v in variants_for(t) for s in seeds_for(t)]
+plan = [(t, v, s) for t in TASKS for v in variants_for(t) for s in seeds_for(t, v)]
 specs = [spec_for(t, v, s) for t, v, s in plan]
 variant_of = {spec.key(): (t, v) for (t, v, s), spec in zip(plan, specs)}
 print(f"tier {TIER}: {len(specs)} runs")
 display(pd.DataFrame([{"task": t, "model": TASK_MODEL[t], "groups": ", ".join(TASKS[t]),
-                       "variants": len(variants_for(t)), "seeds": len(seeds_for(t)),
+                       "variants": len(variants_for(t)),
+                       "seeds": n_range(len(seeds_for(t, v)) for v in variants_for(t)),
                        **{k: BUDGET[TASK_MODEL[t]][k] for k in ("max_steps", "batch_size", "max_length")}}
                       for t in TASKS]))
 
@@ -209,7 +217,7 @@ import yaml
 
 def tier_params(tier: str) -> dict | None:
     if tier == TIER:
-        return {"TASKS": TASKS, "SEEDS": SEEDS, "SEEDS_BY_MODEL": SEEDS_BY_MODEL}
+        return {"TASKS": TASKS, "SEEDS": SEEDS, "SEEDS_BY_MODEL": SEEDS_BY_MODEL, "SEEDS_BY_VARIANT": SEEDS_BY_VARIANT}
     path = repo_root() / "params" / tier / f"{NB}.yml"
     return yaml.safe_load(path.read_text()) if path.exists() else None
 
@@ -221,9 +229,10 @@ for tier in dict.fromkeys([TIER, "cpu", "gpu"]):
     if p is None:
         continue
     for t, groups in p["TASKS"].items():
-        n_seeds = len(p.get("SEEDS_BY_MODEL", {}).get(TASK_MODEL[t], p["SEEDS"]))
-        for g in groups:
-            cover.append({"tier": tier, "task": t, "group": g, "cell": f"{tier}:{n_seeds}"})
+        base = p.get("SEEDS_BY_MODEL", {}).get(TASK_MODEL[t], p["SEEDS"])
+        for g in groups:  # seeds per variant of the group: "cpu:3" or "cpu:3-10"
+            n = n_range(len(p.get("SEEDS_BY_VARIANT", {}).get(v, base)) for v in GROUPS[g])
+            cover.append({"tier": tier, "task": t, "group": g, "cell": f"{tier}:{n}"})
 cover = pd.DataFrame(cover)
 coverage = (cover.groupby(["group", "task"])["cell"].agg(" ".join).unstack("task")
             .reindex(index=list(GROUPS), columns=[t for t in ALL_TASKS if t in set(cover["task"])]).fillna(""))

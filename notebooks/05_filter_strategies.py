@@ -110,6 +110,7 @@ KEEP_RATIO = 0.5
 FILTER_OPTIONS = {"filter_warmup_steps": 1, "rescore_every": 1}
 SEEDS = [0]
 SEEDS_BY_MODEL = {}
+SEEDS_BY_METHOD = {}
 RANK = 8
 PROBE_METHODS = ["filter_ib", "structlora_no_coord"]
 PROBE_SEED = 0
@@ -138,8 +139,8 @@ PROBE_TASK = TASKS[0]
 assert set(TASKS) <= set(TASK_MODEL), f"unknown task in {TASKS}"
 
 
-def seeds_for(task: str) -> list[int]:
-    return list(SEEDS_BY_MODEL.get(TASK_MODEL[task], SEEDS))
+def seeds_for(task: str, method: str) -> list[int]:
+    return list(SEEDS_BY_METHOD.get(method, SEEDS_BY_MODEL.get(TASK_MODEL[task], SEEDS)))
 
 
 def spec_for(task: str, method: str, seed: int) -> RunSpec:
@@ -148,7 +149,7 @@ def spec_for(task: str, method: str, seed: int) -> RunSpec:
     return RunSpec.make(task, model, method, rank=RANK, seed=seed, fraction=1.0, **BUDGET.run(model, method), **kw)
 
 
-specs = [spec_for(t, m, s) for t in TASKS for m in STRATEGIES + REFERENCE for s in seeds_for(t)]
+specs = [spec_for(t, m, s) for t in TASKS for m in STRATEGIES + REFERENCE for s in seeds_for(t, m)]
 probe_specs = {m: spec_for(PROBE_TASK, m, PROBE_SEED) for m in PROBE_METHODS}
 keep = max(1, int(np.ceil(KEEP_RATIO * RANK)))
 print(f"tier {TIER}: {len(specs)} grid runs; keep ratio {KEEP_RATIO} = {keep} of r={RANK} directions per module; "
@@ -228,7 +229,7 @@ for ax, t in zip(axes[0], TASKS):
     ax.set_xticklabels([LABELS[m] for m in order])
     ax.set_xlabel(f"keep ratio {KEEP_RATIO} ({keep} of {RANK})")
     ax.set_ylabel(f"{t} ({TASK_MODEL[t]}): test accuracy (%)")
-fig.suptitle(f"Filtering strategies (Fig. 2; {TIER} tier, mean ± std over {len(SEEDS)} seed(s))", y=1.02)
+fig.suptitle(f"Filtering strategies (Fig. 2; {TIER} tier, mean ± std over {max(len(seeds_for(t, m)) for t in TASKS for m in STRATEGIES)} seed(s))", y=1.02)
 fig.tight_layout()
 fig_path = plots.save_figure(fig, NB, "strategies", TIER)
 fig;
