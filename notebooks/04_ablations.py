@@ -81,14 +81,12 @@ from structlora.repro.reproduce import repo_root
 
 os.chdir(repo_root())  # relative paths below are relative to the repository (papermill and nbval alike)
 
-import matplotlib.pyplot as plt
-import seaborn as sns
-
 from structlora.repro import ablations, paper, plots
-from structlora.repro.ablations import paper_str
-from structlora.repro.claims import claim_from_test, write_claims
+from structlora.repro.ablations import GROUPS, LABELS, ORDER
+from structlora.repro.claims import write_claims
 from structlora.repro.grid import RunSpec, run_grid
-from structlora.repro.stats import paired_test, summarize
+from structlora.repro.notebook import wall_time
+from structlora.repro.stats import summarize
 
 pd.set_option("display.width", 200)
 pd.set_option("display.max_columns", 40)
@@ -127,61 +125,24 @@ PENALTY_WEIGHT = 0.1
 N_JOBS = 1
 
 # %%
-from functools import partial
-
-from structlora.repro.notebook import TASK_MODEL, load_budget, run_summary
+from structlora.repro.notebook import TASK_MODEL, load_budget, run_summary, tier_params
 
 BUDGET = load_budget(TIER)  # params/<tier>/budget.yml: the tier's one budget, shared by every notebook
-# every verdict runs the power analysis against the tier's seed cap (stats.seeds_needed, stats.decide)
-claim_from_test = partial(claim_from_test, seeds_cap=BUDGET.seed_cap)
 
 # %% [markdown]
 # ### Derived settings: the ablation variants and the runs of this tier
 
 # %%
 # NBVAL_CHECK_OUTPUT
-# the paper column each task's differences are compared with (Tables 5 and 9 have boolq and cifar100)
-PAPER_COL, PAPER_COL_LABEL = paper.ABLATION_COL, paper.COLUMN_LABEL
-
-# variant -> (method, method kwargs); "full" is the default StructLoRA (T=1, hybrid graph)
-VARIANTS = {
-    "full": ("structlora", {}),
-    "no_gate": ("structlora_no_gate", {}),
-    "no_coord": ("structlora_no_coord", {}),
-    "lora": ("lora", {}),
-    "gnn_T2": ("structlora", {"gnn_steps": 2}),
-    "gnn_T3": ("structlora", {"gnn_steps": 3}),
-    "graph_adjacency": ("structlora", {"graph": "adjacency"}),
-    "graph_similarity": ("structlora", {"graph": "similarity"}),
-    "lora_cos": ("lora_cos", {"penalty_weight": PENALTY_WEIGHT}),
-    "lora_lap": ("lora_lap", {"penalty_weight": PENALTY_WEIGHT}),
-    "static_eta": ("structlora", {"learn_eta": False}),      # E.5's static control: the same M, eta frozen
-    "zero_gains": ("structlora", {"coordinator": "gains"}),  # the earlier reading: zero-start edge gains
-}
-GROUPS = {
-    "components": ["full", "no_gate", "no_coord", "lora"],                    # Table 5
-    "gnn_depth": ["full", "gnn_T2", "gnn_T3"],                                # Table 6 (T = 1, 2, 3)
-    "graph": ["full", "graph_adjacency", "graph_similarity"],                 # Table 6 (hybrid = full)
-    "penalties": ["full", "lora", "lora_cos", "lora_lap"],                    # Table 9 (+ LoRA reference)
-    "coupling": ["full", "static_eta", "zero_gains"],                         # E.5: learned vs static coupling
-}
-LABELS = {"full": "StructLoRA (full: T=1, hybrid)", "no_gate": "w/o IB filter", "no_coord": "w/o GNN coordination",
-          "lora": "w/o both (LoRA)", "gnn_T2": "2-layer GNN (T=2)", "gnn_T3": "3-layer GNN (T=3)",
-          "graph_adjacency": "adjacency only", "graph_similarity": "similarity only", "lora_cos": "LoRA+Cos",
-          "lora_lap": "LoRA+Lap", "static_eta": "static coupling (eta frozen)",
-          "zero_gains": "zero-start edge gains"}
-ORDER = list(VARIANTS)
+# variant -> (method, method kwargs); "full" is the default StructLoRA (T=1, hybrid graph); the groups
+# (ablations.GROUPS): components = Table 5, gnn_depth / graph = Table 6, penalties = Table 9, coupling = E.5
+VARIANTS = ablations.variants(PENALTY_WEIGHT)
 assert set(TASKS) <= set(TASK_MODEL), f"unknown task in {sorted(TASKS)}"
 assert all(set(g) <= set(GROUPS) for g in TASKS.values()), f"unknown ablation group in {TASKS}"
 
 
 def seeds_for(task: str, variant: str) -> list[int]:
     return list(SEEDS_BY_VARIANT.get(variant, SEEDS_BY_MODEL.get(TASK_MODEL[task], SEEDS)))
-
-
-def n_range(ns) -> str:
-    ns = sorted(set(ns))
-    return f"{ns[0]}" if len(ns) == 1 else f"{ns[0]}-{ns[-1]}"
 
 
 def variants_for(task: str) -> list[str]:
@@ -200,7 +161,7 @@ variant_of = {spec.key(): (t, v) for (t, v, s), spec in zip(plan, specs)}
 print(f"tier {TIER}: {len(specs)} runs")
 display(pd.DataFrame([{"task": t, "model": TASK_MODEL[t], "groups": ", ".join(TASKS[t]),
                        "variants": len(variants_for(t)),
-                       "seeds": n_range(len(seeds_for(t, v)) for v in variants_for(t)),
+                       "seeds": ablations.n_range(len(seeds_for(t, v)) for v in variants_for(t)),
                        **{k: BUDGET[TASK_MODEL[t]][k] for k in ("max_steps", "batch_size", "max_length")}}
                       for t in TASKS]))
 
@@ -212,33 +173,10 @@ display(pd.DataFrame([{"task": t, "model": TASK_MODEL[t], "groups": ", ".join(TA
 
 # %%
 # NBVAL_CHECK_OUTPUT
-import yaml
-
-
-def tier_params(tier: str) -> dict | None:
-    if tier == TIER:
-        return {"TASKS": TASKS, "SEEDS": SEEDS, "SEEDS_BY_MODEL": SEEDS_BY_MODEL, "SEEDS_BY_VARIANT": SEEDS_BY_VARIANT}
-    path = repo_root() / "params" / tier / f"{NB}.yml"
-    return yaml.safe_load(path.read_text()) if path.exists() else None
-
-
-ALL_TASKS = ["sst2", "fmnist-transfer", "boolq"]
-cover = []
-for tier in dict.fromkeys([TIER, "cpu", "gpu"]):
-    p = tier_params(tier)
-    if p is None:
-        continue
-    for t, groups in p["TASKS"].items():
-        base = p.get("SEEDS_BY_MODEL", {}).get(TASK_MODEL[t], p["SEEDS"])
-        for g in groups:  # seeds per variant of the group: "cpu:3" or "cpu:3-10"
-            n = n_range(len(p.get("SEEDS_BY_VARIANT", {}).get(v, base)) for v in GROUPS[g])
-            cover.append({"tier": tier, "task": t, "group": g, "cell": f"{tier}:{n}"})
-cover = pd.DataFrame(cover)
-coverage = (cover.groupby(["group", "task"])["cell"].agg(" ".join).unstack("task")
-            .reindex(index=list(GROUPS), columns=[t for t in ALL_TASKS if t in set(cover["task"])]).fillna(""))
+params = {TIER: {"TASKS": TASKS, "SEEDS": SEEDS, "SEEDS_BY_MODEL": SEEDS_BY_MODEL, "SEEDS_BY_VARIANT": SEEDS_BY_VARIANT}}
+params.update({tier: tier_params(NB, tier) for tier in ("cpu", "gpu") if tier != TIER})
+coverage, missing = ablations.coverage(params, TIER)
 display(coverage)
-missing = [(t, g) for t in ALL_TASKS for g in GROUPS
-           if not ((cover["tier"] == TIER) & (cover["task"] == t) & (cover["group"] == g)).any()]
 print(f"this tier ({TIER}) leaves out {len(missing)} (task, group) pairs:",
       ", ".join(f"{t}/{g}" for t, g in missing) or "none")
 print("never run here: COCO captioning / LLaVA-1.5-7B (no vision-language model offline)")
@@ -292,22 +230,7 @@ display(ok.groupby(["variant", "task"])["trainable_params"].first().unstack("tas
 
 # %%
 summ = summarize(ok, metric="acc", by=("task", "variant"))
-
-
-def delta_table(group: str, reference: str = "full", table_col=None) -> pd.DataFrame:
-    """Mean accuracy per variant of ``group`` and its paired difference to ``reference``, per task."""
-    return ablations.delta_table(summ, okv, TASKS, group, GROUPS[group], LABELS, reference, table_col)
-
-
-def t5_paper_delta(task: str, variant: str) -> float | None:
-    col, method = PAPER_COL[task], VARIANTS[variant][0]
-    if task == "fmnist-transfer" or col == "boolq":
-        a, b = paper.TABLE5.get(method, {}).get(col), paper.TABLE5["structlora"].get(col)
-        return None if a is None or b is None else round(a - b, 2)
-    return None
-
-
-t5 = delta_table("components", table_col=t5_paper_delta)
+t5 = ablations.delta_table(summ, okv, TASKS, "components", table_col=ablations.t5_paper_delta)
 display(t5)
 
 # %% [markdown]
@@ -317,16 +240,8 @@ display(t5)
 # BoolQ / LLaMA-7B (Table 6 has no other column).
 
 # %%
-T6_KEYS = {"full": "structlora (1-layer GNN, hybrid graph)", "gnn_T2": "2-layer GNN", "gnn_T3": "3-layer GNN",
-           "graph_adjacency": "adjacency only", "graph_similarity": "similarity only"}
-
-
-def t6_paper_delta(task: str, variant: str) -> float:
-    return round(paper.TABLE6[T6_KEYS[variant]] - paper.TABLE6[T6_KEYS["full"]], 2)
-
-
-t6 = pd.concat([delta_table("gnn_depth", table_col=t6_paper_delta),
-                delta_table("graph", table_col=t6_paper_delta)]).drop_duplicates(["task", "variant"])
+t6 = pd.concat([ablations.delta_table(summ, okv, TASKS, g, table_col=ablations.t6_paper_delta)
+                for g in ("gnn_depth", "graph")]).drop_duplicates(["task", "variant"])
 display(t6)
 
 # %% [markdown]
@@ -340,29 +255,7 @@ display(t6)
 # (evaluations excluded).
 
 # %%
-t9_rows = []
-for t in TASKS:
-    if "penalties" not in TASKS[t]:
-        continue
-    sub = ok[(ok["task"] == t) & ok["variant"].isin(GROUPS["penalties"])]
-    lora_step = sub.loc[sub["variant"] == "lora", "step_s"].median()
-    for v in GROUPS["penalties"]:
-        s = sub[sub["variant"] == v]
-        if s.empty:
-            continue
-        col = PAPER_COL[t]
-        pm = {"full": "structlora"}.get(v, v)
-        prow = paper.TABLE9.get(pm)
-        t9_rows.append({
-            "task": t, "variant": v, "setting": LABELS[v], "acc": round(s["acc"].mean(), 1),
-            "E": float(s["diag_drift_energy"].mean()), "CosAdj": round(float(s["diag_cos_adj"].mean()), 3),
-            "extra_cost_%": round(100 * (s["step_s"].median() / lora_step - 1), 1) if pd.notna(lora_step) else np.nan,
-            "paper_acc": prow["task_score"][col] if prow else None,
-            "paper_E_x1e-2": prow["drift_energy_e2"][col] if prow else None,
-            "paper_CosAdj": prow["cos_adj"][col] if prow else None,
-            "paper_extra_cost_%": prow["extra_cost_pct"] if prow else None,
-        })
-t9 = pd.DataFrame(t9_rows)
+t9 = ablations.t9_table(ok, TASKS)
 # E is printed with 3 significant digits (its scale is model-specific)
 display(t9.assign(E=t9["E"].map(lambda x: f"{x:.3g}")) if len(t9) else t9)
 
@@ -379,50 +272,15 @@ display(t9.assign(E=t9["E"].map(lambda x: f"{x:.3g}")) if len(t9) else t9)
 # `full` is the coordinator's share of StructLoRA's overhead.
 
 # %%
-cost = (ok.groupby(["task", "variant"])
-        .agg(step_s=("step_s", "median"), wall_time_s=("wall_time_s", "median"), peak_mem_mb=("peak_mem_mb", "median"),
-             runs=("seed", "size")).reset_index())
-ref = cost[cost["variant"] == "lora"].set_index("task")
-cost["step_x_lora"] = [r.step_s / ref.loc[r.task, "step_s"] if r.task in ref.index else np.nan for r in cost.itertuples()]
-cost["mem_x_lora"] = [r.peak_mem_mb / ref.loc[r.task, "peak_mem_mb"] if r.task in ref.index else np.nan
-                      for r in cost.itertuples()]
-cost["setting"] = cost["variant"].map(LABELS)
-cost = cost.set_index(["task", "variant"]).reindex([(t, v) for t in TASKS for v in ORDER
-                                                   if (t, v) in set(zip(cost["task"], cost["variant"]))])
-display(cost.round(3))
+display(ablations.cost_table(ok, TASKS).round(3))
 
 # %% [markdown]
 # ## Figure: accuracy of every ablation (one dot per seed), with drift energy and CosAdj
 
 # %%
-fig, axes = plt.subplots(len(TASKS), 3, figsize=(15, 3.6 * len(TASKS)), squeeze=False,
-                         gridspec_kw={"width_ratios": [2.2, 1, 1]})
-for i, t in enumerate(TASKS):
-    sub = ok[ok["task"] == t]
-    order = [v for v in ORDER if v in set(sub["variant"])]
-    pal = {v: plots.METHOD_PALETTE.get(VARIANTS[v][0], "#8DA0CB") for v in order}
-    ax = axes[i][0]
-    sns.barplot(data=sub, x="variant", y="acc", hue="variant", order=order, hue_order=order, palette=pal,
-                errorbar="sd", ax=ax, legend=False, alpha=0.85)
-    plots.stripplot(data=sub, x="variant", y="acc", order=order, color="black", size=4, ax=ax, jitter=0.15)
-    if len(sub):
-        lo, hi = sub["acc"].min(), sub["acc"].max()
-        ax.set_ylim(max(0, lo - 3), min(100, hi + 2))
-    ax.set_xticks(range(len(order)))
-    ax.set_xticklabels([LABELS[v].replace(" (", "\n(") for v in order], rotation=35, ha="right", fontsize=8)
-    ax.set_xlabel("")
-    ax.set_ylabel(f"{t}: test accuracy (%)")
-    for j, (metric, name) in enumerate([("diag_drift_energy", "drift energy E (↓)"), ("diag_cos_adj", "CosAdj (↑)")]):
-        ax2 = axes[i][1 + j]
-        pen = [v for v in GROUPS["penalties"] + ["no_gate", "no_coord"] if v in set(sub["variant"])]
-        sns.barplot(data=sub[sub["variant"].isin(pen)], x="variant", y=metric, hue="variant", order=pen,
-                    hue_order=pen, palette=pal, errorbar="sd", ax=ax2, legend=False, alpha=0.85)
-        ax2.set_xticks(range(len(pen)))
-        ax2.set_xticklabels([LABELS[v].split(" (")[0] for v in pen], rotation=35, ha="right", fontsize=8)
-        ax2.set_xlabel("")
-        ax2.set_ylabel(name)
-fig.suptitle(f"Ablations ({TIER} tier; {', '.join(f'{t}: {TASK_MODEL[t]}' for t in TASKS)})", y=1.01)
-fig.tight_layout()
+fig = plots.ablation_panels(ok, TASKS, ORDER, LABELS, {v: m for v, (m, _) in VARIANTS.items()},
+                            side=GROUPS["penalties"] + ["no_gate", "no_coord"],
+                            title=f"Ablations ({TIER} tier; {', '.join(f'{t}: {TASK_MODEL[t]}' for t in TASKS)})")
 fig_path = plots.save_figure(fig, NB, "ablations", TIER)
 fig;
 
@@ -441,94 +299,16 @@ fig;
 
 # %%
 # NBVAL_CHECK_OUTPUT
-paired = partial(ablations.paired, okv)  # paired(task, a, b, metric="acc"): paired_test row or None
-
-claims = []
-for t in TASKS:
-    col = PAPER_COL[t]
-    colname = PAPER_COL_LABEL[col]
-    stand_in = f"{t}/{TASK_MODEL[t]} compared with the paper's {colname} column; "
-    if "components" in TASKS[t]:
-        for v, what in (("no_gate", "the IB filter"), ("no_coord", "the GNN coordinator"), ("lora", "both modules")):
-            pdiff = -t5_paper_delta(t, v) if t5_paper_delta(t, v) is not None else None
-            claims.append(claim_from_test(
-                f"T5.{t}.full>{v}", NB, TIER, f"removing {what} lowers accuracy on {t} (full − {LABELS[v]})",
-                paired(t, "full", v), pdiff, paper_value=paper_str(pdiff, f"Table 5, {colname}"),
-                note=stand_in.rstrip("; ")))
-    for g in ("gnn_depth", "graph"):
-        if g not in TASKS[t]:
-            continue
-        for v in GROUPS[g][1:]:
-            pdiff = -t6_paper_delta(t, v)
-            what = {"gnn_T2": "T=1 beats T=2", "gnn_T3": "T=1 beats T=3",
-                    "graph_adjacency": "hybrid graph beats adjacency-only",
-                    "graph_similarity": "hybrid graph beats similarity-only"}[v]
-            claims.append(claim_from_test(
-                f"T6.{t}.full>{v}", NB, TIER, f"{what} on {t} (accuracy)", paired(t, "full", v), pdiff,
-                paper_value=paper_str(pdiff, "Table 6, BoolQ/LLaMA-7B"),
-                note=f"{t}/{TASK_MODEL[t]} compared with the paper's BoolQ/LLaMA-7B"))
-    if "penalties" in TASKS[t]:
-        full9 = paper.TABLE9["structlora"]
-        for v in ("lora_cos", "lora_lap"):
-            p9 = paper.TABLE9[v]
-            pdiff = round(full9["task_score"][col] - p9["task_score"][col], 2)
-            claims.append(claim_from_test(
-                f"T9.{t}.full>{v}.acc", NB, TIER, f"StructLoRA beats {LABELS[v]} in accuracy on {t}",
-                paired(t, "full", v), pdiff, paper_value=paper_str(pdiff, f"Table 9, {colname}"),
-                note=stand_in.rstrip("; ")))
-            # drift energy: relative change (%) per seed, StructLoRA vs the penalty
-            sub = ok[(ok["task"] == t) & ok["variant"].isin(["full", v])]
-            piv = sub.pivot_table(index="seed", columns="variant", values="diag_drift_energy")
-            rel = pd.DataFrame()
-            if {"full", v} <= set(piv.columns):
-                rel = pd.DataFrame({"seed": piv.index, "task": t, "method": "rel",
-                                    "dE": 100 * (piv["full"] / piv[v] - 1)}).dropna()
-                rel = pd.concat([rel, rel.assign(method="zero", dE=0.0)])
-            tt = (paired_test(rel, method="rel", baseline="zero", metric="dE", by=("task",))
-                  if len(rel) else pd.DataFrame())
-            pdiff = round(100 * (full9["drift_energy_e2"][col] / p9["drift_energy_e2"][col] - 1), 1)
-            claims.append(claim_from_test(
-                f"T9.{t}.full<{v}.E", NB, TIER,
-                f"StructLoRA has a lower drift energy E than {LABELS[v]} on {t} (relative change of E, %)",
-                tt.iloc[0] if len(tt) else None, pdiff, paper_value=paper_str(pdiff, f"Table 9, {colname}", "%"),
-                note=stand_in + "E = Σ_l ‖ΔW_{l+1} − ΔW_l‖²_F over query and value families of the trained model"))
-            pdiff = round(full9["cos_adj"][col] - p9["cos_adj"][col], 2)
-            claims.append(claim_from_test(
-                f"T9.{t}.full>{v}.CosAdj", NB, TIER, f"StructLoRA has a higher CosAdj than {LABELS[v]} on {t}",
-                paired(t, "full", v, metric="diag_cos_adj"), pdiff,
-                paper_value=paper_str(pdiff, f"Table 9, {colname}"), note=stand_in.rstrip("; "), digits=3))
-    if "coupling" in TASKS[t]:
-        # E.5: "learned coordination often exceeds static" (no number given): direction only, margin 0
-        claims.append(claim_from_test(
-            f"T9.{t}.learned>static", NB, TIER, f"learned coupling (eta learned) beats static coupling (eta frozen) on {t}",
-            paired(t, "full", "static_eta"), 1.0, margin=0.0, seeds_cap=None,
-            paper_value="> 0 (appendix E.5; no number given)", note=stand_in.rstrip("; ")))
-        claims.append(claim_from_test(
-            f"T9.{t}.smoother>zero_gains", NB, TIER, f"the smoothing coordinator beats zero-start edge gains on {t}",
-            paired(t, "full", "zero_gains"), 1.0, margin=0.0, seeds_cap=None,
-            paper_value="> 0 (our reading vs the earlier one; not a claim of the paper)",
-            note="exploratory: compares two readings of Eq. 4-5; " + stand_in.rstrip("; ")))
+# every verdict runs the power analysis against the tier's seed cap (stats.seeds_needed, stats.decide)
+claims = ablations.ablation_claims(ok, TASKS, NB, TIER, seeds_cap=BUDGET.seed_cap)
 ledger = pd.DataFrame([c.to_dict() for c in claims])
 display(ledger[["claim_id", "paper_value", "n", "verdict"]] if len(ledger) else ledger)
 
 # %%
 display(ledger[["claim_id", "ours", "verdict", "note"]] if len(ledger) else ledger)
-lines = [f"- **{c.claim_id}** — {c.claim}: paper {c.paper_value}; ours {c.ours} (n={c.n}) → **{c.verdict}**"
-         for c in claims]
-n_rep = sum(c.verdict == "reproduced" for c in claims)
-n_not = sum(c.verdict == "not reproduced" for c in claims)
-wrong_sign = [c.claim_id for c in claims if c.ours_value is not None and c.ours_value <= 0
-              and not c.claim_id.endswith(".E")] + \
-             [c.claim_id for c in claims if c.ours_value is not None and c.ours_value >= 0 and c.claim_id.endswith(".E")]
-display(Markdown(
-    f"**Summary ({TIER} tier).** {n_rep} of {len(claims)} ablation claims are reproduced at our scale, "
-    f"{n_not} are contradicted (the CI excludes the paper's direction or its size) and the rest are "
-    f"inconclusive. The measured difference has the opposite sign to the paper's (or is zero) for: "
-    f"{', '.join(wrong_sign) or 'none'}. Where a claim is not reproduced, the component does **not** "
-    f"help at our scale (small encoder, short budget), which says nothing about LLaMA-7B.\n\n" + "\n".join(lines)))
+display(Markdown(ablations.summary_markdown(claims, TIER)))
 
 # %%
 path = write_claims(NB, TIER, claims)
 print(f"wrote {len(claims)} claims to {path}; figure: {fig_path}")
-print(f"notebook wall time: {(time.perf_counter() - _T0) / 60:.1f} min "
-      f"(this process's CPU time {(time.process_time() - _C0) / 60:.1f} min on {os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f})")
+print(wall_time(_T0, _C0))

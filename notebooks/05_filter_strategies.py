@@ -74,14 +74,12 @@ from structlora.repro.reproduce import repo_root
 
 os.chdir(repo_root())  # relative paths below are relative to the repository (papermill and nbval alike)
 
-import matplotlib.pyplot as plt
-import seaborn as sns
-
-from structlora.repro import paper, plots
-from structlora.repro.claims import Claim, claim_from_test, format_diff, write_claims
+from structlora.repro import filters, paper, plots
+from structlora.repro.claims import write_claims
 from structlora.repro.grid import RunSpec, run_grid, train_spec
+from structlora.repro.notebook import wall_time
 from structlora.repro.probes import correlation_table, removal_table
-from structlora.repro.stats import DIRECTION_ONLY, decide, paired_test, summarize
+from structlora.repro.stats import summarize
 
 pd.set_option("display.width", 200)
 pd.set_option("display.max_columns", 40)
@@ -120,13 +118,9 @@ BOOTSTRAP = 200
 N_JOBS = 1
 
 # %%
-from functools import partial
-
 from structlora.repro.notebook import TASK_MODEL, load_budget, run_summary
 
 BUDGET = load_budget(TIER)  # params/<tier>/budget.yml: the tier's one budget, shared by every notebook
-# every verdict runs the power analysis against the tier's seed cap (stats.seeds_needed, stats.decide)
-claim_from_test = partial(claim_from_test, seeds_cap=BUDGET.seed_cap)
 
 # %% [markdown]
 # ### Derived settings
@@ -201,36 +195,15 @@ summ = summarize(ok, metric="acc", by=("task", "method"))
 tab = summ.pivot(index="method", columns="task", values="mean").reindex(
     [m for m in STRATEGIES + REFERENCE if m in set(summ["method"])]).round(1)
 display(tab)
-pairs = [("filter_ib", "filter_random"), ("filter_ib", "filter_topk_norm"), ("filter_topk_norm", "filter_random")]
-tests = []
-for a, b in pairs:
-    tt = paired_test(ok[ok["method"].isin([a, b])], method=a, baseline=b, metric="acc", by=("task",))
-    tests.append(tt.assign(comparison=f"{LABELS[a]} − {LABELS[b]}", a=a, b=b))
-tests = pd.concat(tests, ignore_index=True)
+tests = filters.pair_tests(ok, LABELS)  # Fig. 2's ordering: IB > Random, IB > Top-k Norm, Top-k Norm > Random
 display(tests[["task", "comparison", "diff_mean", "ci_low", "ci_high", "p", "n"]].round(2))
 
 # %%
-fig, axes = plt.subplots(1, len(TASKS), figsize=(4.8 * len(TASKS), 3.6), squeeze=False)
-order = [m for m in STRATEGIES if m in set(ok["method"])]
-pal = {"filter_ib": "#C44E52", "filter_random": "#8C8C8C", "filter_topk_norm": "#4C72B0"}
-for ax, t in zip(axes[0], TASKS):
-    sub = ok[(ok["task"] == t) & ok["method"].isin(order)]
-    sns.barplot(data=sub, x="method", y="acc", hue="method", order=order, hue_order=order, palette=pal,
-                errorbar="sd", ax=ax, legend=False, alpha=0.85)
-    plots.stripplot(data=sub, x="method", y="acc", order=order, color="black", size=4, ax=ax, jitter=0.15)
-    ref = ok[(ok["task"] == t) & (ok["method"] == "lora")]["acc"]
-    if len(ref):
-        ax.axhline(ref.mean(), color="#4C72B0", ls="--", lw=1, label=f"LoRA, all {RANK} directions")
-        ax.legend(loc="lower right", fontsize=8)
-    if len(sub):
-        lo, hi = min(sub["acc"].min(), ref.min() if len(ref) else 100), max(sub["acc"].max(), ref.max() if len(ref) else 0)
-        ax.set_ylim(max(0, lo - 3), min(100, hi + 2))
-    ax.set_xticks(range(len(order)))
-    ax.set_xticklabels([LABELS[m] for m in order])
-    ax.set_xlabel(f"keep ratio {KEEP_RATIO} ({keep} of {RANK})")
-    ax.set_ylabel(f"{t} ({TASK_MODEL[t]}): test accuracy (%)")
-fig.suptitle(f"Filtering strategies (Fig. 2; {TIER} tier, mean ± std over {max(len(seeds_for(t, m)) for t in TASKS for m in STRATEGIES)} seed(s))", y=1.02)
-fig.tight_layout()
+n_seeds = max(len(seeds_for(t, m)) for t in TASKS for m in STRATEGIES)
+fig = plots.filter_bars(ok, TASKS, STRATEGIES, LABELS, xlabel=f"keep ratio {KEEP_RATIO} ({keep} of {RANK})",
+                        ylabels=[f"{t} ({TASK_MODEL[t]}): test accuracy (%)" for t in TASKS],
+                        reference_label=f"LoRA, all {RANK} directions",
+                        title=f"Filtering strategies (Fig. 2; {TIER} tier, mean ± std over {n_seeds} seed(s))")
 fig_path = plots.save_figure(fig, NB, "strategies", TIER)
 fig;
 
@@ -281,25 +254,8 @@ display(corr.round(3))
 
 # %%
 if removal:
-    fig, axes = plt.subplots(len(removal), 3, figsize=(14, 3.7 * len(removal)), squeeze=False)
-    for i, (m, r) in enumerate(removal.items()):
-        for j, (score, name) in enumerate((("gate_score", "gate score P(open)"), ("norm", "‖b_j‖·‖a_j‖"),
-                                           ("effective_norm", "effective norm s·m_j·‖b_j‖‖a_j‖"))):
-            ax = axes[i][j]
-            # x = rank of the score among the directions (what Spearman's rho uses; the raw range is in the label)
-            d = r.assign(score_rank=r[score].rank(method="average"))
-            sns.scatterplot(data=d, x="score_rank", y="dloss", hue="family", style="active", style_order=[True, False],
-                            ax=ax, s=28, alpha=0.8, legend=(j == 2))
-            c = corr[(corr["model"] == m) & (corr["directions"] == "active")]
-            rho = c[f"rho_{score}"].iloc[0] if len(c) else np.nan
-            ax.set_title(f"{LABELS[m]}: ρ(active) = {rho:.2f}", fontsize=9)
-            ax.set_xlabel(f"rank of {name}\n(range {r[score].min():.4g} … {r[score].max():.4g})", fontsize=9)
-            ax.set_ylabel("Δ validation loss when removed" if j == 0 else "")
-            ax.axhline(0, color="grey", lw=0.6)
-        if axes[i][2].get_legend() is not None:
-            sns.move_legend(axes[i][2], "upper left", bbox_to_anchor=(1.02, 1), fontsize=8)
-    fig.suptitle(f"Single-direction removal on {PROBE_TASK} ({TIER} tier, seed {PROBE_SEED})", y=1.01)
-    fig.tight_layout()
+    fig = plots.removal_scatter(removal, corr, LABELS,
+                                title=f"Single-direction removal on {PROBE_TASK} ({TIER} tier, seed {PROBE_SEED})")
     scatter_path = plots.save_figure(fig, NB, "direction_removal", TIER)
     fig;
 else:
@@ -320,54 +276,16 @@ else:
 # NBVAL_CHECK_OUTPUT
 # "positive, size not given" (Fig. 2): the one verdict rule (stats.decide) with the paper's direction (+1)
 # and a margin of 0 (stats.DIRECTION_ONLY), and no power analysis (there is no effect size to plan for)
-claims = []
-for t in TASKS:
-    for a, b in pairs:
-        row = tests[(tests["task"] == t) & (tests["a"] == a) & (tests["b"] == b)]
-        what = "slightly beats" if a == "filter_topk_norm" else "beats"
-        claims.append(claim_from_test(
-            f"F2.{t}.{a.removeprefix('filter_')}>{b.removeprefix('filter_')}", NB, TIER,
-            f"{LABELS[a]} {what} {LABELS[b]} at keep ratio {KEEP_RATIO} on {t} ({TASK_MODEL[t]})",
-            row.iloc[0] if len(row) else None, DIRECTION_ONLY["paper_diff"], margin=DIRECTION_ONLY["margin"],
-            seeds_cap=None, paper_value="> 0 (Fig. 2; bar heights not given in the text)",
-            note="" if len(row) else "not run"))
-for m in PROBE_METHODS:
-    c = corr[(corr["model"] == m) & (corr["directions"] == "active")]
-    cid, text = f"F2.{PROBE_TASK}.{m}.gate_ranks_relevance", (
-        f"the gate score ranks the directions of a trained {LABELS[m]} model by their task relevance (Δ validation "
-        f"loss when removed) better than their norm ‖b_j‖‖a_j‖ (Spearman ρ_gate − ρ_norm)")
-    if c.empty or not np.isfinite(c["rho_gate-rho_norm"].iloc[0]):
-        claims.append(Claim(cid, NB, text, "> 0 (Sec. 3.2, 4.3: magnitude is a poor proxy)", "n/a", None, None, None,
-                            0 if c.empty else int(c["n"].iloc[0]), TIER, "skipped" if c.empty else "inconclusive",
-                            "model not probed in this tier" if c.empty else "a score is constant over the directions"))
-        continue
-    c = c.iloc[0]
-    d, lo, hi = float(c["rho_gate-rho_norm"]), float(c["ci_low"]), float(c["ci_high"])
-    v = decide(d, lo, hi, float(c["p_boot"]), **DIRECTION_ONLY)
-    claims.append(Claim(
-        cid, NB, text, "> 0 (Sec. 3.2, 4.3: 'magnitude is a poor proxy'; not measured in the paper)",
-        f"{format_diff(d, None, lo, hi, digits=2)}; ρ_gate {c['rho_gate_score']:.2f} (p={c['p_gate_score']:.2g}), "
-        f"ρ_norm {c['rho_norm']:.2f} (p={c['p_norm']:.2g})", d, lo, hi, int(c["n"]), TIER, v,
-        f"{int(c['n'])} active directions of one model ({PROBE_TASK}, seed {PROBE_SEED}); bootstrap CI over directions"))
+claims = (filters.filter_claims(tests, TASKS, LABELS, KEEP_RATIO, NB, TIER)
+          + filters.relevance_claims(corr, PROBE_METHODS, LABELS, PROBE_TASK, PROBE_SEED, NB, TIER))
 ledger = pd.DataFrame([c.to_dict() for c in claims])
 display(ledger[["claim_id", "paper_value", "n"]])
 
 # %%
 display(ledger[["claim_id", "ours", "verdict", "note"]])
-lines = [f"- **{c.claim_id}** — {c.claim}: paper {c.paper_value}; ours {c.ours} (n={c.n}) → **{c.verdict}**"
-         for c in claims]
-f2 = [c for c in claims if not c.claim_id.endswith("gate_ranks_relevance")]
-gr = [c for c in claims if c.claim_id.endswith("gate_ranks_relevance")]
-display(Markdown(
-    f"**Summary ({TIER} tier).** Fig. 2 ordering: {sum(c.verdict == 'reproduced' for c in f2)} of {len(f2)} "
-    f"comparisons reproduced, {sum(c.verdict == 'not reproduced' for c in f2)} contradicted. "
-    f"Gate vs norm as a relevance ranking: {sum(c.verdict == 'reproduced' for c in gr)} of {len(gr)} probed "
-    f"models show the gate ranking better than the norm with a CI excluding 0; "
-    f"{sum(c.ours_value is not None and c.ours_value <= 0 for c in gr)} show the norm ranking at least as well "
-    f"as the gate (the paper's hypothesis does **not** hold there at our scale).\n\n" + "\n".join(lines)))
+display(Markdown(filters.summary_markdown(claims, TIER)))
 
 # %%
 path = write_claims(NB, TIER, claims)
 print(f"wrote {len(claims)} claims to {path}; figures: {fig_path}, {scatter_path}")
-print(f"notebook wall time: {(time.perf_counter() - _T0) / 60:.1f} min "
-      f"(this process's CPU time {(time.process_time() - _C0) / 60:.1f} min on {os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f})")
+print(wall_time(_T0, _C0))

@@ -211,6 +211,103 @@ def test_paper_str():
     assert ablations.paper_str(1.44, "Table 9", "%") == "+1.4% (Table 9)"
 
 
+def test_ablation_variants_and_the_paper_deltas_they_are_compared_with():
+    v = ablations.variants(0.3)
+    assert list(v) == ablations.ORDER and set(sum(ablations.GROUPS.values(), [])) <= set(v)
+    assert v["static_eta"] == ("structlora", {"learn_eta": False}) and v["lora_cos"] == ("lora_cos", {"penalty_weight": 0.3})
+    assert v["full"] == ("structlora", {}) and v["no_gate"] == ("structlora_no_gate", {})
+    # Table 5, BoolQ column (sst2 stands in): 79.4 - 81.3; CIFAR-100 column for fmnist-transfer: 81.9 - 84.1
+    assert ablations.t5_paper_delta("sst2", "no_gate") == pytest.approx(-1.9)
+    assert ablations.t5_paper_delta("fmnist-transfer", "lora") == pytest.approx(-2.6)
+    assert ablations.t6_paper_delta("fmnist-transfer", "graph_adjacency") == pytest.approx(-0.8)  # 80.5 - 81.3
+
+
+def test_ablation_coverage_names_the_seeds_of_each_group_and_what_a_tier_leaves_out():
+    params = {"smoke": {"TASKS": {"sst2": ["components"]}, "SEEDS": [0]},
+              "cpu": {"TASKS": {"sst2": ["components", "coupling"]}, "SEEDS": [0, 1, 2],
+                      "SEEDS_BY_VARIANT": {"full": list(range(10)), "no_coord": [0, 1, 2, 3]}},
+              "gpu": None}
+    table, missing = ablations.coverage(params, "cpu", all_tasks=("sst2", "boolq"))
+    assert table.loc["components", "sst2"] == "smoke:1 cpu:3-10" and table.loc["coupling", "sst2"] == "cpu:3-10"
+    assert table.loc["graph", "sst2"] == "" and list(table.columns) == ["sst2"]
+    assert ("sst2", "graph") in missing and ("sst2", "coupling") not in missing and ("boolq", "components") in missing
+    assert ablations.n_range([3]) == "3" and ablations.n_range([10, 3, 4]) == "3-10"
+
+
+def _ablation_runs(full_gain: float = 2.0) -> pd.DataFrame:
+    rng = np.random.default_rng(0)
+    rows = []
+    for seed in range(5):
+        base = 80 + rng.normal(0, 1)
+        for v, acc, step, energy in (("full", base + full_gain + 0.1 * seed, 0.12, 1.0), ("lora", base, 0.10, 2.0),
+                                     ("lora_cos", base + 0.5, 0.11, 4.0), ("static_eta", base + 0.2 * seed, 0.12, 1.0)):
+            rows.append({"task": "sst2", "variant": v, "seed": seed, "acc": acc, "step_s": step, "wall_time_s": 10.0,
+                         "peak_mem_mb": 100.0 if v == "lora" else 110.0, "diag_drift_energy": energy,
+                         "diag_cos_adj": 0.5 if v == "full" else 0.3})
+    return pd.DataFrame(rows)
+
+
+def test_t9_and_cost_tables_relate_every_variant_to_lora():
+    ok = _ablation_runs()
+    t9 = ablations.t9_table(ok, {"sst2": ["penalties"], "boolq": ["components"]})
+    assert list(t9["variant"]) == ["full", "lora", "lora_cos"]  # lora_lap has no run
+    full = t9.set_index("variant").loc["full"]
+    assert full["extra_cost_%"] == pytest.approx(20.0) and full["E"] == 1.0 and full["paper_acc"] == 81.3
+    cost = ablations.cost_table(ok, ["sst2"])
+    assert list(cost.index.get_level_values("variant")) == ["full", "lora", "lora_cos", "static_eta"]
+    assert cost.loc[("sst2", "lora_cos"), "step_x_lora"] == pytest.approx(1.1)
+    assert cost.loc[("sst2", "full"), "mem_x_lora"] == pytest.approx(1.1) and cost.loc[("sst2", "full"), "runs"] == 5
+
+
+def test_ablation_claims_pair_the_variants_over_seeds_and_judge_each_once():
+    ok = _ablation_runs(full_gain=2.0)
+    claims = ablations.ablation_claims(ok, {"sst2": ["components", "penalties", "coupling"]}, "04_ablations", "smoke",
+                                       seeds_cap=10)
+    by = {c.claim_id: c for c in claims}
+    assert len(by) == len(claims)
+    lora = by["T5.sst2.full>lora"]
+    assert lora.n == 5 and lora.ours_value == pytest.approx(2.2) and lora.paper_diff == pytest.approx(2.2)
+    assert lora.verdict == "reproduced"
+    assert by["T5.sst2.full>no_gate"].verdict == "skipped"  # no run of the variant: never a silent zero
+    # drift energy: full's E is half LoRA+Cos's at every seed: -75% relative change (1 / 4 - 1)
+    assert by["T9.sst2.full<lora_cos.E"].ours_value == pytest.approx(-75.0)
+    assert by["T9.sst2.full>lora_cos.CosAdj"].ours_value == pytest.approx(0.2)
+    coupling = by["T9.sst2.learned>static"]  # direction only: margin 0, no power analysis
+    assert coupling.ours_value == pytest.approx(1.8) and coupling.verdict == "reproduced" and coupling.seeds_required is None
+    md = ablations.summary_markdown(claims, "smoke")
+    assert f"Verdicts of the {len(claims)} ablation claims" in md and "T9.sst2.full<lora_cos.E" not in md.split("\n\n")[0]
+    worse = ablations.ablation_claims(_ablation_runs(full_gain=-3.0), {"sst2": ["components"]}, "04", "smoke")
+    assert "T5.sst2.full>lora" in ablations.summary_markdown(worse, "smoke").split("\n\n")[0]
+
+
+def test_ablation_panels_draws_accuracy_energy_and_cosadj_per_task():
+    import matplotlib.pyplot as plt
+
+    from structlora.repro import plots
+
+    ok = pd.concat([_ablation_runs(), _ablation_runs().assign(task="boolq")])
+    fig = plots.ablation_panels(ok, ["sst2", "boolq"], ablations.ORDER, ablations.LABELS,
+                                {v: m for v, (m, _) in ablations.variants().items()}, side=["full", "lora", "lora_cos"],
+                                title="x")
+    assert len(fig.axes) == 6 and fig.axes[0].get_ylabel() == "sst2: test accuracy (%)"
+    assert len(fig.axes[0].get_xticklabels()) == 4 and len(fig.axes[1].get_xticklabels()) == 3
+    plt.close(fig)
+
+
+def test_tier_params_reads_the_tier_file_and_wall_time_reports_the_load(tmp_path):
+    import time
+
+    from structlora.repro.notebook import tier_params, wall_time
+
+    (tmp_path / "params" / "cpu").mkdir(parents=True)
+    (tmp_path / "params" / "cpu" / "nb.yml").write_text("SEEDS: [0, 1]\nSEEDS_BY_VARIANT: {full: [0, 1, 2]}\n")
+    assert tier_params("nb", "cpu", tmp_path) == {"SEEDS": [0, 1], "SEEDS_BY_VARIANT": {"full": [0, 1, 2]}}
+    assert tier_params("nb", "gpu", tmp_path) is None
+    t0 = time.perf_counter() - 90
+    assert wall_time(t0).startswith("notebook wall time: 1.5 min")
+    assert "load average" in wall_time(t0, time.process_time())
+
+
 # ------------------------------------------------------------------------------- pending runs (reproduce)
 def test_pending_runs_train_primary_family_first_seed_by_seed(tmp_path):
     import json
@@ -249,3 +346,70 @@ def test_make_reproduce_reexecutes_from_records_and_trains_only_when_asked():
     assert "--train-pending" in dry("TRAIN=1")
     assert "--retrain" in dry("RETRAIN=1") and "--records-only" not in dry("RETRAIN=1")
     assert "--records-only" not in dry("TIER=smoke")
+
+
+# ----------------------------------------------------------------------------------------- filters (05)
+from structlora.repro import filters  # noqa: E402
+
+_FILTER_LABELS = {"filter_ib": "IB", "filter_random": "Random", "filter_topk_norm": "Top-k Norm", "lora": "LoRA",
+                  "structlora_no_coord": "no coord"}
+
+
+def _filter_runs() -> pd.DataFrame:
+    rows = []
+    for seed in range(4):
+        for m, acc in (("filter_ib", 82.0 + 0.2 * seed), ("filter_random", 80.0), ("filter_topk_norm", 82.0 - 0.1 * seed),
+                       ("lora", 83.0)):
+            rows.append({"task": "sst2", "method": m, "seed": seed, "acc": acc})
+    return pd.DataFrame(rows)
+
+
+def test_filter_pair_tests_and_claims_follow_fig2_ordering_as_claims_of_direction():
+    tests = filters.pair_tests(_filter_runs(), _FILTER_LABELS)
+    assert list(tests["comparison"]) == ["IB − Random", "IB − Top-k Norm", "Top-k Norm − Random"]
+    assert tests["diff_mean"].tolist() == pytest.approx([2.3, 0.45, 1.85])
+    claims = {c.claim_id: c for c in filters.filter_claims(tests, ["sst2", "boolq"], _FILTER_LABELS, 0.5, "05", "smoke")}
+    assert claims["F2.sst2.ib>random"].verdict == "reproduced"       # +2.3, CI above 0: margin 0
+    assert claims["F2.sst2.ib>topk_norm"].verdict == "inconclusive"  # +0.45 [-0.17, 1.07]
+    assert claims["F2.sst2.ib>random"].seeds_required is None        # direction only: no power analysis
+    assert claims["F2.boolq.ib>random"].verdict == "skipped" and claims["F2.boolq.ib>random"].note == "not run"
+    worse = _filter_runs()
+    worse.loc[worse["method"] == "filter_ib", "acc"] = 79.0 + 0.1 * worse["seed"]
+    c = {c.claim_id: c for c in filters.filter_claims(filters.pair_tests(worse, _FILTER_LABELS), ["sst2"],
+                                                      _FILTER_LABELS, 0.5, "05", "smoke")}
+    assert c["F2.sst2.ib>random"].verdict == "not reproduced"
+
+
+def test_relevance_claims_judge_rho_gate_minus_rho_norm_and_say_why_when_they_cannot():
+    corr = pd.DataFrame([
+        {"model": "filter_ib", "directions": "active", "n": 48, "rho_gate-rho_norm": 0.4, "ci_low": 0.1, "ci_high": 0.7,
+         "p_boot": 0.01, "rho_gate_score": 0.5, "p_gate_score": 0.001, "rho_norm": 0.1, "p_norm": 0.4},
+        {"model": "structlora_no_coord", "directions": "active", "n": 96, "rho_gate-rho_norm": np.nan,
+         "ci_low": np.nan, "ci_high": np.nan, "p_boot": np.nan, "rho_gate_score": np.nan, "p_gate_score": np.nan,
+         "rho_norm": 0.1, "p_norm": 0.4}])
+    got = filters.relevance_claims(corr, ["filter_ib", "structlora_no_coord", "lora"], _FILTER_LABELS, "sst2", 0, "05", "cpu")
+    assert [c.verdict for c in got] == ["reproduced", "inconclusive", "skipped"]
+    assert got[0].ours_value == 0.4 and got[0].n == 48 and "ρ_gate 0.50" in got[0].ours
+    assert got[1].note == "a score is constant over the directions" and got[2].note == "model not probed in this tier"
+    md = filters.summary_markdown(got, "cpu")
+    assert "1 of 3 probed models show the gate ranking better" in md and md.count("\n- **") == 3
+
+
+def test_filter_bars_and_removal_scatter_draw_one_panel_per_task_and_score():
+    import matplotlib.pyplot as plt
+
+    from structlora.repro import plots
+
+    fig = plots.filter_bars(_filter_runs(), ["sst2"], ["filter_ib", "filter_random", "filter_topk_norm"], _FILTER_LABELS,
+                            xlabel="keep", ylabels=["acc"])
+    ax = fig.axes[0]
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["IB", "Random", "Top-k Norm"]
+    assert ax.get_lines()[-1].get_ydata()[0] == pytest.approx(83.0)  # LoRA's mean, dashed
+    plt.close(fig)
+    r = pd.DataFrame({"gate_score": [0.1, 0.5, 0.9], "norm": [1.0, 2.0, 3.0], "effective_norm": [0.1, 1.0, 2.7],
+                      "dloss": [0.0, 0.01, 0.05], "family": "query", "active": [False, True, True]})
+    corr = pd.DataFrame([{"model": "filter_ib", "directions": "active", "rho_gate_score": 1.0, "rho_norm": 1.0,
+                          "rho_effective_norm": 1.0}])
+    fig = plots.removal_scatter({"filter_ib": r}, corr, _FILTER_LABELS)
+    assert len(fig.axes) == 3 and fig.axes[0].get_title() == "IB: ρ(active) = 1.00"
+    plt.close(fig)

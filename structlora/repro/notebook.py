@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
-__all__ = ["Budget", "load_budget", "budget_path", "run_summary", "STRUCTLORA_FAMILY", "BUDGET_KEYS", "TASK_MODEL"]
+__all__ = ["Budget", "load_budget", "budget_path", "tier_params", "wall_time", "run_summary", "STRUCTLORA_FAMILY", "BUDGET_KEYS", "TASK_MODEL"]
 
 # The offline model each task trains (its stand-in for the paper's model, docs/notebooks.md): one table
 # for every notebook.
@@ -112,3 +112,28 @@ def run_summary(df: "Any") -> str:
             f"{int((status == 'diverged').sum()) if len(df) else 0} diverged"
             + (f", {n_pending} PENDING (no record yet: python -m structlora reproduce --train-pending)"
                if (n_pending := int((status == 'pending').sum()) if len(df) else 0) else ""))
+
+
+def tier_params(notebook: str, tier: str, root: str | Path | None = None) -> dict[str, Any] | None:
+    """The parameters ``params/<tier>/<notebook>.yml`` gives a notebook (what papermill injects), or None
+    when the tier has no such file (e.g. a notebook the tier does not run)."""
+    import yaml
+
+    from .reproduce import repo_root
+
+    path = Path(root or repo_root()) / "params" / tier / f"{notebook}.yml"
+    return yaml.safe_load(path.read_text()) if path.exists() else None
+
+
+def wall_time(t0: float, c0: float | None = None) -> str:
+    """The notebook's closing line: wall time since ``t0`` (``time.perf_counter``), and with ``c0``
+    (``time.process_time``) the process's CPU time, core count and load average, which say whether the
+    wall time was measured on idle cores."""
+    import os
+    import time
+
+    line = f"notebook wall time: {(time.perf_counter() - t0) / 60:.1f} min"
+    if c0 is not None:
+        line += (f" (this process's CPU time {(time.process_time() - c0) / 60:.1f} min on {os.cpu_count()} cores, "
+                 f"load average {os.getloadavg()[0]:.1f})")
+    return line

@@ -32,6 +32,9 @@ __all__ = [
     "gain_curve",
     "ours_vs_paper",
     "layer_heatmap",
+    "ablation_panels",
+    "filter_bars",
+    "removal_scatter",
     "METHOD_PALETTE",
     "method_label",
 ]
@@ -249,3 +252,93 @@ def layer_heatmap(matrix: np.ndarray | pd.DataFrame, *, title: str | None = None
         ax.set_title(title)
     fig.tight_layout()
     return fig
+
+
+def ablation_panels(runs: pd.DataFrame, tasks: Sequence[str], order: Sequence[str], labels: dict[str, str],
+                    method_of: dict[str, str], side: Sequence[str], title: str | None = None) -> plt.Figure:
+    """Notebook 04's figure: one row per task; test accuracy of every variant present (bars: mean ± std,
+    one dot per seed), then drift energy E and CosAdj of the ``side`` variants. ``runs`` has ``task``,
+    ``variant``, ``acc`` (%), ``diag_drift_energy`` and ``diag_cos_adj``; colours follow ``method_of``."""
+    fig, axes = plt.subplots(len(tasks), 3, figsize=(15, 3.6 * len(tasks)), squeeze=False,
+                             gridspec_kw={"width_ratios": [2.2, 1, 1]})
+    for i, t in enumerate(tasks):
+        sub = runs[runs["task"] == t]
+        present = [v for v in order if v in set(sub["variant"])]
+        pal = {v: METHOD_PALETTE.get(method_of[v], _OTHER) for v in present}
+        ax = axes[i][0]
+        sns.barplot(data=sub, x="variant", y="acc", hue="variant", order=present, hue_order=present, palette=pal,
+                    errorbar="sd", ax=ax, legend=False, alpha=0.85)
+        stripplot(data=sub, x="variant", y="acc", order=present, color="black", size=4, ax=ax, jitter=0.15)
+        if len(sub):
+            ax.set_ylim(max(0, sub["acc"].min() - 3), min(100, sub["acc"].max() + 2))
+        ax.set_xticks(range(len(present)))
+        ax.set_xticklabels([labels[v].replace(" (", "\n(") for v in present], rotation=35, ha="right", fontsize=8)
+        ax.set_xlabel("")
+        ax.set_ylabel(f"{t}: test accuracy (%)")
+        pen = [v for v in side if v in set(sub["variant"])]
+        for j, (metric, name) in enumerate([("diag_drift_energy", "drift energy E (↓)"), ("diag_cos_adj", "CosAdj (↑)")]):
+            ax2 = axes[i][1 + j]
+            sns.barplot(data=sub[sub["variant"].isin(pen)], x="variant", y=metric, hue="variant", order=pen,
+                        hue_order=pen, palette=pal, errorbar="sd", ax=ax2, legend=False, alpha=0.85)
+            ax2.set_xticks(range(len(pen)))
+            ax2.set_xticklabels([labels[v].split(" (")[0] for v in pen], rotation=35, ha="right", fontsize=8)
+            ax2.set_xlabel("")
+            ax2.set_ylabel(name)
+    fig.tight_layout()
+    return _finish(fig, title)
+
+
+_FILTER_PALETTE = {"filter_ib": "#C44E52", "filter_random": "#8C8C8C", "filter_topk_norm": "#4C72B0"}
+
+
+def filter_bars(runs: pd.DataFrame, tasks: Sequence[str], order: Sequence[str], labels: dict[str, str],
+                xlabel: str, ylabels: Sequence[str], reference: str = "lora", reference_label: str = "LoRA",
+                title: str | None = None) -> plt.Figure:
+    """Notebook 05's Fig. 2: per task, test accuracy (``acc``, %) of the filters in ``order`` (bars: mean ±
+    std, one dot per seed) with the ``reference`` method's mean as a dashed line."""
+    fig, axes = plt.subplots(1, len(tasks), figsize=(4.8 * len(tasks), 3.6), squeeze=False)
+    order = [m for m in order if m in set(runs["method"])]
+    for ax, t, ylabel in zip(axes[0], tasks, ylabels):
+        sub = runs[(runs["task"] == t) & runs["method"].isin(order)]
+        sns.barplot(data=sub, x="method", y="acc", hue="method", order=order, hue_order=order,
+                    palette={m: _FILTER_PALETTE.get(m, _OTHER) for m in order}, errorbar="sd", ax=ax, legend=False,
+                    alpha=0.85)
+        stripplot(data=sub, x="method", y="acc", order=order, color="black", size=4, ax=ax, jitter=0.15)
+        ref = runs[(runs["task"] == t) & (runs["method"] == reference)]["acc"]
+        if len(ref):
+            ax.axhline(ref.mean(), color="#4C72B0", ls="--", lw=1, label=reference_label)
+            ax.legend(loc="lower right", fontsize=8)
+        both = pd.concat([sub["acc"], ref])
+        if len(sub):
+            ax.set_ylim(max(0, both.min() - 3), min(100, both.max() + 2))
+        ax.set_xticks(range(len(order)))
+        ax.set_xticklabels([labels[m] for m in order])
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(ylabel)
+    fig.tight_layout()
+    return _finish(fig, title)
+
+
+def removal_scatter(removal: dict[str, pd.DataFrame], corr: pd.DataFrame, labels: dict[str, str],
+                    title: str | None = None) -> plt.Figure:
+    """Notebook 05's single-direction removal probe: per probed model, the loss increase of each direction
+    against the rank of its gate score, its norm and its effective norm (Spearman's ρ uses ranks; the raw
+    range is in the axis label), titled with ρ on the active directions from ``corr``."""
+    fig, axes = plt.subplots(len(removal), 3, figsize=(14, 3.7 * len(removal)), squeeze=False)
+    for i, (m, r) in enumerate(removal.items()):
+        for j, (score, name) in enumerate((("gate_score", "gate score P(open)"), ("norm", "‖b_j‖·‖a_j‖"),
+                                           ("effective_norm", "effective norm s·m_j·‖b_j‖‖a_j‖"))):
+            ax = axes[i][j]
+            d = r.assign(score_rank=r[score].rank(method="average"))
+            sns.scatterplot(data=d, x="score_rank", y="dloss", hue="family", style="active", style_order=[True, False],
+                            ax=ax, s=28, alpha=0.8, legend=(j == 2))
+            c = corr[(corr["model"] == m) & (corr["directions"] == "active")]
+            rho = c[f"rho_{score}"].iloc[0] if len(c) else np.nan
+            ax.set_title(f"{labels[m]}: ρ(active) = {rho:.2f}", fontsize=9)
+            ax.set_xlabel(f"rank of {name}\n(range {r[score].min():.4g} … {r[score].max():.4g})", fontsize=9)
+            ax.set_ylabel("Δ validation loss when removed" if j == 0 else "")
+            ax.axhline(0, color="grey", lw=0.6)
+        if axes[i][2].get_legend() is not None:
+            sns.move_legend(axes[i][2], "upper left", bbox_to_anchor=(1.02, 1), fontsize=8)
+    fig.tight_layout()
+    return _finish(fig, title)
