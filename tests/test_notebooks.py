@@ -431,3 +431,16 @@ def test_run_summary_counts_converged_skipped_and_diverged_runs():
                        "converged": [True, False, None, None, None]})
     assert run_summary(df) == ("3 runs ok (1 converged: best validation step before the last evaluation), "
                                "1 skipped, 1 diverged")
+
+
+# ------------------------------------------------------------------------------------------ thin notebooks
+MAX_CODE_LINES = 150  # a notebook is its parameters, calls, tables, figures and prose; logic lives in the package
+
+
+@pytest.mark.parametrize("stem", STEMS)
+def test_notebooks_stay_thin(stem):
+    nb = jupytext.read(NB_DIR / f"{stem}.py")
+    n = sum(1 for c in nb.cells if c.cell_type == "code" for line in c.source.splitlines()
+            if line.strip() and not line.strip().startswith("#"))
+    assert n <= MAX_CODE_LINES, (f"{stem} has {n} code lines (non-blank, non-comment) > {MAX_CODE_LINES}: "
+                                 "move the logic into structlora.repro with a test")

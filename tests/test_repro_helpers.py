@@ -413,3 +413,63 @@ def test_filter_bars_and_removal_scatter_draw_one_panel_per_task_and_score():
     fig = plots.removal_scatter({"filter_ib": r}, corr, _FILTER_LABELS)
     assert len(fig.axes) == 3 and fig.axes[0].get_title() == "IB: ρ(active) = 1.00"
     plt.close(fig)
+
+
+# ------------------------------------------------------------------------------------ main results (01)
+from structlora.repro import main_results  # noqa: E402
+
+
+def test_main_results_grid_and_coverage_say_what_each_tier_runs():
+    assert not main_results.applies("fmnist-transfer", "prefix") and main_results.applies("sst2", "prefix")
+    assert any(line.startswith("prefix on fmnist-transfer") for line in main_results.not_applicable())
+    cpu = {"TASKS": ["sst2", "fmnist-transfer"], "METHODS": ["lora", "prefix"], "TASK_METHODS": {"sst2": ["lora", "dora"]},
+           "SEEDS": [0, 1, 2], "TASK_SEEDS": {"sst2": list(range(10))}, "RANK": 8}
+    assert main_results.grid_of(cpu) == [{"task": "sst2", "method": "lora", "seeds": 10},
+                                         {"task": "sst2", "method": "dora", "seeds": 10},
+                                         {"task": "fmnist-transfer", "method": "lora", "seeds": 3}]
+    with pytest.raises(AssertionError, match="RANK"):
+        main_results.grid_of({k: v for k, v in cpu.items() if k != "RANK"})
+    gpu = {**cpu, "TASKS": ["boolq"], "METHODS": ["lora", "structlora"], "TASK_METHODS": {}}
+    table, line = main_results.coverage({"cpu": cpu, "gpu": gpu}, "cpu")
+    assert table.loc["lora", "sst2"] == "cpu:10" and table.loc["lora", "boolq"] == "gpu:3"
+    assert table.loc["prefix", "fmnist-transfer"] == "n/a" and table.loc["structlora", "sst2"] == ""
+    n_applicable = len(main_results.in_scope()) * 6 - 1
+    assert line.startswith(f"this tier (cpu) leaves out {n_applicable - 3} of the {n_applicable} applicable")
+    assert line.endswith("of which the gpu tier runs 2")
+
+
+def _main_runs() -> pd.DataFrame:
+    rows = []
+    for seed in range(4):
+        for m, test, val in (("lora", 85.0, 0.80), ("structlora", 86.0 + 0.1 * seed, 0.81), ("dora", 87.0, 0.79),
+                             ("full_ft", 90.0, 0.95)):
+            rows.append({"task": "sst2", "method": m, "seed": seed, "acc": test + 0.3 * (seed % 2),
+                         "val_accuracy": val, "single_class": False})
+    return pd.DataFrame(rows)
+
+
+def test_main_claims_choose_the_competitor_on_validation_and_never_count_lora_twice():
+    claims = {c.claim_id: c for c in main_results.main_claims(_main_runs(), ["sst2"], "01", "smoke", seeds_cap=10)}
+    beats, best = claims["T2.sst2.structlora>lora"], claims["T2.sst2.structlora_best_peft"]
+    assert beats.ours_value == pytest.approx(1.15) and beats.paper_diff == 1.5 and beats.n == 4
+    # DoRA has the best test accuracy but LoRA the best validation accuracy: the competitor is LoRA, a repeat of T2
+    assert "(lora)" in best.claim and best.same_as == "T2.sst2.structlora>lora"
+    assert best.paper_diff == pytest.approx(0.4)  # 95.0 - Sensitivity-LoRA's 94.6 (Table 2, SST-2)
+    runs = _main_runs()
+    runs.loc[runs["method"] == "dora", "val_accuracy"] = 0.9
+    best = {c.claim_id: c for c in main_results.main_claims(runs, ["sst2"], "01", "smoke")}["T2.sst2.structlora_best_peft"]
+    assert "(dora)" in best.claim and best.same_as == "" and best.ours_value == pytest.approx(-0.85)
+    alone = main_results.main_claims(runs[runs["method"] == "structlora"], ["sst2"], "01", "smoke")
+    assert [c.verdict for c in alone] == ["skipped", "skipped"]
+    md = main_results.summary_markdown(list(claims.values()), "smoke")
+    assert beats.verdict == "reproduced" and "reproduced on 1 of 1 tasks" in md  # +1.15 [0.94, 1.36] vs half of 1.5
+    assert md.count("\n- **") == 2
+
+
+def test_side_by_side_and_peft_ranks_put_ours_beside_the_paper():
+    summ = summarize(_main_runs(), metric="acc", by=("task", "method"), digits=1)
+    side = main_results.side_by_side(summ, ["sst2"])
+    assert side.loc["lora", ("sst2", "paper")] == 93.5 and side.loc["full_ft", ("sst2", "paper")] == "—"
+    ranks = main_results.peft_ranks(summ, ["sst2"])
+    assert "full_ft" not in ranks.index and ranks.loc["dora", ("sst2", "ours")] == 1
+    assert ranks.loc["structlora", ("sst2", "paper ")] == 1 and ranks.loc["dora", ("sst2", "paper ")] == "—"
