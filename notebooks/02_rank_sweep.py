@@ -174,7 +174,7 @@ acc = summ.pivot_table(index=["task", "rank"], columns="method", values="mean").
 tests = paired_test(ok, method="structlora", baseline="lora", metric="acc", by=("task", "rank"))
 paper_gain = {(t, r): paper.paper_diff(3, PAPER_COL[t], rank=r) for t in TASKS for r in RANKS}
 comp = compare_to_paper(tests, paper_gain, on=("task", "rank"), digits=1)
-tab = acc.join(comp.set_index(["task", "rank"])[["ours (display)", "paper", "n", "p", "verdict"]]
+tab = acc.join(comp.set_index(["task", "rank"])[["ours (display)", "paper", "n", "p"]]
                .rename(columns={"ours (display)": "gain [95% CI]", "paper": "paper gain"}))
 tab["p"] = tab["p"].round(3)
 display(tab)

@@ -150,7 +150,7 @@ acc = summ.pivot_table(index=["task", "fraction"], columns="method", values="mea
 tests = paired_test(ok, method="structlora", baseline="lora", metric="acc", by=("task", "fraction"))
 paper_gain = {(t, f): paper.paper_diff(4, PAPER_COL[t], fraction=f) for t in TASKS for f in FRACTIONS}
 comp = compare_to_paper(tests, paper_gain, on=("task", "fraction"), digits=1)
-tab = acc.join(comp.set_index(["task", "fraction"])[["ours (display)", "paper", "n", "p", "verdict"]]
+tab = acc.join(comp.set_index(["task", "fraction"])[["ours (display)", "paper", "n", "p"]]
                .rename(columns={"ours (display)": "gain [95% CI]", "paper": "paper gain"}))
 tab["p"] = tab["p"].round(3)
 display(tab)

@@ -1,7 +1,7 @@
 """The claims ledger: one JSON file per (notebook, tier), collected into ``results/CLAIMS.md``.
 
 Each reproduction notebook ends with a list of :class:`Claim` objects built from its measured
-numbers (verdicts come from :func:`structlora.repro.stats.verdict`, never typed by hand) and calls::
+numbers (verdicts come from :func:`structlora.repro.stats.decide`, never typed by hand) and calls::
 
     write_claims("01_main_results", TIER, claims)       # -> results/claims/01_main_results.<tier>.json
 

@@ -162,7 +162,9 @@ def _nan(x: Any) -> bool:
 
 def verdict(diff_mean: float, ci_low: float, ci_high: float, p: float, paper_diff: float | None,
             alpha: float = 0.05, margin: float | None = None) -> str:
-    """Whether our paired difference (method minus baseline) reproduces the paper's difference.
+    """Whether our paired difference (method minus baseline) reproduces the paper's difference: the
+    three-way rule of protocol 1, kept for claims of parity (``paper_diff`` 0 with a margin); every
+    notebook's verdict is `decide`'s.
 
     The paper's claim is an effect of ``paper_diff`` (same units as ours) in its direction
     ``s = sign(paper_diff)``; ``[ci_low, ci_high]`` is our 95% t-interval of the mean paired
@@ -230,7 +232,8 @@ def compare_to_paper(ours: pd.DataFrame, paper: Mapping[Any, Any], on: Sequence[
     (``{("sst2", "lora"): 95.1}``) or nested dicts (``{"sst2": {"lora": 95.1}}``). ``ours`` is a
     ``summarize`` table (``value`` defaults to ``"mean"``) or a ``paired_test`` table (``value``
     defaults to ``"diff_mean"``; the paper's values are then its differences and a ``verdict`` column
-    is added by ``verdict``). ``scale`` multiplies our numbers (e.g. 100 for fractions vs the paper's
+    is added by `decide`, the one verdict rule, without the power analysis: a claim's verdict is its
+    ``claim_from_test``'s). ``scale`` multiplies our numbers (e.g. 100 for fractions vs the paper's
     percentages). Columns: ``on``, ``ours``, ``paper``, ``delta`` (ours - paper), ``ours (display)``
     and, for paired tables, ``n``, ``ci_low``, ``ci_high``, ``p``, ``verdict``. Rows of ours without a
     paper value keep ``paper`` NaN; paper entries we did not run appear with ``ours`` NaN.
@@ -251,7 +254,7 @@ def compare_to_paper(ours: pd.DataFrame, paper: Mapping[Any, Any], on: Sequence[
     if paired:
         for c in ("ci_low", "ci_high"):
             mine[c] = mine[c].astype(float) * scale
-        extra = [c for c in ("n", "ci_low", "ci_high", "p") if c in mine.columns]
+        extra = [c for c in ("n", "ci_low", "ci_high", "p", "arms_identical") if c in mine.columns]
     elif "std" in mine.columns:
         mine["std"] = mine["std"].astype(float) * scale
         extra = [c for c in ("std", "n") if c in mine.columns]
@@ -260,9 +263,10 @@ def compare_to_paper(ours: pd.DataFrame, paper: Mapping[Any, Any], on: Sequence[
     if paired:
         table["ours (display)"] = [_fmt_ci(m, lo, hi, digits) for m, lo, hi in
                                    zip(table["ours"], table["ci_low"], table["ci_high"])]
-        table["verdict"] = [verdict(m, lo, hi, p, pd_, alpha=alpha, margin=margin)
-                            for m, lo, hi, p, pd_ in zip(table["ours"], table["ci_low"], table["ci_high"],
-                                                         table["p"], table["paper"])]
+        same = table["arms_identical"].fillna(False) if "arms_identical" in table.columns else [False] * len(table)
+        table["verdict"] = [decide(m, lo, hi, p, pd_, arms_identical=bool(a), alpha=alpha, margin=margin)
+                            for m, lo, hi, p, pd_, a in zip(table["ours"], table["ci_low"], table["ci_high"],
+                                                            table["p"], table["paper"], same)]
     else:
         stds = table["std"] if "std" in table.columns else [math.nan] * len(table)
         table["ours (display)"] = [("" if _nan(m) else f"{m:.{digits}f}" if _nan(s) else
