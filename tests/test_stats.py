@@ -254,6 +254,10 @@ def test_ledger_decides_the_primary_family_with_holm_and_counts_a_comparison_onc
     assert df.loc["T3.sst2.r2.structlora>lora", "verdict"] == "undecidable at this scale"
     md = (tmp_path / "CLAIMS.md").read_text()
     assert "6 distinct claims" in md and "needs 40 paired seeds" in md
+    # the first table: the primary family, with the seeds the power analysis asks for and the Holm p
+    first = md.split("## Primary family", 1)[1].split("## Verdict rule", 1)[0]
+    assert "| F2.sst2.ib>random |" in first and "| 40 | 0.004 | undecidable at this scale |" in first
+    assert "T3.sst2.r2.structlora>lora" not in first and "| 0.06 | ❔ inconclusive |" in first
 
 
 def test_paired_test_runs_the_manipulation_check_on_prediction_fingerprints():
