@@ -232,17 +232,19 @@ def test_ledger_decides_the_primary_family_with_holm_and_counts_a_comparison_onc
                         seeds_cap=10),
         claim_from_test("F2.sst2.ib>random", "01_x", "cpu", "primary, underpowered", {**sig, "p": 0.001}, 1.0,
                         seeds_required=40, seeds_cap=10),
+        claim_from_test("T9.sst2.learned>static", "01_x", "cpu", "direction only", {**sig, "diff_mean": -0.2,
+                        "ci_low": -0.8, "ci_high": 0.4, "p": 0.5}, 1.0, margin=0.0),
         claim_from_test("T2.sst2.structlora_best_peft", "01_x", "cpu", "best PEFT on validation is LoRA",
                         {**sig, "p": 0.0001}, 0.4, same_as="T2.sst2.structlora>lora"),
     ]
     assert claims[0].verdict == "reproduced"                       # on its own, raw p = 0.02
     write_claims("01_x", "cpu", claims, root=tmp_path)
     df = build_ledger(tmp_path, tier="cpu").set_index("claim_id")
-    # four primary tests (three with p = 0.02): Holm gives 0.06, not significant; the intervals still admit
+    # five primary tests (three with p = 0.02): Holm gives 0.08, not significant; the intervals still admit
     # the paper's half effect -> inconclusive; the repeated comparison points to T2; identical arms
     # untestable; the underpowered primary claim counts in the family but Holm never decides it
-    assert df.loc["T2.sst2.structlora>lora", "p_holm"] == pytest.approx(0.06)
-    assert df.loc["F2.sst2.ib>random", "p_holm"] == pytest.approx(0.004)
+    assert df.loc["T2.sst2.structlora>lora", "p_holm"] == pytest.approx(0.08)
+    assert df.loc["F2.sst2.ib>random", "p_holm"] == pytest.approx(0.005)
     assert df.loc["F2.sst2.ib>random", "verdict"] == "undecidable at this scale"
     assert df.loc["T2.sst2.structlora>lora", "verdict"] == "inconclusive"
     assert df.loc["T5.sst2.full>lora", "verdict"] == "see T2.sst2.structlora>lora"
@@ -253,11 +255,13 @@ def test_ledger_decides_the_primary_family_with_holm_and_counts_a_comparison_onc
     assert df.loc["T3.sst2.r2.structlora>lora", "family"] == "exploratory"
     assert df.loc["T3.sst2.r2.structlora>lora", "verdict"] == "undecidable at this scale"
     md = (tmp_path / "CLAIMS.md").read_text()
-    assert "6 distinct claims" in md and "needs 40 paired seeds" in md
+    # a claim of direction keeps its margin of 0 under Holm: an interval that still admits > 0 decides nothing
+    assert df.loc["T9.sst2.learned>static", "verdict"] == "inconclusive"
+    assert "7 distinct claims" in md and "needs 40 paired seeds" in md
     # the first table: the primary family, with the seeds the power analysis asks for and the Holm p
     first = md.split("## Primary family", 1)[1].split("## Verdict rule", 1)[0]
-    assert "| F2.sst2.ib>random |" in first and "| 40 | 0.004 | undecidable at this scale |" in first
-    assert "T3.sst2.r2.structlora>lora" not in first and "| 0.06 | ❔ inconclusive |" in first
+    assert "| F2.sst2.ib>random |" in first and "| 40 | 0.005 | undecidable at this scale |" in first
+    assert "T3.sst2.r2.structlora>lora" not in first and "| 0.08 | ❔ inconclusive |" in first
 
 
 def test_paired_test_runs_the_manipulation_check_on_prediction_fingerprints():

@@ -103,6 +103,8 @@ class Claim:
     same_as     the claim this one repeats when the data make it the same comparison (e.g. the best
                 other PEFT method chosen on validation is LoRA: the same runs as StructLoRA vs LoRA);
                 the ledger points to it instead of counting it (static repeats: `SAME_COMPARISON`)
+    margin      the verdict's margin when it is not half the paper's effect (0 for a claim of direction
+                only); the ledger's Holm re-decision uses it too
     """
 
     claim_id: str
@@ -122,6 +124,7 @@ class Claim:
     arms_identical: bool = False
     seeds_required: int | None = None
     same_as: str = ""
+    margin: float | None = None
 
     def __post_init__(self):
         self.ours_value = _num(self.ours_value)
@@ -132,7 +135,7 @@ class Claim:
         except (TypeError, ValueError):
             self.n = 0
         self.paper_value = str(self.paper_value)
-        self.p, self.paper_diff = _num(self.p), _num(self.paper_diff)
+        self.p, self.paper_diff, self.margin = _num(self.p), _num(self.paper_diff), _num(self.margin)
         self.arms_identical = bool(self.arms_identical)
         self.seeds_required = None if self.seeds_required is None else int(self.seeds_required)
         self.ours = str(self.ours)
@@ -199,7 +202,7 @@ def claim_from_test(claim_id: str, notebook: str, tier: str, claim: str, test, p
     note = "; ".join(x for x in (degenerate, note) if x)
     return Claim(claim_id, notebook, claim, pv, format_diff(d, std, lo, hi, digits=digits), d, lo, hi,
                  int(n or 0), tier, v, note, p=p, paper_diff=paper_diff, arms_identical=arms_identical,
-                 seeds_required=seeds_required, same_as=same_as)
+                 seeds_required=seeds_required, same_as=same_as, margin=margin)
 
 
 def collapse_status(runs: pd.DataFrame, column: str = "single_class") -> tuple[str, str]:
@@ -295,7 +298,8 @@ def decide_family(df: pd.DataFrame) -> pd.DataFrame:
     df = df.copy()
     if not len(df):
         return df.assign(family=[], same_as=[], p_holm=[])
-    for col, default in (("p", None), ("paper_diff", None), ("arms_identical", False), ("seeds_required", None)):
+    for col, default in (("p", None), ("paper_diff", None), ("arms_identical", False), ("seeds_required", None),
+                         ("margin", None)):
         if col not in df:
             df[col] = default
     df["family"] = ["primary" if c in PRIMARY else "exploratory" for c in df["claim_id"]]
@@ -314,8 +318,9 @@ def decide_family(df: pd.DataFrame) -> pd.DataFrame:
             r = df.loc[i]
             if r["verdict"] == "undecidable at this scale":   # the power analysis comes first (stats.decide)
                 continue
+            margin = None if r["margin"] is None or r["margin"] != r["margin"] else float(r["margin"])
             df.loc[i, "verdict"] = decide(r["ours_value"], r["ci_low"], r["ci_high"], p_adj, r["paper_diff"],
-                                          arms_identical=bool(r["arms_identical"]))
+                                          arms_identical=bool(r["arms_identical"]), margin=margin)
     return df
 
 
