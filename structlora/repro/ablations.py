@@ -11,7 +11,7 @@ import numpy as np
 import pandas as pd
 
 from structlora.repro import paper
-from structlora.repro.claims import Claim, claim_from_test
+from structlora.repro.claims import Claim, claim_line, claim_from_test
 from structlora.repro.notebook import TASK_MODEL
 from structlora.repro.stats import paired_test
 
@@ -267,8 +267,7 @@ def ablation_claims(ok: pd.DataFrame, tasks: Mapping[str, Sequence[str]], notebo
 def summary_markdown(claims: Sequence[Claim], tier: str) -> str:
     """The notebook's closing summary: the count of each verdict, the claims whose measured difference has the
     opposite sign to the paper's (for E, "lower" is the paper's sign), and one line per claim."""
-    lines = [f"- **{c.claim_id}** — {c.claim}: paper {c.paper_value}; ours {c.ours} (n={c.n}) → **{c.verdict}**"
-             for c in claims]
+    lines = [claim_line(c) for c in claims]
     counts = ", ".join(f"{n} {v}" for v, n in Counter(c.verdict for c in claims).most_common())
     wrong_sign = [c.claim_id for c in claims if c.ours_value is not None
                   and (c.ours_value >= 0 if c.claim_id.endswith(".E") else c.ours_value <= 0)]

@@ -24,6 +24,7 @@ import pandas as pd
 from .._io import atomic_write
 
 __all__ = [
+    "claim_line",
     "Claim",
     "collapse_status",
     "write_claims",
@@ -203,6 +204,12 @@ def claim_from_test(claim_id: str, notebook: str, tier: str, claim: str, test, p
     return Claim(claim_id, notebook, claim, pv, format_diff(d, std, lo, hi, digits=digits), d, lo, hi,
                  int(n or 0), tier, v, note, p=p, paper_diff=paper_diff, arms_identical=arms_identical,
                  seeds_required=seeds_required, same_as=same_as, margin=margin)
+
+
+def claim_line(c: Claim, note: bool = False) -> str:
+    """One markdown bullet of a notebook's closing summary: id, claim, paper, ours, n, verdict (and note)."""
+    line = f"- **{c.claim_id}** — {c.claim}: paper {c.paper_value}; ours {c.ours} (n={c.n}) → **{c.verdict}**"
+    return line + (f" ({c.note})" if note and c.note else "")
 
 
 def collapse_status(runs: pd.DataFrame, column: str = "single_class") -> tuple[str, str]:

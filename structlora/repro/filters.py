@@ -11,7 +11,7 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 import pandas as pd
 
-from structlora.repro.claims import Claim, claim_from_test, format_diff
+from structlora.repro.claims import Claim, claim_line, claim_from_test, format_diff
 from structlora.repro.notebook import TASK_MODEL
 from structlora.repro.stats import DIRECTION_ONLY, decide, paired_test
 
@@ -81,8 +81,7 @@ def summary_markdown(claims: Sequence[Claim], tier: str) -> str:
     """The notebook's closing summary: Fig. 2's ordering and the gate-vs-norm probe, then one line per claim."""
     f2 = [c for c in claims if not c.claim_id.endswith("gate_ranks_relevance")]
     gr = [c for c in claims if c.claim_id.endswith("gate_ranks_relevance")]
-    lines = [f"- **{c.claim_id}** — {c.claim}: paper {c.paper_value}; ours {c.ours} (n={c.n}) → **{c.verdict}**"
-             for c in claims]
+    lines = [claim_line(c) for c in claims]
     return (f"**Summary ({tier} tier).** Fig. 2 ordering: {sum(c.verdict == 'reproduced' for c in f2)} of {len(f2)} "
             f"comparisons reproduced, {sum(c.verdict == 'not reproduced' for c in f2)} contradicted. "
             f"Gate vs norm as a relevance ranking: {sum(c.verdict == 'reproduced' for c in gr)} of {len(gr)} probed "

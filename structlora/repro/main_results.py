@@ -9,7 +9,7 @@ from typing import Any
 import pandas as pd
 
 from structlora.repro import paper
-from structlora.repro.claims import Claim, claim_from_test, collapse_status
+from structlora.repro.claims import Claim, claim_line, claim_from_test, collapse_status
 from structlora.repro.methods import describe_methods, list_methods
 from structlora.repro.notebook import TASK_MODEL
 from structlora.repro.stats import compare_to_paper, paired_test
@@ -160,8 +160,7 @@ def summary_markdown(claims: Sequence[Claim], tier: str) -> str:
     beats = [c for c in claims if c.claim_id.endswith("structlora>lora")]
     n_rep = sum(c.verdict == "reproduced" for c in beats)
     n_neg = sum(c.ours_value is not None and c.ours_value <= 0 for c in beats)
-    lines = [f"- **{c.claim_id}** — {c.claim}: paper {c.paper_value}; ours {c.ours} (n={c.n}) → **{c.verdict}**"
-             + (f" ({c.note})" if c.note else "") for c in claims]
+    lines = [claim_line(c, note=True) for c in claims]
     return "\n".join([f"At our scale ({tier} tier) StructLoRA's gain over LoRA is reproduced on {n_rep} of "
                       f"{len(beats)} tasks; on {n_neg} task(s) StructLoRA does **not** beat LoRA at all "
                       f"(mean difference ≤ 0).", ""] + lines)

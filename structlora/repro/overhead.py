@@ -29,7 +29,7 @@ import torch
 from scipy import stats as _st
 
 from structlora.repro import plots
-from structlora.repro.claims import Claim, format_diff
+from structlora.repro.claims import Claim, claim_line, format_diff
 from structlora.repro.engine import collate
 from structlora.repro.stats import DIRECTION_ONLY, decide, paired_test
 
@@ -392,8 +392,7 @@ def benchmark_claims(result: Mapping[str, Any], *, time_bound: float, mem_bound:
 def summary_markdown(claims: Sequence[Claim], ex: ExportCheck, rank: int, tier: str) -> str:
     """The notebook's closing summary: how many overhead claims are reproduced / contradicted, the exported
     adapter's size against LoRA's (exact and compressed to ``rank``), then one line per claim."""
-    lines = [f"- **{c.claim_id}** — {c.claim}: paper {c.paper_value}; ours {c.ours} (n={c.n}) → **{c.verdict}**"
-             + (f" ({c.note})" if c.note else "") for c in claims]
+    lines = [claim_line(c, note=True) for c in claims]
     return (f"**Summary ({tier} tier).** {sum(c.verdict == 'reproduced' for c in claims)} of {len(claims)} overhead "
             f"claims reproduced, {sum(c.verdict == 'not reproduced' for c in claims)} contradicted (our overhead "
             f"significantly above the paper's bound), the rest inconclusive (CPU timing noise). The exported "
