@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import json
+import os
+import time
 
 import pytest
 import torch
@@ -292,3 +294,41 @@ def test_records_name_the_commit_of_the_checkout():
         pytest.skip("not a git checkout")
     head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True).stdout.strip()
     assert grid._git_commit() == head
+
+
+def test_stop_pool_terminates_a_busy_worker():
+    """Leaving run_grid on Ctrl-C / SIGTERM must not leave workers training (they used to run on)."""
+    import concurrent.futures as cf
+    import multiprocessing
+
+    from structlora.repro.grid import stop_pool
+
+    pool = cf.ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"))
+    busy = pool.submit(time.sleep, 120)
+    queued = [pool.submit(time.sleep, 120) for _ in range(3)]  # one of them sits in the call queue
+    deadline = time.monotonic() + 60
+    while not busy.running() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert busy.running()
+    procs = list(pool._processes.values())
+    t0 = time.monotonic()
+    stop_pool(pool)
+    assert time.monotonic() - t0 < 20
+    assert procs and not any(p.is_alive() for p in procs)
+    deadline = time.monotonic() + 30   # each is cancelled, or fails with BrokenProcessPool
+    while not all(f.done() for f in queued) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert all(f.cancelled() or f.exception() is not None for f in queued)
+
+
+def test_sigterm_interrupts_turns_sigterm_into_keyboard_interrupt():
+    import signal
+
+    from structlora.repro.reproduce import sigterm_interrupts
+
+    before = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(KeyboardInterrupt):
+        with sigterm_interrupts():
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(10)
+    assert signal.getsignal(signal.SIGTERM) is before

@@ -95,6 +95,7 @@ __all__ = [
     "records_only",
     "weights_path",
     "pending_seen",
+    "stop_pool",
 ]
 
 log = logging.getLogger(__name__)
@@ -917,13 +918,29 @@ def run_grid(specs: Sequence[RunSpec], results_dir: str | Path = "results/runs",
                             records[spec.key()] = record
                             bar.update(1)
                     except BaseException:
-                        for f in futures:
-                            f.cancel()
+                        stop_pool(pool)
                         raise
                     todo = busy
     finally:
         bar.close()
     return records_to_frame([records[spec.key()] for spec in specs])
+
+
+def stop_pool(pool: cf.ProcessPoolExecutor) -> None:
+    """Cancel the queued runs of ``pool`` and terminate its workers (a run in progress keeps its
+    checkpoint and resumes from it next time).
+
+    Without this, leaving ``run_grid`` on an exception or Ctrl-C would wait for (or, when the driver is
+    killed, orphan) the workers, which train their current run to the end. ``ProcessPoolExecutor`` has
+    no public way to stop a busy worker before Python 3.14 (``terminate_workers``), hence ``_processes``.
+    """
+    procs = list((getattr(pool, "_processes", None) or {}).values())
+    pool.shutdown(wait=False, cancel_futures=True)
+    for proc in procs:
+        if proc.is_alive():
+            proc.terminate()
+    for proc in procs:
+        proc.join(timeout=10)
 
 
 _ALWAYS = ("val_accuracy", "test_accuracy", "val_macro_f1", "test_macro_f1")  # columns even of an all-pending frame

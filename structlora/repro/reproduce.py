@@ -24,17 +24,20 @@ parameters cell), into ``results/executed/<notebook>.<tier>.ipynb``, then builds
 """
 from __future__ import annotations
 
+import contextlib
 import difflib
 import hashlib
 import json
 import os
 import re
+import signal
 import sys
 import tempfile
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 from .._io import atomic_write
 
@@ -428,12 +431,31 @@ def train_pending(tier: str, n_jobs: int = 2, root: Path | None = None) -> int:
     print(f"training {len(items)} pending run(s) of tier {tier} from {path.relative_to(root)}, {n_jobs} at a time",
           flush=True)
     os.chdir(root)  # the notebooks' RESULTS_DIR are relative to the repository
-    for folder in dict.fromkeys(folder for _, folder, _ in items):
-        specs = [spec for spec, f, _ in items if f == folder]
-        keep = [spec for spec, f, weights in items if f == folder and weights]
-        df = run_grid(specs, results_dir=folder, n_jobs=n_jobs, progress=True, keep_weights=keep)
-        print(f"{folder}: {', '.join(f'{k} {v}' for k, v in df['status'].value_counts().items())}", flush=True)
+    with sigterm_interrupts():  # `kill PID` stops the workers too (grid.stop_pool), not only this driver
+        for folder in dict.fromkeys(folder for _, folder, _ in items):
+            specs = [spec for spec, f, _ in items if f == folder]
+            keep = [spec for spec, f, weights in items if f == folder and weights]
+            df = run_grid(specs, results_dir=folder, n_jobs=n_jobs, progress=True, keep_weights=keep)
+            print(f"{folder}: {', '.join(f'{k} {v}' for k, v in df['status'].value_counts().items())}", flush=True)
     return 0
+
+
+@contextlib.contextmanager
+def sigterm_interrupts() -> Iterator[None]:
+    """Within the block, SIGTERM raises ``KeyboardInterrupt`` in the main thread (as Ctrl-C does), so
+    a background ``--train-pending`` stopped with ``kill`` unwinds and terminates its worker pool."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def _raise(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    previous = signal.signal(signal.SIGTERM, _raise)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def run_all(tier: str = "cpu", only: Sequence[str] | None = None, force: bool = False, keep_going: bool = False,
