@@ -4,10 +4,13 @@
                                      # 350 steps of 32 (about one epoch), seeds 0-1, LoRA vs StructLoRA
     python scripts/pilot.py lr       # issue 13: each method's learning rate on validation, seeds 0-1
                                      # (the stages pilot is its lr = 5e-4 column, run first)
+    python scripts/pilot.py lr --task fmnist-transfer
+                                     # the same on vit-tiny-fmnist (its budget from params/cpu/budget.yml;
+                                     # ~1.5 min a run), LoRA, StructLoRA and VeRA
     python scripts/pilot.py gates    # the target keep ratio without the compression term (lambda_IB = 0):
                                      # do the open gates stay small when only the Lagrangian acts?
 
-Records go to ``results/pilot/sst2/`` (never read by the notebooks); the script prints the table
+Records go to ``results/pilot/<task>/`` (never read by the notebooks); the script prints the table
 it was run for. ``--jobs`` runs that many processes (1 torch thread each).
 """
 from __future__ import annotations
@@ -18,6 +21,7 @@ import sys
 import pandas as pd
 
 from structlora.repro.grid import RunSpec, load_records, run_grid
+from structlora.repro.notebook import load_budget
 
 BUDGET = dict(max_steps=350, batch_size=32, max_length=64, eval_every=50)
 # StructLoRA closes half of its directions (the keep ratio of Fig. 2) through the Lagrangian; its gate
@@ -41,9 +45,23 @@ def gate_specs() -> list[RunSpec]:
     return [RunSpec.make("sst2", "minilm-l6", "structlora", rank=8, seed=s, lr=5e-4, **BUDGET, **kw) for s in (0, 1)]
 
 
-def lr_specs() -> list[RunSpec]:
-    return [RunSpec.make("sst2", "minilm-l6", m, rank=8, seed=s, lr=lr, **BUDGET, **STAGES.get(m, {}))
-            for i in range(6) for m, lrs in LR_GRID.items() for lr in lrs[i:i + 1] for s in (0, 1)]
+# vit-tiny-fmnist on fmnist-transfer: a grid from the paper's top (5e-4) upwards in factors of 2 (the
+# sst2 pilot chose 4x-8x above it); VeRA trains only scaling vectors and its authors use rates 10-100x
+# LoRA's, hence its higher grid
+VIT_LR_GRID = {"lora": (5e-4, 1e-3, 2e-3, 4e-3, 8e-3), "structlora": (1e-3, 2e-3, 4e-3, 8e-3, 1.6e-2),
+               "vera": (2e-3, 8e-3, 3.2e-2)}
+TASK_MODEL = {"sst2": "minilm-l6", "fmnist-transfer": "vit-tiny-fmnist"}
+PAPER_T1 = 3.6  # StructLoRA - LoRA, Table 1 (CIFAR-100, for which fmnist-transfer stands in)
+
+
+def lr_specs(task: str = "sst2") -> list[RunSpec]:
+    if task == "sst2":
+        return [RunSpec.make("sst2", "minilm-l6", m, rank=8, seed=s, lr=lr, **BUDGET, **STAGES.get(m, {}))
+                for i in range(6) for m, lrs in LR_GRID.items() for lr in lrs[i:i + 1] for s in (0, 1)]
+    model = TASK_MODEL[task]
+    budget = {k: v for k, v in load_budget("cpu")[model].items() if k != "lr"}
+    return [RunSpec.make(task, model, m, rank=8, seed=s, lr=lr, **budget)
+            for i in range(6) for m, lrs in VIT_LR_GRID.items() for lr in lrs[i:i + 1] for s in (0, 1)]
 
 
 def _table(folder: str) -> pd.DataFrame:
@@ -61,6 +79,8 @@ def _lr_arms(df: pd.DataFrame) -> pd.DataFrame:
 
     want = {m: json.dumps(kw, sort_keys=True) for m, kw in STAGES.items()}
     ok = df[df["status"] == "ok"]
+    if set(ok["task"]) != {"sst2"}:      # the vit pilot runs every method at its defaults
+        return ok[ok["method_kwargs"] == "{}"]
     return ok[[want.get(m) == k for m, k in zip(ok["method"], ok["method_kwargs"])]]
 
 
@@ -97,11 +117,14 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("which", choices=["stages", "lr", "gates"])
     p.add_argument("--jobs", type=int, default=2)
+    p.add_argument("--task", choices=sorted(TASK_MODEL), default="sst2", help="lr only: sst2 or fmnist-transfer")
     p.add_argument("--show", action="store_true", help="only print the table of the finished records")
     a = p.parse_args(argv)
-    folder = "results/pilot/sst2"
+    if a.task != "sst2" and a.which != "lr":
+        p.error("--task applies to the lr pilot only")
+    folder = f"results/pilot/{a.task}"
     if not a.show:
-        specs = {"stages": stage_specs, "lr": lr_specs, "gates": gate_specs}[a.which]()
+        specs = lr_specs(a.task) if a.which == "lr" else {"stages": stage_specs, "gates": gate_specs}[a.which]()
         run_grid(specs, results_dir=folder, n_jobs=a.jobs, progress=True)
     table = _table(folder)
     with pd.option_context("display.width", 250, "display.max_columns", 30):
@@ -110,7 +133,7 @@ def main(argv: list[str] | None = None) -> int:
             chosen = select_lr(load_records(folder))
             print("\nlearning rate on validation (mean over seeds):")
             print(chosen.to_string(index=False))
-            print(power(load_records(folder), chosen))
+            print(power(load_records(folder), chosen, **({} if a.task == "sst2" else {"paper_effect": PAPER_T1})))
     return 0
 
 

@@ -429,6 +429,11 @@ def test_main_results_grid_and_coverage_say_what_each_tier_runs():
                                          {"task": "fmnist-transfer", "method": "lora", "seeds": 3}]
     with pytest.raises(AssertionError, match="RANK"):
         main_results.grid_of({k: v for k, v in cpu.items() if k != "RANK"})
+    sized = {**cpu, "TASK_SEEDS": {"fmnist-transfer": {"lora": list(range(7))}}}   # per-method seeds
+    assert main_results.seeds_of(sized, "fmnist-transfer", "lora") == list(range(7))
+    assert main_results.seeds_of(sized, "fmnist-transfer", "prefix") == [0, 1, 2]
+    assert main_results.seeds_of(sized, "sst2", "dora") == [0, 1, 2]
+    assert main_results.grid_of(sized)[-1] == {"task": "fmnist-transfer", "method": "lora", "seeds": 7}
     gpu = {**cpu, "TASKS": ["boolq"], "METHODS": ["lora", "structlora"], "TASK_METHODS": {}}
     table, line = main_results.coverage({"cpu": cpu, "gpu": gpu}, "cpu")
     assert table.loc["lora", "sst2"] == "cpu:10" and table.loc["lora", "boolq"] == "gpu:3"

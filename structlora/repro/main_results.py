@@ -15,7 +15,7 @@ from structlora.repro.notebook import TASK_MODEL
 from structlora.repro.stats import compare_to_paper, paired_test
 
 __all__ = ["PAPER_METHODS", "NOT_PEFT", "MODEL_KIND", "GRID_KEYS", "in_scope", "applies", "not_applicable",
-           "grid_of", "coverage", "side_by_side", "peft_ranks", "main_claims", "summary_markdown"]
+           "seeds_of", "grid_of", "coverage", "side_by_side", "peft_ranks", "main_claims", "summary_markdown"]
 
 # Tables 1 and 2's rows, in the paper's order
 PAPER_METHODS = ("full_ft", "linear_probe", "adapter", "prefix", "adapterfusion", "lora", "qlora", "dora", "vera",
@@ -47,11 +47,18 @@ def not_applicable() -> list[str]:
             for t in TASK_MODEL for m in in_scope() if not applies(t, m)]
 
 
+def seeds_of(p: Mapping[str, Any], task: str, method: str) -> list[int]:
+    """The seeds of one (task, method): ``TASK_SEEDS[task]`` is a list (every method of the task) or a
+    ``{method: seeds}`` map (the arms a power analysis sized; the other methods keep ``SEEDS``)."""
+    per = p["TASK_SEEDS"].get(task, p["SEEDS"])
+    return list(per.get(method, p["SEEDS"]) if isinstance(per, Mapping) else per)
+
+
 def grid_of(p: Mapping[str, Any]) -> list[dict[str, Any]]:
     """(task, method, seeds) of one tier's parameters (`GRID_KEYS`), methods that do not apply left out."""
     missing = [k for k in GRID_KEYS if k not in p]
     assert not missing, f"the tier's parameters must set every grid parameter; missing {missing}"
-    return [{"task": t, "method": m, "seeds": len(p["TASK_SEEDS"].get(t, p["SEEDS"]))}
+    return [{"task": t, "method": m, "seeds": len(seeds_of(p, t, m))}
             for t in p["TASKS"] for m in p["TASK_METHODS"].get(t, p["METHODS"]) if applies(t, m)]
 
 
