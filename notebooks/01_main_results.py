@@ -99,7 +99,7 @@ display(paper.table_frame(2))
 # numbers mean nothing). `python -m structlora reproduce --tier cpu|gpu` replaces it with
 # `params/<tier>/01_main_results.yml`. The budget (steps, batch, learning rate of each method) is the
 # tier's one `params/<tier>/budget.yml`, shared by every notebook; `TASK_METHODS` / `TASK_SEEDS`
-# override `METHODS` / `SEEDS` for one task.
+# override `METHODS` / `SEEDS` for one task (`TASK_SEEDS[task]` may also map methods to their seeds).
 
 # %% tags=["parameters"]
 TIER = "smoke"
@@ -124,7 +124,7 @@ THIS = {k: globals()[k] for k in main_results.GRID_KEYS}
 assert set(TASKS) <= set(TASK_MODEL), f"unknown task in {TASKS}"
 specs = [RunSpec(task=t, model=TASK_MODEL[t], method=m, rank=RANK, seed=s, fraction=1.0,
                  **BUDGET.run(TASK_MODEL[t], m))  # the tier's budget at the method's frozen learning rate
-         for t in TASKS for m in TASK_METHODS.get(t, METHODS) for s in TASK_SEEDS.get(t, SEEDS)
+         for t in TASKS for m in TASK_METHODS.get(t, METHODS) for s in main_results.seeds_of(THIS, t, m)
          if main_results.applies(t, m)]
 print(f"tier {TIER}: {len(specs)} runs over {len(TASKS)} task(s); results cached in {RESULTS_DIR}")
 print("methods in scope:", ", ".join(IN_SCOPE))

