@@ -395,6 +395,15 @@ def test_relevance_claims_judge_rho_gate_minus_rho_norm_and_say_why_when_they_ca
     assert "1 of 3 probed models show the gate ranking better" in md and md.count("\n- **") == 3
 
 
+def test_a_probe_whose_interval_includes_0_is_undecidable_with_the_directions_it_would_need():
+    row = {"model": "filter_ib", "directions": "active", "n": 44, "rho_gate-rho_norm": 0.1, "ci_low": -0.3,
+           "ci_high": 0.5, "p_boot": 0.6, "rho_gate_score": -0.1, "p_gate_score": 0.3, "rho_norm": -0.2, "p_norm": 0.2}
+    (c,) = filters.relevance_claims(pd.DataFrame([row]), ["filter_ib"], _FILTER_LABELS, "sst2", 0, "05", "cpu")
+    assert c.verdict == "undecidable at this scale" and "would need 704 directions" in c.note  # 44 * (0.4/0.1)^2
+    assert filters.directions_needed(0.0, -0.4, 0.4, 44) == "more than 4400"
+    assert filters.directions_needed(0.4, 0.1, 0.7, 48) == "49"    # already excludes 0: one more than n at least
+
+
 def test_filter_bars_and_removal_scatter_draw_one_panel_per_task_and_score():
     import matplotlib.pyplot as plt
 

@@ -285,3 +285,32 @@ def test_claim_from_test_declares_undecidable_claims_with_the_seeds_they_need():
     noisy = {"diff_mean": 1.0, "ci_low": -20.0, "ci_high": 22.0, "p": 0.8, "n": 3, "diff_std": 9.0}
     c = claim_from_test("T3.x", "nb", "cpu", "gain at low rank", noisy, 0.9, seeds_cap=10)
     assert c.verdict == "undecidable at this scale" and c.seeds_required > 10 and "paired seeds" in c.note
+
+
+def _paired_rows(diffs):
+    """A paired_test row of StructLoRA − static over len(diffs) seeds with the given differences."""
+    rows = [{"task": "t", "method": "a", "seed": s, "test_accuracy": (80.0 + d) / 100}
+            for s, d in enumerate(diffs)]
+    rows += [{"task": "t", "method": "b", "seed": s, "test_accuracy": 0.80} for s in range(len(diffs))]
+    return paired_test(pd.DataFrame(rows), "a", "b", by=("task",)).iloc[0]
+
+
+def test_direction_only_claims_are_undecidable_only_once_they_reach_the_cap():
+    from structlora.repro.claims import claim_from_test
+    from structlora.repro.stats import seeds_needed
+
+    noisy = [0.6, -0.5, 0.1, -0.3, 0.4, -0.2, 0.5, -0.6, 0.2, -0.1]          # mean +0.01, sd ~0.43
+    at_cap = _paired_rows(noisy)
+    c = claim_from_test("T9.x", "nb", "cpu", "learned > static", at_cap, 1.0, margin=0.0, seeds_cap=10)
+    assert c.verdict == "undecidable at this scale"
+    assert c.seeds_required == seeds_needed(at_cap["diff_std"], at_cap["diff_mean"], fraction=1.0, max_n=100)
+    assert c.seeds_required > 10 and "direction only" in c.note and "exclude 0" in c.note
+    below = claim_from_test("T9.x", "nb", "cpu", "learned > static", _paired_rows(noisy[:6]), 1.0, margin=0.0,
+                            seeds_cap=10)
+    assert below.verdict == "inconclusive" and below.seeds_required is None   # not at the cap yet: more seeds
+    clear = [0.9, 1.1, 1.0, 1.2, 0.8, 1.0, 0.9, 1.1, 1.0, 1.0]
+    won = claim_from_test("T9.x", "nb", "cpu", "learned > static", _paired_rows(clear), 1.0, margin=0.0, seeds_cap=10)
+    assert won.verdict == "reproduced" and won.seeds_required <= 10             # significant at the cap: decided
+    lost = claim_from_test("T9.x", "nb", "cpu", "learned > static", _paired_rows([-x for x in clear]), 1.0,
+                           margin=0.0, seeds_cap=10)
+    assert lost.verdict == "not reproduced"

@@ -254,11 +254,11 @@ def ablation_claims(ok: pd.DataFrame, tasks: Mapping[str, Sequence[str]], notebo
             # E.5: "learned coordination often exceeds static" (no number given): direction only, margin 0
             claims.append(claim(f"T9.{t}.learned>static",
                                 claim=f"learned coupling (eta learned) beats static coupling (eta frozen) on {t}",
-                                test=test(t, "full", "static_eta"), paper_diff=1.0, margin=0.0, seeds_cap=None,
+                                test=test(t, "full", "static_eta"), paper_diff=1.0, margin=0.0,
                                 paper_value="> 0 (appendix E.5; no number given)", note=stand_in))
             claims.append(claim(f"T9.{t}.smoother>zero_gains",
                                 claim=f"the smoothing coordinator beats zero-start edge gains on {t}",
-                                test=test(t, "full", "zero_gains"), paper_diff=1.0, margin=0.0, seeds_cap=None,
+                                test=test(t, "full", "zero_gains"), paper_diff=1.0, margin=0.0,
                                 paper_value="> 0 (our reading vs the earlier one; not a claim of the paper)",
                                 note="exploratory: compares two readings of Eq. 4-5; " + stand_in))
     return claims

@@ -167,7 +167,10 @@ def claim_from_test(claim_id: str, notebook: str, tier: str, claim: str, test, p
     (``margin`` overrides its half-effect margin: 0 for a claim of direction only, "> 0" in the paper;
     with the manipulation check ``arms_identical``, also read from the test row, and the power
     analysis: ``seeds_required``, or computed by `stats.seeds_needed` from the row's ``diff_std`` when
-    ``seeds_cap`` is given; more than the cap makes the claim *undecidable at this scale*);
+    ``seeds_cap`` is given; more than the cap makes the claim *undecidable at this scale*; a claim of
+    direction only has no effect to plan for and runs to the cap: once there, the seeds are those a
+    difference of the observed size needs for its 95% interval to exclude 0, so a difference that stays
+    non-significant at the cap is *undecidable at this scale* too);
     ``test=None`` (nothing ran) gives verdict ``"skipped"`` with ``note`` saying why, or ``"pending"``
     when the process met runs without a record (records-only mode, `grid.pending_seen`); a claim made
     while runs are pending says so in its note (its seeds may be partial). A non-empty
@@ -191,15 +194,25 @@ def claim_from_test(claim_id: str, notebook: str, tier: str, claim: str, test, p
     n = _get(test, "n", 0)
     std = _num(_get(test, "diff_std", _get(test, "std")))
     arms_identical = bool(arms_identical or _get(test, "arms_identical", False))
+    direction_only = margin is not None and margin == 0
     if seeds_required is None and seeds_cap is not None and std is not None and paper_diff:
         from .stats import seeds_needed
 
-        seeds_required = seeds_needed(std, paper_diff, max_n=10 * seeds_cap)
+        if not direction_only:
+            seeds_required = seeds_needed(std, paper_diff, max_n=10 * seeds_cap)
+        elif n and int(n) >= seeds_cap and d is not None:
+            # "> 0" with no number: no effect to plan for, so the claim runs to the cap; there, the seeds
+            # a difference of the observed size would need for its 95% interval to exclude 0
+            seeds_required = seeds_needed(std, d, fraction=1.0, max_n=10 * seeds_cap)
     v = "inconclusive" if degenerate else decide(d, lo, hi, p, paper_diff, arms_identical=arms_identical,
                                                      seeds_required=seeds_required, seeds_cap=seeds_cap,
                                                      margin=margin)
     if seeds_required is not None and v == "undecidable at this scale":
-        note = f"needs {seeds_required} paired seeds (cap {seeds_cap}); " + note
+        need = (f"more than {10 * seeds_cap}" if seeds_required > 10 * seeds_cap else str(seeds_required))
+        why = (f"direction only: at the cap the interval still includes 0; a difference of the observed size "
+               f"({format_diff(d, digits=digits)}) needs {need} paired seeds to exclude 0"
+               if direction_only else f"needs {need} paired seeds")
+        note = f"{why} (cap {seeds_cap}); " + note
     note = "; ".join(x for x in (degenerate, note) if x)
     return Claim(claim_id, notebook, claim, pv, format_diff(d, std, lo, hi, digits=digits), d, lo, hi,
                  int(n or 0), tier, v, note, p=p, paper_diff=paper_diff, arms_identical=arms_identical,

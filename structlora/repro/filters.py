@@ -3,7 +3,9 @@ over seeds, and the claims drawn from them and from the single-direction removal
 
 Fig. 2 gives only the ordering IB > Top-k Norm > Random (bar heights are not in the text), so each
 comparison is a claim of direction: the one verdict rule (`stats.decide`) with the paper's sign and a
-margin of 0 (`stats.DIRECTION_ONLY`), and no power analysis (there is no effect size to plan for)."""
+margin of 0 (`stats.DIRECTION_ONLY`), and no power analysis (there is no effect size to plan for): the
+filters run to the tier's seed cap, and a comparison still not significant there is *undecidable at this
+scale*, with the seeds a difference of the observed size would need."""
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
@@ -15,7 +17,7 @@ from structlora.repro.claims import Claim, claim_line, claim_from_test, format_d
 from structlora.repro.notebook import TASK_MODEL
 from structlora.repro.stats import DIRECTION_ONLY, decide, paired_test
 
-__all__ = ["PAIRS", "pair_tests", "filter_claims", "relevance_claims", "summary_markdown"]
+__all__ = ["PAIRS", "pair_tests", "filter_claims", "relevance_claims", "directions_needed", "summary_markdown"]
 
 # Fig. 2's ordering, as (a, b) pairs claimed a > b
 PAIRS: tuple[tuple[str, str], ...] = (("filter_ib", "filter_random"), ("filter_ib", "filter_topk_norm"),
@@ -31,9 +33,11 @@ def pair_tests(ok: pd.DataFrame, labels: Mapping[str, str], pairs: Sequence[tupl
 
 
 def filter_claims(tests: pd.DataFrame, tasks: Sequence[str], labels: Mapping[str, str], keep_ratio: float,
-                  notebook: str, tier: str, pairs: Sequence[tuple[str, str]] = PAIRS) -> list[Claim]:
+                  notebook: str, tier: str, pairs: Sequence[tuple[str, str]] = PAIRS,
+                  seeds_cap: int | None = None) -> list[Claim]:
     """One direction-only claim per (task, pair) of Fig. 2 from ``pair_tests``; ``"skipped"`` when a pair
-    has no paired runs."""
+    has no paired runs. With ``seeds_cap``, a comparison still not significant at the cap is *undecidable
+    at this scale* (`claims.claim_from_test`)."""
     claims = []
     for t in tasks:
         for a, b in pairs:
@@ -43,7 +47,7 @@ def filter_claims(tests: pd.DataFrame, tasks: Sequence[str], labels: Mapping[str
                 f"F2.{t}.{a.removeprefix('filter_')}>{b.removeprefix('filter_')}", notebook, tier,
                 f"{labels[a]} {what} {labels[b]} at keep ratio {keep_ratio} on {t} ({TASK_MODEL[t]})",
                 row.iloc[0] if len(row) else None, DIRECTION_ONLY["paper_diff"], margin=DIRECTION_ONLY["margin"],
-                seeds_cap=None, paper_value="> 0 (Fig. 2; bar heights not given in the text)",
+                seeds_cap=seeds_cap, paper_value="> 0 (Fig. 2; bar heights not given in the text)",
                 note="" if len(row) else "not run"))
     return claims
 
@@ -67,14 +71,32 @@ def relevance_claims(corr: pd.DataFrame, methods: Sequence[str], labels: Mapping
                                 "model not probed in this tier" if c.empty else "a score is constant over the directions"))
             continue
         c = c.iloc[0]
-        d, lo, hi = float(c["rho_gate-rho_norm"]), float(c["ci_low"]), float(c["ci_high"])
+        d, lo, hi, n = float(c["rho_gate-rho_norm"]), float(c["ci_low"]), float(c["ci_high"]), int(c["n"])
+        verdict = decide(d, lo, hi, float(c["p_boot"]), **DIRECTION_ONLY)
+        note = f"{n} active directions of one model ({task}, seed {seed}); bootstrap CI over directions"
+        if verdict == "inconclusive":
+            # the probe's sample is every active direction of the probed model: at this scale it cannot grow,
+            # so an interval that includes 0 is undecidable here (the directions a difference of the observed
+            # size would need, from the bootstrap half-width shrinking as 1/sqrt(n))
+            verdict, need = "undecidable at this scale", directions_needed(d, lo, hi, n)
+            note += (f"; the interval includes 0 and the probe has every active direction of the model; a difference "
+                     f"of the observed size would need {need} directions")
         claims.append(Claim(
             cid, notebook, text, "> 0 (Sec. 3.2, 4.3: 'magnitude is a poor proxy'; not measured in the paper)",
             f"{format_diff(d, None, lo, hi, digits=2)}; ρ_gate {c['rho_gate_score']:.2f} (p={c['p_gate_score']:.2g}), "
-            f"ρ_norm {c['rho_norm']:.2f} (p={c['p_norm']:.2g})", d, lo, hi, int(c["n"]), tier,
-            decide(d, lo, hi, float(c["p_boot"]), **DIRECTION_ONLY),
-            f"{int(c['n'])} active directions of one model ({task}, seed {seed}); bootstrap CI over directions"))
+            f"ρ_norm {c['rho_norm']:.2f} (p={c['p_norm']:.2g})", d, lo, hi, n, tier, verdict, note))
     return claims
+
+
+def directions_needed(diff: float, ci_low: float, ci_high: float, n: int, max_factor: int = 100) -> str:
+    """How many directions an interval like ``[ci_low, ci_high]`` over ``n`` would need to exclude 0 for a
+    difference of ``diff``, assuming its half-width shrinks as 1/sqrt(n): ceil(n (half-width / |diff|)²),
+    as text ("more than N" beyond ``max_factor`` times ``n``, or for a zero difference)."""
+    half = 0.5 * (ci_high - ci_low)
+    if diff == 0 or not np.isfinite(half):
+        return f"more than {max_factor * n}"
+    need = int(np.ceil(n * (half / abs(diff)) ** 2))
+    return str(max(need, n + 1)) if need <= max_factor * n else f"more than {max_factor * n}"
 
 
 def summary_markdown(claims: Sequence[Claim], tier: str) -> str:

@@ -339,7 +339,10 @@ def decide(diff_mean: float, ci_low: float, ci_high: float, p: float, paper_diff
     1. **untestable (arms identical)**: the manipulation check failed: the two arms made the same
        predictions (or have the same weights), so the comparison tests nothing.
     2. **undecidable at this scale**: the power analysis (`seeds_needed`) asks for more seeds than the
-       tier's cap (``seeds_required > seeds_cap``); the claim is not run as noise.
+       tier's cap (``seeds_required > seeds_cap``); the claim is not run as noise. A claim of direction
+       only ("> 0", no number: margin 0) has no effect to plan for, so it runs to the cap; there
+       ``seeds_required`` is what a difference of the observed size needs for its interval to exclude 0
+       (`claims.claim_from_test`), so one still not significant at the cap is undecidable at this scale.
     3. Let s = sign(paper_diff) and margin = |paper_diff| / 2 (unless given); ``p`` may be a
        Holm-adjusted p-value (primary family) or a raw one (exploratory).
        * **reproduced**: significant (p < alpha), the paper's sign, and the interval reaches half the
