@@ -314,3 +314,14 @@ def test_direction_only_claims_are_undecidable_only_once_they_reach_the_cap():
     lost = claim_from_test("T9.x", "nb", "cpu", "learned > static", _paired_rows([-x for x in clear]), 1.0,
                            margin=0.0, seeds_cap=10)
     assert lost.verdict == "not reproduced"
+
+
+def test_ledger_shows_seeds_beyond_the_search_as_more_than(tmp_path):
+    from structlora.repro.claims import build_ledger, claim_from_test, write_claims
+
+    flat = _paired_rows([0.3, -0.3, 0.2, -0.2, 0.1, -0.1, 0.4, -0.4, 0.5, -0.5])   # mean exactly 0
+    c = claim_from_test("F2.sst2.ib>topk_norm", "05_x", "cpu", "IB beats top-k", flat, 1.0, margin=0.0, seeds_cap=10)
+    assert c.seeds_required == 101 and "needs more than 100 paired seeds" in c.note
+    write_claims("05_x", "cpu", [c], root=tmp_path)
+    build_ledger(tmp_path, tier="cpu")
+    assert "| 10 | > 100 |" in (tmp_path / "CLAIMS.md").read_text()

@@ -360,8 +360,11 @@ def _primary_summary(df: pd.DataFrame) -> list[str]:
     for r in prim.itertuples(index=False):
         need = r.seeds_required if r.seeds_required == r.seeds_required and r.seeds_required is not None else None
         ph = "" if r.p_holm != r.p_holm else f"{r.p_holm:.3g}"
+        shown = "" if need is None else str(int(need))
+        if need is not None and f"more than {int(need) - 1} " in str(r.note):   # seeds_needed's max_n + 1
+            shown = f"> {int(need) - 1}"
         out.append(f"| {_md_escape(r.claim_id)} | {_md_escape(r.paper_value)} | {_md_escape(r.ours)} | {int(r.n)} | "
-                   f"{'' if need is None else int(need)} | {ph} | {_VERDICT_MARK.get(r.verdict, r.verdict)} |")
+                   f"{shown} | {ph} | {_VERDICT_MARK.get(r.verdict, r.verdict)} |")
     return out + [""]
 
 
