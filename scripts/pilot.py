@@ -28,11 +28,11 @@ BUDGET = dict(max_steps=350, batch_size=32, max_length=64, eval_every=50)
 # logits must travel ~5 logit units in ~320 steps, hence 50x the base learning rate (2.5e-2 at 5e-4)
 STAGES = {"lora": {}, "structlora": {"target_keep_ratio": 0.5, "gate_lr_multiplier": 50.0}}
 LR_GRID = {"lora": (5e-4, 1e-3, 2e-4, 2e-3, 4e-3), "structlora": (5e-4, 1e-3, 2e-4, 2e-3, 4e-3, 8e-3),
-           "vera": (8e-3, 3.2e-2)}
+           "vera": (8e-3, 3.2e-2, 1.28e-1)}
 # the paper's top, 2x above, below, 4x above; 8x above when both chose 4x (the edge), and 16x for
 # StructLoRA when it chose 8x (its open gates scale its update down, see the README). VeRA (added
 # 2026-12-02, wave 5) trains only scaling vectors: its grid starts where it chose on the ViT, 4x and 16x
-# LoRA's rate, and is extended by 4x at an edge
+# LoRA's rate, and is extended by 4x at an edge (1.28e-1: 3.2e-2 was the top of its first grid)
 
 EVIDENCE = ["eta_init", "eta", "mix_dev", "similarity_edges", "mean_gate", "closed_directions", "closed_target",
             "drift_energy", "uncoord_drift_energy", "cos_adj", "uncoord_cos_adj"]
