@@ -275,7 +275,8 @@ else:
 # %%
 # NBVAL_CHECK_OUTPUT
 # "positive, size not given" (Fig. 2): the one verdict rule (stats.decide) with the paper's direction (+1)
-# and a margin of 0 (stats.DIRECTION_ONLY), and no power analysis (there is no effect size to plan for)
+# and a margin of 0 (stats.DIRECTION_ONLY); no effect size to plan for, so the filters run to the seed cap,
+# where a comparison still not significant is "undecidable at this scale"
 claims = (filters.filter_claims(tests, TASKS, LABELS, KEEP_RATIO, NB, TIER, seeds_cap=BUDGET.seed_cap)
           + filters.relevance_claims(corr, PROBE_METHODS, LABELS, PROBE_TASK, PROBE_SEED, NB, TIER))
 ledger = pd.DataFrame([c.to_dict() for c in claims])
