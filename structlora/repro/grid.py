@@ -940,7 +940,10 @@ def stop_pool(pool: cf.ProcessPoolExecutor) -> None:
         if proc.is_alive():
             proc.terminate()
     for proc in procs:
-        proc.join(timeout=10)
+        proc.join(timeout=5)
+        if proc.is_alive():   # SIGTERM not acted on in time (e.g. a worker still starting up): SIGKILL
+            proc.kill()
+            proc.join(timeout=5)
 
 
 _ALWAYS = ("val_accuracy", "test_accuracy", "val_macro_f1", "test_macro_f1")  # columns even of an all-pending frame
