@@ -296,6 +296,26 @@ def test_records_name_the_commit_of_the_checkout():
     assert grid._git_commit() == head
 
 
+def _pid_state(pid: int) -> str | None:
+    """The process state letter of ``pid`` from /proc (R, S, D, Z, ...), or None when there is no such process."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0]
+    except (FileNotFoundError, ProcessLookupError):
+        return None
+
+
+def _pid_runs(pid: int) -> bool:
+    """Whether ``pid`` is a live process (a zombie or a reaped pid does not run)."""
+    if not os.path.exists("/proc/self/stat"):   # no procfs: fall back to signal 0
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return False
+        return True
+    return _pid_state(pid) not in (None, "Z", "X")
+
+
 def test_stop_pool_terminates_a_busy_worker():
     """Leaving run_grid on Ctrl-C / SIGTERM must not leave workers training (they used to run on)."""
     import concurrent.futures as cf
@@ -314,7 +334,14 @@ def test_stop_pool_terminates_a_busy_worker():
     t0 = time.monotonic()
     stop_pool(pool)
     assert time.monotonic() - t0 < 20
-    assert procs and not any(p.is_alive() for p in procs)
+    # Ask the OS, not ``Process.is_alive``: the executor's own thread may reap a worker first, and then
+    # ``is_alive`` polls a pid that is gone (ECHILD) and keeps answering True. A SIGKILLed worker can
+    # also take a moment to die on a loaded machine, hence the deadline.
+    assert procs
+    deadline = time.monotonic() + 30
+    while any(_pid_runs(p.pid) for p in procs) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not any(_pid_runs(p.pid) for p in procs), [(p.pid, _pid_state(p.pid)) for p in procs]
     deadline = time.monotonic() + 30   # each is cancelled, or fails with BrokenProcessPool
     while not all(f.done() for f in queued) and time.monotonic() < deadline:
         time.sleep(0.1)
