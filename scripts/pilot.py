@@ -7,6 +7,9 @@
     python scripts/pilot.py lr --task fmnist-transfer
                                      # the same on vit-tiny-fmnist (its budget from params/cpu/budget.yml;
                                      # ~2 min a run), LoRA, StructLoRA and VeRA
+    python scripts/pilot.py budget --task sst2
+                                     # issue 20 (params/cpu/plan.yml): LoRA and StructLoRA at 2x the tier's
+                                     # steps, seeds 0-1, against the same seeds at 1x (results/runs)
     python scripts/pilot.py gates    # the target keep ratio without the compression term (lambda_IB = 0):
                                      # do the open gates stay small when only the Lagrangian acts?
 
@@ -17,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from dataclasses import replace
 
 import pandas as pd
 
@@ -66,6 +70,32 @@ def lr_specs(task: str = "sst2") -> list[RunSpec]:
     budget = {k: v for k, v in load_budget("cpu")[model].items() if k != "lr"}
     return [RunSpec.make(task, model, m, rank=8, seed=s, lr=lr, **budget)
             for i in range(6) for m, lrs in VIT_LR_GRID.items() for lr in lrs[i:i + 1] for s in (0, 1)]
+
+
+def budget_specs(task: str, factor: int = 2, seeds: tuple[int, ...] = (0, 1)) -> tuple[list[RunSpec], list[RunSpec]]:
+    """The budget check of the headline plan: (specs at ``factor`` x the tier's steps, the same at 1x)."""
+    budget, model = load_budget("cpu"), TASK_MODEL[task]
+    base = [RunSpec.make(task, model, m, rank=8, seed=s, **budget.run(model, m)) for m in ("lora", "structlora")
+            for s in seeds]
+    return [replace(sp, max_steps=sp.max_steps * factor) for sp in base], base
+
+
+def budget_table(task: str, threshold: float = 0.5) -> pd.DataFrame:
+    """Per arm, mean validation (and test) accuracy at 2x and 1x over the seeds both have; the task's
+    budget must grow when an arm gains more than ``threshold`` points of validation accuracy."""
+    long, short = budget_specs(task)
+    a, b = load_records(f"results/pilot/{task}-budget", long), load_records("results/runs", short)
+    rows = []
+    for method in ("lora", "structlora"):
+        x = a[(a["method"] == method) & (a["status"] == "ok")].set_index("seed")
+        y = b[(b["method"] == method) & (b["status"] == "ok")].set_index("seed")
+        both = x.index.intersection(y.index)
+        gain = 100 * (x.loc[both, "val_accuracy"] - y.loc[both, "val_accuracy"]).mean() if len(both) else float("nan")
+        rows.append({"method": method, "seeds": len(both), "val_2x": 100 * x.loc[both, "val_accuracy"].mean(),
+                     "val_1x": 100 * y.loc[both, "val_accuracy"].mean(), "val_gain": gain,
+                     "test_gain": 100 * (x.loc[both, "test_accuracy"] - y.loc[both, "test_accuracy"]).mean(),
+                     "best_step_2x": x.loc[both, "best_step"].mean(), "raise_budget": bool(gain > threshold)})
+    return pd.DataFrame(rows)
 
 
 def _table(folder: str) -> pd.DataFrame:
@@ -119,13 +149,19 @@ def power(df: pd.DataFrame, chosen: pd.DataFrame, paper_effect: float = 1.5, cap
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("which", choices=["stages", "lr", "gates"])
+    p.add_argument("which", choices=["stages", "lr", "gates", "budget"])
     p.add_argument("--jobs", type=int, default=2)
     p.add_argument("--task", choices=sorted(TASK_MODEL), default="sst2", help="lr only: sst2 or fmnist-transfer")
     p.add_argument("--show", action="store_true", help="only print the table of the finished records")
     a = p.parse_args(argv)
-    if a.task != "sst2" and a.which != "lr":
-        p.error("--task applies to the lr pilot only")
+    if a.task != "sst2" and a.which not in ("lr", "budget"):
+        p.error("--task applies to the lr and budget pilots only")
+    if a.which == "budget":
+        if not a.show:
+            long, short = budget_specs(a.task)
+            run_grid(long, results_dir=f"results/pilot/{a.task}-budget", n_jobs=a.jobs, progress=True)
+        print(budget_table(a.task).to_string(index=False))
+        return 0
     folder = f"results/pilot/{a.task}"
     if not a.show:
         specs = lr_specs(a.task) if a.which == "lr" else {"stages": stage_specs, "gates": gate_specs}[a.which]()

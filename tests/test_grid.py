@@ -359,3 +359,64 @@ def test_sigterm_interrupts_turns_sigterm_into_keyboard_interrupt():
             os.kill(os.getpid(), signal.SIGTERM)
             time.sleep(10)
     assert signal.getsignal(signal.SIGTERM) is before
+
+
+# ------------------------------------------------------------------- backbone and evidence (issue 20)
+def test_a_record_trained_on_other_backbone_weights_is_not_served(tmp_path, monkeypatch):
+    """Re-pretraining a backbone must not serve records trained on the old weights: the record names its
+    backbone and read_record refuses another, naming both."""
+    spec = _spec(seed=6)
+    monkeypatch.setitem(grid.LOADERS, "backbone_id", lambda name: "sha256:old")
+    assert run(spec, tmp_path, progress=False)["backbone"] == "sha256:old"
+    assert read_record(record_path(spec, tmp_path), spec) is not None
+    monkeypatch.setitem(grid.LOADERS, "backbone_id", lambda name: "sha256:new")
+    with pytest.warns(UserWarning, match="'sha256:old'.*'sha256:new'"):
+        assert read_record(record_path(spec, tmp_path), spec) is None
+    rec = json.loads(record_path(spec, tmp_path).read_text())
+    del rec["backbone"]                                     # a record that does not name its weights
+    record_path(spec, tmp_path).write_text(json.dumps(rec))
+    with pytest.warns(UserWarning, match="backbone None"):
+        assert read_record(record_path(spec, tmp_path), spec) is None
+
+
+@pytest.mark.parametrize("builder", ["peft-lora", "structlora"])
+def test_records_keep_predictions_spectra_and_layer_cosines(tmp_path, monkeypatch, builder):
+    """Every record keeps the per-example test predictions (they hash to the fingerprint), the exact
+    singular values of each module's final update and the layer-by-layer cosine matrix per family,
+    equal to a dense SVD / dense cosines of the merged-style updates."""
+    import hashlib
+
+    from structlora.diagnostics import factors_by_family
+    from structlora.repro.evidence import decode_predictions
+
+    if builder == "structlora":
+        monkeypatch.setitem(grid.LOADERS, "build_method", _structlora_builder)
+    spec = _spec(seed=2, max_steps=8, eval_every=4)
+    trained = grid.train_spec(spec, tmp_path, progress=False)
+    rec = json.loads(record_path(spec, tmp_path).read_text())
+    preds = decode_predictions(rec["test_predictions"])
+    assert len(preds) == len(trained.encoded["test"]) and set(preds) <= {0, 1}
+    assert hashlib.sha256(json.dumps(preds).encode()).hexdigest() == rec["test_predictions_sha256"]
+    trained.handle.model.eval()
+    fams = factors_by_family(trained.handle.model)
+    assert sorted(rec["update_cosines"]) == sorted(fams)
+    for key, members in fams.items():
+        dense = [(b.double() @ a.double()).flatten() for _, (b, a) in members]   # dW_l, d*k
+        assert len(rec["update_cosines"][key]) == len(members) >= 2
+        for i, wi in enumerate(dense):
+            for j, wj in enumerate(dense):
+                cos = float(wi @ wj / (wi.norm() * wj.norm()))
+                assert abs(rec["update_cosines"][key][i][j] - cos) < 1e-5
+        for (name, (b, a)) in members:
+            s = torch.linalg.svdvals(b.double() @ a.double())[: b.shape[1]]
+            assert torch.allclose(torch.tensor(rec["update_spectra"][name], dtype=torch.float64), s,
+                                  rtol=1e-5, atol=1e-9)
+
+
+def test_prediction_encoding_round_trips():
+    from structlora.repro.evidence import decode_predictions, encode_predictions
+
+    assert encode_predictions([0, 3, 9, 1]) == "0391" and decode_predictions("0391") == [0, 3, 9, 1]
+    assert encode_predictions([0, 12]) == [0, 12] and decode_predictions([0, 12]) == [0, 12]
+    assert encode_predictions([0.5, 1.0]) == [0.5, 1.0]       # regression outputs stay numbers
+    assert encode_predictions(None) is None and decode_predictions(None) is None

@@ -223,6 +223,7 @@ class TrainResult:
     metric: str = ""
     config: dict[str, Any] = field(default_factory=dict)
     test_predictions_sha256: str | None = None   # the manipulation check: equal hashes = same predictions
+    test_predictions: list[int] | None = None    # class index per test example, in test order (later analyses)
 
 
 # --------------------------------------------------------------------------------------------- memory
@@ -593,7 +594,7 @@ def _predict(model: nn.Module, task: Any, ds: Any, rows: Sequence[int], batch_si
 
 def evaluate(model: nn.Module, task: Any, dataset: Any, batch_size: int = 64, pad_id: int | None = None,
              tokenizer: Any | None = None, max_examples: int | None = None,
-             _dist: _Dist | None = None, fingerprint: dict[str, str] | None = None) -> dict[str, float]:
+             _dist: _Dist | None = None, fingerprint: dict[str, Any] | None = None) -> dict[str, float]:
     """Metrics of ``model`` on ``dataset`` (an encoded split of ``task``), computed by ``task.compute_metrics``.
 
     Classification: argmax predictions. Multiple choice: summed-log-prob scoring (``score_choices``),
@@ -602,7 +603,7 @@ def evaluate(model: nn.Module, task: Any, dataset: Any, batch_size: int = 64, pa
     ``pad_id`` defaults to ``pad_token_id(tokenizer, model)``; ``max_examples`` evaluates the fixed
     seed-0 subset that ``train`` uses. ``fingerprint`` (a dict) receives ``"sha256"`` of the predictions
     in example order: two runs with equal fingerprints predicted exactly the same (the manipulation
-    check of the claims, `stats.identical_arms`).
+    check of the claims, `stats.identical_arms`), and ``"predictions"``, the predictions themselves.
     """
     if dataset is None or len(dataset) == 0:
         return {}
@@ -631,6 +632,7 @@ def evaluate(model: nn.Module, task: Any, dataset: Any, batch_size: int = 64, pa
                 preds_norm[row] = part["preds_norm"][k]
     if fingerprint is not None:
         fingerprint["sha256"] = hashlib.sha256(json.dumps(np.asarray(preds).tolist()).encode()).hexdigest()
+        fingerprint["predictions"] = np.asarray(preds).tolist()
     metrics = {k: float(v) for k, v in task.compute_metrics(np.asarray(preds), np.asarray(refs)).items()}
     if task.kind == _MC_KIND:
         metrics["acc_norm"] = float(np.mean(np.asarray(preds_norm) == np.asarray(refs)))
@@ -884,7 +886,7 @@ def train(handle: Any, task: Any, encoded: Mapping[str, Any], cfg: TrainConfig, 
     if best_state is not None:
         load_trainable_state(model, best_state)
     t1 = time.perf_counter()
-    fingerprint: dict[str, str] = {}
+    fingerprint: dict[str, Any] = {}
     test = evaluate(model, task, test_ds, cfg.eval_batch_size, pad_id, tokenizer, cfg.max_eval_examples,
                     _dist=dist, fingerprint=fingerprint) if test_ds is not None else {}
     eval_time += time.perf_counter() - t1
@@ -899,7 +901,7 @@ def train(handle: Any, task: Any, encoded: Mapping[str, Any], cfg: TrainConfig, 
         resumed_from=resumed_from, train_steps=total_steps, sessions=int(prior["sessions"]) + 1,
         cost_partial=bool(prior["cost_partial"]) or total_steps != step,
         world_size=dist.world, metric=metric, config=_config_dict(cfg),
-        test_predictions_sha256=fingerprint.get("sha256"))
+        test_predictions_sha256=fingerprint.get("sha256"), test_predictions=fingerprint.get("predictions"))
 
 
 def _controller(handle: Any) -> Any:

