@@ -217,51 +217,71 @@ def test_decide_checks_the_arms_and_the_power_first():
     assert not identical_arms([], []) and not identical_arms(["a"], None)
 
 
-def test_ledger_decides_the_primary_family_with_holm_and_counts_a_comparison_once(tmp_path):
+def test_ledger_decides_each_primary_family_with_familywise_intervals_and_counts_a_comparison_once(tmp_path):
+    from scipy import stats as st
+
     from structlora.repro.claims import build_ledger, claim_from_test, write_claims
 
     sig = {"diff_mean": 2.0, "ci_low": 1.0, "ci_high": 3.0, "p": 0.02, "n": 8}   # raw p significant
     claims = [
-        claim_from_test("T2.sst2.structlora>lora", "01_x", "cpu", "beats LoRA", sig, 1.5),
+        # headline family (params/cpu/plan.yml): T2, the r = 2 claim (underpowered), two near-null claims
+        claim_from_test("T2.sst2.structlora>lora", "01_x", "cpu", "beats LoRA", {**sig, "p": 0.002}, 1.5),
+        claim_from_test("T3.sst2.r2.structlora>lora", "01_x", "cpu", "underpowered", sig, 2.3, seeds_required=40,
+                        seeds_cap=10),
+        claim_from_test("T3.sst2.r4.structlora>lora", "01_x", "cpu", "clearly null", {**sig, "diff_mean": 0.1,
+                        "ci_low": -0.2, "ci_high": 0.4, "p": 0.5}, 2.3),
+        claim_from_test("T4.sst2.f10.structlora>lora", "01_x", "cpu", "null at 95% only", {**sig, "diff_mean": 0.1,
+                        "ci_low": -0.5, "ci_high": 0.7, "p": 0.7}, 1.6),
+        # mechanism family
         claim_from_test("T5.sst2.full>no_coord", "01_x", "cpu", "coordinator helps", sig, 1.2),
         claim_from_test("T5.sst2.full>no_gate", "01_x", "cpu", "gate helps", sig, 1.9),
         claim_from_test("T5.sst2.full>lora", "01_x", "cpu", "same comparison as T2", sig, 2.2),
         claim_from_test("T6.sst2.full>graph_adjacency", "01_x", "cpu", "graph", {**sig, "diff_mean": 0.0,
                         "ci_low": 0.0, "ci_high": 0.0, "p": 1.0}, 0.8, arms_identical=True),
-        claim_from_test("T3.sst2.r2.structlora>lora", "01_x", "cpu", "exploratory", sig, 1.0, seeds_required=40,
-                        seeds_cap=10),
         claim_from_test("F2.sst2.ib>random", "01_x", "cpu", "primary, underpowered", {**sig, "p": 0.001}, 1.0,
                         seeds_required=40, seeds_cap=10),
         claim_from_test("T9.sst2.learned>static", "01_x", "cpu", "direction only", {**sig, "diff_mean": -0.2,
                         "ci_low": -0.8, "ci_high": 0.4, "p": 0.5}, 1.0, margin=0.0),
         claim_from_test("T2.sst2.structlora_best_peft", "01_x", "cpu", "best PEFT on validation is LoRA",
                         {**sig, "p": 0.0001}, 0.4, same_as="T2.sst2.structlora>lora"),
+        claim_from_test("T3.sst2.r16.structlora>lora", "01_x", "cpu", "exploratory", sig, 1.4),
     ]
-    assert claims[0].verdict == "reproduced"                       # on its own, raw p = 0.02
+    assert claims[0].verdict == "reproduced" and claims[3].verdict == "not reproduced"   # raw 95% intervals
     write_claims("01_x", "cpu", claims, root=tmp_path)
     df = build_ledger(tmp_path, tier="cpu").set_index("claim_id")
-    # five primary tests (three with p = 0.02): Holm gives 0.08, not significant; the intervals still admit
-    # the paper's half effect -> inconclusive; the repeated comparison points to T2; identical arms
-    # untestable; the underpowered primary claim counts in the family but Holm never decides it
-    assert df.loc["T2.sst2.structlora>lora", "p_holm"] == pytest.approx(0.08)
-    assert df.loc["F2.sst2.ib>random", "p_holm"] == pytest.approx(0.005)
-    assert df.loc["F2.sst2.ib>random", "verdict"] == "undecidable at this scale"
-    assert df.loc["T2.sst2.structlora>lora", "verdict"] == "inconclusive"
-    assert df.loc["T5.sst2.full>lora", "verdict"] == "see T2.sst2.structlora>lora"
-    # a repeat found by the data (the competitor chosen on validation is LoRA): not counted, not in Holm
-    assert df.loc["T2.sst2.structlora_best_peft", "verdict"] == "see T2.sst2.structlora>lora"
-    assert df.loc["T2.sst2.structlora_best_peft", "p_holm"] != df.loc["T2.sst2.structlora_best_peft", "p_holm"]
-    assert df.loc["T6.sst2.full>graph_adjacency", "verdict"] == "untestable (arms identical)"
-    assert df.loc["T3.sst2.r2.structlora>lora", "family"] == "exploratory"
+    widen = lambda m: st.t.ppf(1 - 0.05 / (2 * m), 7) / st.t.ppf(0.975, 7)  # noqa: E731
+    # headline: m = 4 (the underpowered claim counts, keeps its verdict); T2's family-wise interval
+    # [2 -+ 1 x widen(4)] excludes 0 and p x 4 < 0.05 (p = 0.002 is what that interval implies) -> reproduced
+    assert (df.loc["T2.sst2.structlora>lora", ["family", "m"]] == ["headline", 4]).all()
+    assert df.loc["T2.sst2.structlora>lora", "ci_fw_low"] == pytest.approx(2 - widen(4))
+    assert df.loc["T2.sst2.structlora>lora", "verdict"] == "reproduced"
     assert df.loc["T3.sst2.r2.structlora>lora", "verdict"] == "undecidable at this scale"
-    md = (tmp_path / "CLAIMS.md").read_text()
-    # a claim of direction keeps its margin of 0 under Holm: an interval that still admits > 0 decides nothing
+    # the "not reproduced" branch is family-wise too: a clearly null claim stays not reproduced, one whose
+    # raw 95% interval just excludes half the effect becomes inconclusive once widened
+    assert df.loc["T3.sst2.r4.structlora>lora", "verdict"] == "not reproduced"
+    assert df.loc["T4.sst2.f10.structlora>lora", "ci_fw_high"] > 0.8
+    assert df.loc["T4.sst2.f10.structlora>lora", "verdict"] == "inconclusive"
+    # mechanism: m = 4 (T5 x 2, F2, T9); p x 4 = 0.08 is not significant, the intervals admit the half
+    # effect -> inconclusive; identical arms and the repeats are not counted
+    assert (df.loc["T5.sst2.full>no_coord", ["family", "m"]] == ["mechanism", 4]).all()
+    assert df.loc["T5.sst2.full>no_coord", "verdict"] == "inconclusive"
+    assert df.loc["T5.sst2.full>no_coord", "p_holm"] == pytest.approx(0.06)
+    assert df.loc["F2.sst2.ib>random", "verdict"] == "undecidable at this scale"
+    assert df.loc["T5.sst2.full>lora", "verdict"] == "see T2.sst2.structlora>lora"
+    assert df.loc["T2.sst2.structlora_best_peft", "verdict"] == "see T2.sst2.structlora>lora"
+    assert df.loc["T2.sst2.structlora_best_peft", "m"] != df.loc["T2.sst2.structlora_best_peft", "m"]
+    assert df.loc["T6.sst2.full>graph_adjacency", "verdict"] == "untestable (arms identical)"
+    # a claim of direction keeps its margin of 0: an interval that still admits > 0 decides nothing
     assert df.loc["T9.sst2.learned>static", "verdict"] == "inconclusive"
-    assert "7 distinct claims" in md and "needs 40 paired seeds" in md
-    # the first table: the primary family, with the seeds the power analysis asks for and the Holm p
-    first = md.split("## Primary family", 1)[1].split("## Verdict rule", 1)[0]
-    assert "| F2.sst2.ib>random |" in first and "| 40 | 0.005 | undecidable at this scale |" in first
-    assert "T3.sst2.r2.structlora>lora" not in first and "| 0.08 | ❔ inconclusive |" in first
+    assert df.loc["T3.sst2.r16.structlora>lora", "family"] == "exploratory"
+    assert df.loc["T3.sst2.r16.structlora>lora", "verdict"] == "reproduced"              # raw interval
+    # the first tables: one per family, with the plan's seeds, the seeds run and the family-wise interval
+    md = (tmp_path / "CLAIMS.md").read_text()
+    head = md.split("## Primary family: headline", 1)[1].split("## Primary family: mechanism", 1)[0]
+    assert "m = 4" in head and "| T2.sst2.structlora>lora |" in head and "T5.sst2" not in head
+    assert f"[{2 - widen(4):.1f}, {2 + widen(4):.1f}] | 3 | 8 |" in head                  # planned 3 (pilot), run 8
+    mech = md.split("## Primary family: mechanism", 1)[1].split("## Verdict rule", 1)[0]
+    assert "| F2.sst2.ib>random |" in mech and "| 40 |" in mech and "T3.sst2.r16" not in mech
 
 
 def test_paired_test_runs_the_manipulation_check_on_prediction_fingerprints():

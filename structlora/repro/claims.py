@@ -34,20 +34,35 @@ __all__ = [
     "claim_from_test",
     "VERDICTS",
     "TIERS",
+    "MECHANISM",
+    "decide_family",
+    "primary_families",
 ]
 
 VERDICTS = ("reproduced", "smaller than claimed", "not reproduced", "inconclusive", "undecidable at this scale",
             "untestable (arms identical)", "skipped", "pending")
 
-# The pre-registered primary family (issue 13): the claims the cpu tier is planned to decide, tested with
-# Holm-Bonferroni across the family in the ledger; every other claim is exploratory (raw p).
-PRIMARY = (
-    "T2.sst2.structlora>lora", "T1.fmnist-transfer.structlora>lora",
+# The pre-registered primary families. "headline" is the tier's registered plan (params/<tier>/plan.yml,
+# `plan.load_plan`: StructLoRA vs LoRA at low rank and low data, T1, T2); "mechanism" is protocol 2's
+# family (the stages, the filters, the coordinator, the cost, the best other PEFT method). Each family is
+# decided with Bonferroni family-wise intervals at alpha = 0.05 (`decide_family`); every other claim is
+# exploratory (raw 95% intervals).
+MECHANISM = (
     "T2.sst2.structlora_best_peft", "T1.fmnist-transfer.structlora_best_peft",
     "T5.sst2.full>no_gate", "T5.sst2.full>no_coord", "T6.sst2.full>graph_adjacency", "T9.sst2.learned>static",
     "F2.sst2.ib>random", "F2.sst2.ib>topk_norm", "F2.sst2.filter_ib.gate_ranks_relevance",
     "T7.minilm-l6.r8.step_time", "T7.minilm-l6.r8.memory",
 )
+
+
+def primary_families(tier: str) -> dict[str, tuple[str, ...]]:
+    """``{"headline": the tier's plan's claims (none without a plan), "mechanism": MECHANISM}``."""
+    from .plan import load_plan
+
+    plan = load_plan(tier)
+    return {"headline": tuple(c.claim for c in plan.primary) if plan is not None else (), "mechanism": MECHANISM}
+
+
 # One claim per distinct comparison: these ids are the same runs compared the same way as another claim
 # (StructLoRA - LoRA, sst2, r = 8, 100% data) and point to it instead of being counted again.
 SAME_COMPARISON = {
@@ -307,39 +322,59 @@ def _figures_for(root: Path, notebook: str, tier: str) -> list[Path]:
     return sorted(fig_dir.glob(f"{notebook}_*.{tier}.png"))
 
 
-def decide_family(df: pd.DataFrame) -> pd.DataFrame:
-    """Mark each claim primary (pre-registered, `PRIMARY`) or exploratory, point repeated comparisons to
-    their claim (`SAME_COMPARISON`: verdict "see <id>", not counted), and re-decide the primary claims
-    that carry a p-value with Holm-Bonferroni adjusted p across the family (`stats.holm`, `stats.decide`).
-    A claim the power analysis declared undecidable at this scale counts in the family (conservative)
-    but keeps its verdict: Holm never turns it into a decision."""
+def decide_family(df: pd.DataFrame, families: dict[str, tuple[str, ...]] | None = None,
+                  alpha: float = 0.05, seeds_planned: dict[str, int] | None = None) -> pd.DataFrame:
+    """Mark each claim with its primary family (``families``, default `primary_families` of the cpu
+    tier) or "exploratory", point repeated comparisons to their claim (`SAME_COMPARISON`: verdict "see
+    <id>", not counted), and re-decide each family's claims that carry a p-value from Bonferroni
+    family-wise intervals (`plan.familywise_interval`, confidence 1 - alpha/m, m the family members with
+    data): every branch of `stats.decide` then holds with family-wise error <= alpha. ``ci_fw_low`` /
+    ``ci_fw_high`` hold those intervals, ``m`` the family size, ``p_holm`` Holm-adjusted p within the
+    family (reported, not used). A claim the power analysis or the plan's budget declared undecidable at
+    this scale counts in its family (conservative) but keeps its verdict. ``seeds_planned`` (claim ->
+    seeds, default the cpu plan's) fills the column of that name."""
+    from .plan import familywise_interval, load_plan
     from .stats import decide, holm
 
+    if families is None:
+        families = primary_families("cpu")
+    if seeds_planned is None:
+        plan = load_plan("cpu")
+        seeds_planned = {c.claim: len(plan.seeds_of(c.claim)) for c in plan.primary} if plan is not None else {}
     df = df.copy()
+    extra = ["family", "same_as", "p_holm", "m", "ci_fw_low", "ci_fw_high", "seeds_planned"]
     if not len(df):
-        return df.assign(family=[], same_as=[], p_holm=[])
+        return df.assign(**{c: [] for c in extra})
     for col, default in (("p", None), ("paper_diff", None), ("arms_identical", False), ("seeds_required", None),
                          ("margin", None)):
         if col not in df:
             df[col] = default
-    df["family"] = ["primary" if c in PRIMARY else "exploratory" for c in df["claim_id"]]
+    member = {c: name for name, ids in families.items() for c in ids}
+    df["family"] = [member.get(c, "exploratory") for c in df["claim_id"]]
     own = df["same_as"].fillna("").astype(str) if "same_as" in df else pd.Series("", index=df.index)
     df["same_as"] = [SAME_COMPARISON.get(c, o) for c, o in zip(df["claim_id"], own)]
     df.loc[df["same_as"] != "", "verdict"] = "see " + df.loc[df["same_as"] != "", "same_as"]
-    df["p_holm"] = float("nan")
-    fam = df.index[(df["family"] == "primary") & df["p"].notna() & df["paper_diff"].notna()
-                   & ~df["verdict"].isin(["skipped", "pending"]) & (df["same_as"] == "")
-                   & ~df["arms_identical"].astype(bool)
-                   & ~df["note"].astype(str).str.contains("single class")]
-    if len(fam):
-        adjusted = holm(df.loc[fam, "p"].astype(float).tolist())
-        df.loc[fam, "p_holm"] = adjusted
-        for i, p_adj in zip(fam, adjusted):
+    for col in ("p_holm", "m", "ci_fw_low", "ci_fw_high"):
+        df[col] = float("nan")
+    df["seeds_planned"] = [seeds_planned.get(c) for c in df["claim_id"]]
+    for name in families:
+        fam = df.index[(df["family"] == name) & df["p"].notna() & df["paper_diff"].notna()
+                       & ~df["verdict"].isin(["skipped", "pending"]) & (df["same_as"] == "")
+                       & ~df["arms_identical"].astype(bool)
+                       & ~df["note"].astype(str).str.contains("single class")]
+        m = len(fam)
+        if not m:
+            continue
+        df.loc[fam, "p_holm"] = holm(df.loc[fam, "p"].astype(float).tolist())
+        df.loc[fam, "m"] = m
+        for i in fam:
             r = df.loc[i]
+            lo, hi = familywise_interval(r["ours_value"], r["ci_low"], r["ci_high"], int(r["n"]), m, alpha)
+            df.loc[i, ["ci_fw_low", "ci_fw_high"]] = lo, hi
             if r["verdict"] == "undecidable at this scale":   # the power analysis comes first (stats.decide)
                 continue
             margin = None if r["margin"] is None or r["margin"] != r["margin"] else float(r["margin"])
-            df.loc[i, "verdict"] = decide(r["ours_value"], r["ci_low"], r["ci_high"], p_adj, r["paper_diff"],
+            df.loc[i, "verdict"] = decide(r["ours_value"], lo, hi, min(1.0, float(r["p"]) * m), r["paper_diff"],
                                           arms_identical=bool(r["arms_identical"]), margin=margin)
     return df
 
@@ -349,23 +384,35 @@ _VERDICT_MARK = {"reproduced": "✅ reproduced", "smaller than claimed": "🔽 s
                  "pending": "⏳ pending"}
 
 
+def _fmt_interval(lo: float, hi: float) -> str:
+    return "" if lo != lo or hi != hi else f"[{lo:.1f}, {hi:.1f}]"
+
+
 def _primary_summary(df: pd.DataFrame) -> list[str]:
-    """The ledger's first table: every pre-registered primary claim with its interval, paired seeds, the
-    seeds the power analysis asks for (``seeds_required``), its Holm-adjusted p and its verdict."""
-    prim = df[df["family"] == "primary"] if len(df) else df
-    if not len(prim):
-        return []
-    out = ["## Primary family (pre-registered; Holm-Bonferroni across it)", "",
-           "| claim id | paper | ours | n | seeds needed | p (Holm) | verdict |", "|---|---|---|---:|---:|---|---|"]
-    for r in prim.itertuples(index=False):
-        need = r.seeds_required if r.seeds_required == r.seeds_required and r.seeds_required is not None else None
-        ph = "" if r.p_holm != r.p_holm else f"{r.p_holm:.3g}"
-        shown = "" if need is None else str(int(need))
-        if need is not None and f"more than {int(need) - 1} " in str(r.note):   # seeds_needed's max_n + 1
-            shown = f"> {int(need) - 1}"
-        out.append(f"| {_md_escape(r.claim_id)} | {_md_escape(r.paper_value)} | {_md_escape(r.ours)} | {int(r.n)} | "
-                   f"{shown} | {ph} | {_VERDICT_MARK.get(r.verdict, r.verdict)} |")
-    return out + [""]
+    """The ledger's first tables: per primary family, every claim with its family-wise interval, the
+    seeds the plan gives it and those run (``n``), the seeds the power analysis asks for
+    (``seeds_required``), its Holm-adjusted p and its verdict."""
+    out: list[str] = []
+    for name in ("headline", "mechanism"):
+        prim = df[df["family"] == name] if len(df) else df
+        if not len(prim):
+            continue
+        m = prim["m"].dropna()
+        out += [f"## Primary family: {name} (Bonferroni family-wise intervals, m = {int(m.iloc[0]) if len(m) else 0})", "",
+                "| claim id | paper | ours (95% CI) | family-wise CI | seeds planned | seeds run | seeds needed "
+                "| p (Holm) | verdict |", "|---|---|---|---|---:|---:|---:|---|---|"]
+        for r in prim.itertuples(index=False):
+            need = r.seeds_required if r.seeds_required == r.seeds_required and r.seeds_required is not None else None
+            ph = "" if r.p_holm != r.p_holm else f"{r.p_holm:.3g}"
+            shown = "" if need is None else str(int(need))
+            if need is not None and f"more than {int(need) - 1} " in str(r.note):   # seeds_needed's max_n + 1
+                shown = f"> {int(need) - 1}"
+            planned = "" if r.seeds_planned is None or r.seeds_planned != r.seeds_planned else str(int(r.seeds_planned))
+            out.append(f"| {_md_escape(r.claim_id)} | {_md_escape(r.paper_value)} | {_md_escape(r.ours)} | "
+                       f"{_fmt_interval(r.ci_fw_low, r.ci_fw_high)} | {planned} | {int(r.n)} | {shown} | {ph} | "
+                       f"{_VERDICT_MARK.get(r.verdict, r.verdict)} |")
+        out.append("")
+    return out
 
 
 def build_ledger(root: str | os.PathLike = "results", tier: str | None = None) -> pd.DataFrame:
@@ -377,7 +424,7 @@ def build_ledger(root: str | os.PathLike = "results", tier: str | None = None) -
     """
     root = Path(root)
     tier = tier or "cpu"
-    df = decide_family(read_claims(root, tier=tier))
+    df = decide_family(read_claims(root, tier=tier), primary_families(tier))
     suffix = "" if tier == "cpu" else f".{tier}"
     csv_path = root / f"claims{suffix}.csv"
     md_path = root / f"CLAIMS{suffix}.md"
@@ -402,9 +449,11 @@ def build_ledger(root: str | os.PathLike = "results", tier: str | None = None) -
     lines += [
         "## Verdict rule",
         "",
-        "Every verdict is computed by `structlora.repro.stats.decide` from the measured numbers; the "
-        "pre-registered primary family (`claims.PRIMARY`) is decided with Holm-Bonferroni adjusted p-values "
-        "(column `p (Holm)`), every other claim is exploratory. A repeated comparison points to its claim.",
+        "Every verdict is computed by `structlora.repro.stats.decide` from the measured numbers. The two "
+        "pre-registered primary families (headline: `params/cpu/plan.yml`; mechanism: `claims.MECHANISM`) "
+        "are decided from Bonferroni family-wise intervals (confidence 1 - 0.05/m), so every verdict branch "
+        "holds with family-wise error <= 0.05 (Holm-adjusted p shown for reference); every other claim is "
+        "exploratory (raw 95% interval). A repeated comparison points to its claim.",
         "",
     ]
     lines += ["> " + ln if ln else ">" for ln in _verdict_rule().splitlines()]

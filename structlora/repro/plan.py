@@ -1,0 +1,171 @@
+"""The registered plan of a tier (``params/<tier>/plan.yml``): its primary family, pilot, seeds and budget.
+
+The plan is committed before its confirmatory runs (git history is the proof). This module reads and
+validates it, builds the runs it names, and applies its two declared rules:
+
+- **seeds from the pilot** (`seeds_from_pilot`): sigma_d of each task is pooled over that task's primary
+  comparisons at the pilot seeds (pooled variance = mean of the per-comparison variances of the paired
+  difference); each claim needs ``n = max(len(pilot_seeds), stats.seeds_needed(sigma, paper,
+  fraction=0.5, confidence=1 - alpha/m))``: its family-wise interval then has a half-width of half the
+  paper's effect. Claims are funded cheapest first (n x the task's median run cost) while the core-hour
+  budget lasts; an unfunded claim keeps its pilot seeds and is *undecidable at this scale*;
+- **family-wise intervals** (`familywise_interval`): every verdict of the family is read from the
+  paired t-interval at confidence ``1 - alpha/m`` (Bonferroni), so each branch of `stats.decide`
+  (reproduced, smaller than claimed, not reproduced) holds with family-wise error <= alpha.
+
+Hand-written: no library plans paired-seed experiments under a compute budget.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import pandas as pd
+
+__all__ = ["Comparison", "Plan", "familywise_interval", "load_plan", "plan_path", "pooled_sigma",
+           "seeds_from_pilot"]
+
+
+def plan_path(tier: str, root: str | Path | None = None) -> Path:
+    """``<repo>/params/<tier>/plan.yml``."""
+    from .notebook import budget_path
+
+    return budget_path(tier, root).with_name("plan.yml")
+
+
+@dataclass(frozen=True)
+class Comparison:
+    """One primary comparison: StructLoRA minus LoRA on ``task`` at ``rank`` and data ``fraction``."""
+
+    claim: str       # the claim id the notebooks write (e.g. "T3.sst2.r2.structlora>lora")
+    task: str        # a task of the tier (its model: notebook.TASK_MODEL)
+    rank: int        # LoRA rank r of both arms
+    fraction: float  # share of the training split both arms train on
+    paper: float     # the paper's difference, in accuracy points
+
+    def __post_init__(self) -> None:
+        if self.rank < 1 or not 0 < self.fraction <= 1 or not math.isfinite(self.paper) or self.paper == 0:
+            raise ValueError(f"bad primary comparison {self}: need rank >= 1, 0 < fraction <= 1, paper != 0")
+
+
+@dataclass
+class Plan:
+    """A tier's registered plan (see the module docstring and the plan file's comments)."""
+
+    name: str
+    primary: list[Comparison]
+    pilot_seeds: list[int]                      # the internal pilot, reused in the confirmatory test
+    budget_core_hours: float                    # every run of the plan, pilots and pretraining included
+    alpha: float = 0.05                         # family-wise error of the primary family
+    seeds: dict[str, int] = field(default_factory=dict)   # claim -> seeds, filled from the pilot
+    budget_check: dict[str, Any] = field(default_factory=dict)
+    source: str = ""
+
+    def __post_init__(self) -> None:
+        ids = [c.claim for c in self.primary]
+        if not ids or len(set(ids)) != len(ids):
+            raise ValueError(f"{self.source}: the primary family must list distinct claims, got {ids}")
+        if len(self.pilot_seeds) < 2 or len(set(self.pilot_seeds)) != len(self.pilot_seeds):
+            raise ValueError(f"{self.source}: pilot_seeds must be >= 2 distinct seeds, got {self.pilot_seeds}")
+        if not 0 < self.alpha < 1 or not self.budget_core_hours > 0:
+            raise ValueError(f"{self.source}: need 0 < alpha < 1 and budget_core_hours > 0")
+        unknown = sorted(set(self.seeds) - set(ids))
+        if unknown:
+            raise ValueError(f"{self.source}: seeds for claims outside the primary family: {unknown}")
+        small = {k: v for k, v in self.seeds.items() if v < len(self.pilot_seeds)}
+        if small:
+            raise ValueError(f"{self.source}: a claim runs at least its pilot seeds, got {small}")
+
+    @property
+    def m(self) -> int:
+        """The size of the primary family (Bonferroni's m)."""
+        return len(self.primary)
+
+    def seeds_of(self, claim: str) -> list[int]:
+        """The seeds ``claim`` runs: its planned count once the pilot set it, else the pilot seeds."""
+        n = self.seeds.get(claim, len(self.pilot_seeds))
+        extra = [s for s in range(max(self.pilot_seeds) + 1, 10_000) if s not in self.pilot_seeds]
+        return list(self.pilot_seeds) + extra[: max(0, n - len(self.pilot_seeds))]
+
+    def comparison(self, claim: str) -> Comparison | None:
+        return next((c for c in self.primary if c.claim == claim), None)
+
+
+def load_plan(tier: str, root: str | Path | None = None) -> Plan | None:
+    """The tier's plan, or None when it has none (the smoke and gpu tiers)."""
+    import yaml
+
+    path = plan_path(tier, root)
+    if not path.is_file():
+        return None
+    data = yaml.safe_load(path.read_text()) or {}
+    known = {"name", "registered", "primary", "alpha", "margin", "budget_check", "pilot_seeds",
+             "budget_core_hours", "seeds"}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise ValueError(f"{path}: unknown keys {unknown}")
+    return Plan(name=str(data["name"]), primary=[Comparison(**c) for c in data["primary"]],
+                pilot_seeds=[int(s) for s in data["pilot_seeds"]],
+                budget_core_hours=float(data["budget_core_hours"]), alpha=float(data.get("alpha", 0.05)),
+                seeds={str(k): int(v) for k, v in (data.get("seeds") or {}).items()},
+                budget_check=dict(data.get("budget_check") or {}), source=str(path))
+
+
+def familywise_interval(mean: float, ci_low: float, ci_high: float, n: int, m: int,
+                        alpha: float = 0.05) -> tuple[float, float]:
+    """Widen a paired 95% t-interval (from `stats.paired_test`, n pairs) to the Bonferroni family-wise
+    interval at confidence 1 - alpha/m: half-width x t_{n-1, 1-alpha/(2m)} / t_{n-1, 0.975}."""
+    from scipy import stats as st
+
+    if n < 2 or any(map(_nan, (mean, ci_low, ci_high))):
+        return float("nan"), float("nan")
+    half = (ci_high - ci_low) / 2 * st.t.ppf(1 - alpha / (2 * m), n - 1) / st.t.ppf(0.975, n - 1)
+    return mean - half, mean + half
+
+
+def _nan(x: Any) -> bool:
+    return x is None or (isinstance(x, float) and math.isnan(x))
+
+
+def pooled_sigma(diffs: Mapping[str, Sequence[float]]) -> tuple[float, int]:
+    """Pooled sigma_d over comparisons (``claim -> paired differences``): the square root of the
+    df-weighted mean of their sample variances, and its degrees of freedom."""
+    num = dof = 0.0
+    for d in diffs.values():
+        if len(d) >= 2:
+            num += pd.Series(d, dtype=float).var(ddof=1) * (len(d) - 1)
+            dof += len(d) - 1
+    return (math.sqrt(num / dof) if dof else float("nan")), int(dof)
+
+
+def seeds_from_pilot(plan: Plan, pilot_diffs: Mapping[str, Sequence[float]],
+                     run_cost_h: Mapping[str, float], spent_core_hours: float) -> pd.DataFrame:
+    """The plan's seeds rule: one row per primary claim with ``task``, ``paper``, ``sigma_pooled`` (and
+    its ``dof``), ``needed`` (family-wise half-width <= |paper| / 2), ``cost_h`` (the extra core-hours of
+    both arms beyond the pilot), ``funded`` and ``seeds`` (planned: ``needed`` when funded, else the
+    pilot's). ``pilot_diffs``: claim -> paired differences (points) at the pilot seeds;
+    ``run_cost_h``: task -> median core-hours of one run; ``spent_core_hours``: already spent."""
+    from .stats import seeds_needed
+
+    n0 = len(plan.pilot_seeds)
+    rows = []
+    for task in dict.fromkeys(c.task for c in plan.primary):
+        sigma, dof = pooled_sigma({c.claim: pilot_diffs.get(c.claim, []) for c in plan.primary if c.task == task})
+        for c in (c for c in plan.primary if c.task == task):
+            needed = (max(n0, seeds_needed(sigma, c.paper, 0.5, 1 - plan.alpha / plan.m))
+                      if not math.isnan(sigma) else None)
+            cost = 2 * (needed - n0) * run_cost_h[task] if needed is not None else math.inf
+            rows.append({"claim": c.claim, "task": task, "paper": c.paper, "sigma_pooled": sigma, "dof": dof,
+                         "needed": needed, "cost_h": cost})
+    df = pd.DataFrame(rows).sort_values("cost_h", kind="stable")
+    left = plan.budget_core_hours - spent_core_hours
+    funded = []
+    for cost in df["cost_h"]:
+        ok = cost <= left
+        left -= cost if ok else 0.0
+        funded.append(bool(ok))
+    df["funded"] = funded
+    df["seeds"] = [int(n) if f else n0 for n, f in zip(df["needed"], df["funded"])]
+    return df.sort_index().reset_index(drop=True)

@@ -1,0 +1,78 @@
+"""structlora.repro.plan: the registered plan file, its seeds rule and the family-wise intervals."""
+from __future__ import annotations
+
+import math
+
+import pytest
+from scipy import stats as st
+
+from structlora.repro.plan import Comparison, Plan, familywise_interval, load_plan, pooled_sigma, seeds_from_pilot
+from structlora.repro.stats import paired_test, seeds_needed
+
+
+def test_the_committed_cpu_plan_is_valid_and_names_the_headline_family():
+    plan = load_plan("cpu")
+    assert plan is not None and plan.m == 10 and plan.alpha == 0.05
+    ids = {c.claim for c in plan.primary}
+    for task in ("sst2", "fmnist-transfer"):
+        for tag in ("r2", "r4"):
+            assert f"T3.{task}.{tag}.structlora>lora" in ids
+        for tag in ("f10", "f25"):
+            assert f"T4.{task}.{tag}.structlora>lora" in ids
+    assert {"T1.fmnist-transfer.structlora>lora", "T2.sst2.structlora>lora"} <= ids
+    assert all(plan.seeds_of(c.claim)[: len(plan.pilot_seeds)] == plan.pilot_seeds for c in plan.primary)
+    assert load_plan("smoke") is None
+
+
+def _plan(**kw) -> Plan:
+    primary = [Comparison("A", "t1", 2, 1.0, 2.0), Comparison("B", "t1", 8, 0.1, 3.0),
+               Comparison("C", "t2", 2, 1.0, 2.0)]
+    return Plan(**{"name": "x", "primary": primary, "pilot_seeds": [0, 1, 2], "budget_core_hours": 10.0, **kw})
+
+
+def test_plan_validation_refuses_what_cannot_be_run():
+    with pytest.raises(ValueError, match="distinct"):
+        _plan(primary=[Comparison("A", "t", 2, 1.0, 1.0)] * 2)
+    with pytest.raises(ValueError, match="outside"):
+        _plan(seeds={"Z": 5})
+    with pytest.raises(ValueError, match="pilot seeds"):
+        _plan(seeds={"A": 2})
+    with pytest.raises(ValueError, match="paper != 0"):
+        Comparison("A", "t", 2, 1.0, 0.0)
+    assert _plan(seeds={"A": 5}).seeds_of("A") == [0, 1, 2, 3, 4] and _plan().seeds_of("B") == [0, 1, 2]
+
+
+def test_familywise_interval_is_the_bonferroni_t_interval():
+    import pandas as pd
+
+    rows = [{"task": "t", "model": "m", "rank": 8, "fraction": 1.0, "method": meth, "seed": s, "test_accuracy": v}
+            for s, (a, b) in enumerate([(1.0, 0.2), (2.5, 0.1), (0.4, 0.3), (1.9, 0.6)])
+            for meth, v in (("structlora", a), ("lora", b))]
+    t95 = paired_test(pd.DataFrame(rows), "structlora").iloc[0]
+    lo, hi = familywise_interval(t95.diff_mean, t95.ci_low, t95.ci_high, int(t95.n), m=1)
+    assert lo == pytest.approx(t95.ci_low) and hi == pytest.approx(t95.ci_high)       # m = 1: unchanged
+    lo, hi = familywise_interval(t95.diff_mean, t95.ci_low, t95.ci_high, int(t95.n), m=10)
+    direct = paired_test(pd.DataFrame(rows), "structlora", confidence=1 - 0.05 / 10).iloc[0]
+    assert lo == pytest.approx(direct.ci_low) and hi == pytest.approx(direct.ci_high)
+    assert all(map(math.isnan, familywise_interval(1.0, float("nan"), 2.0, 3, 10)))
+
+
+def test_pooled_sigma_weights_by_degrees_of_freedom():
+    sigma, dof = pooled_sigma({"A": [1.0, 2.0, 3.0], "B": [0.0, 0.0, 3.0, 3.0], "C": [5.0]})
+    assert dof == 2 + 3 and sigma == pytest.approx(math.sqrt((1.0 * 2 + 3.0 * 3) / 5))
+
+
+def test_seeds_rule_funds_the_cheapest_claims_within_the_budget():
+    plan = _plan()
+    diffs = {"A": [1.0, 2.0, 3.0], "B": [2.0, 1.0, 3.5], "C": [0.1, 0.2, 0.0]}
+    out = seeds_from_pilot(plan, diffs, {"t1": 0.5, "t2": 0.01}, spent_core_hours=0.0).set_index("claim")
+    sigma_t1, _ = pooled_sigma({"A": diffs["A"], "B": diffs["B"]})
+    assert out.loc["A", "needed"] == max(3, seeds_needed(sigma_t1, 2.0, 0.5, 1 - 0.05 / 3))
+    assert out.loc["B", "needed"] < out.loc["A", "needed"]          # larger paper effect, fewer seeds
+    assert out.loc["C", "funded"] and out.loc["C", "cost_h"] < 0.2
+    assert out["cost_h"][out["funded"]].sum() <= plan.budget_core_hours
+    assert out.loc["A", "cost_h"] == pytest.approx(2 * (out.loc["A", "needed"] - 3) * 0.5)
+    unfunded = out[~out["funded"]]
+    assert len(unfunded) and (unfunded["seeds"] == 3).all()        # the budget cannot buy them
+    tight = seeds_from_pilot(plan, diffs, {"t1": 0.5, "t2": 0.01}, spent_core_hours=9.99).set_index("claim")
+    assert not tight.loc[["A", "B"], "funded"].any() and (tight.loc[["A", "B"], "seeds"] == 3).all()
