@@ -114,8 +114,10 @@ N_JOBS = 1
 
 # %%
 from structlora.repro.notebook import TASK_MODEL, load_budget, run_summary, tier_params
+from structlora.repro.plan import load_plan
 
 BUDGET = load_budget(TIER)  # params/<tier>/budget.yml: the tier's one budget, shared by every notebook
+PLAN = load_plan(TIER)      # params/<tier>/plan.yml: LoRA and StructLoRA run its seeds for T1 / T2 (or None)
 # every verdict runs the power analysis against the tier's seed cap (stats.seeds_needed, stats.decide)
 
 # %%
@@ -124,7 +126,7 @@ THIS = {k: globals()[k] for k in main_results.GRID_KEYS}
 assert set(TASKS) <= set(TASK_MODEL), f"unknown task in {TASKS}"
 specs = [RunSpec(task=t, model=TASK_MODEL[t], method=m, rank=RANK, seed=s, fraction=1.0,
                  **BUDGET.run(TASK_MODEL[t], m))  # the tier's budget at the method's frozen learning rate
-         for t in TASKS for m in TASK_METHODS.get(t, METHODS) for s in main_results.seeds_of(THIS, t, m)
+         for t in TASKS for m in TASK_METHODS.get(t, METHODS) for s in main_results.seeds_of(THIS, t, m, PLAN)
          if main_results.applies(t, m)]
 print(f"tier {TIER}: {len(specs)} runs over {len(TASKS)} task(s); results cached in {RESULTS_DIR}")
 print("methods in scope:", ", ".join(IN_SCOPE))
@@ -235,7 +237,7 @@ fig;
 # %%
 # NBVAL_CHECK_OUTPUT
 # every verdict runs the power analysis against the tier's seed cap (stats.seeds_needed, stats.decide)
-claims = main_results.main_claims(ok, TASKS, NB, TIER, seeds_cap=BUDGET.seed_cap)
+claims = main_results.main_claims(ok, TASKS, NB, TIER, seeds_cap=BUDGET.seed_cap, plan=PLAN)
 ledger = pd.DataFrame([c.to_dict() for c in claims])
 display(ledger[["claim_id", "paper_value", "ours", "n", "verdict"]])
 

@@ -69,6 +69,8 @@ SAME_COMPARISON = {
     "T3.sst2.r8.structlora>lora": "T2.sst2.structlora>lora",
     "T4.sst2.f100.structlora>lora": "T2.sst2.structlora>lora",
     "T5.sst2.full>lora": "T2.sst2.structlora>lora",
+    "T3.fmnist-transfer.r8.structlora>lora": "T1.fmnist-transfer.structlora>lora",
+    "T4.fmnist-transfer.f100.structlora>lora": "T1.fmnist-transfer.structlora>lora",
 }
 TIERS = ("smoke", "cpu", "gpu")
 

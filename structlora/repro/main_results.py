@@ -12,6 +12,7 @@ from structlora.repro import paper
 from structlora.repro.claims import Claim, claim_line, claim_from_test, collapse_status
 from structlora.repro.methods import describe_methods, list_methods
 from structlora.repro.notebook import TASK_MODEL
+from structlora.repro.plan import Plan
 from structlora.repro.stats import compare_to_paper, paired_test
 
 __all__ = ["PAPER_METHODS", "NOT_PEFT", "MODEL_KIND", "GRID_KEYS", "in_scope", "applies", "not_applicable",
@@ -47,18 +48,24 @@ def not_applicable() -> list[str]:
             for t in TASK_MODEL for m in in_scope() if not applies(t, m)]
 
 
-def seeds_of(p: Mapping[str, Any], task: str, method: str) -> list[int]:
-    """The seeds of one (task, method): ``TASK_SEEDS[task]`` is a list (every method of the task) or a
-    ``{method: seeds}`` map (the arms a power analysis sized; the other methods keep ``SEEDS``)."""
+def seeds_of(p: Mapping[str, Any], task: str, method: str, plan: Plan | None = None) -> list[int]:
+    """The seeds of one (task, method): LoRA and StructLoRA run the seeds of the registered plan's
+    comparison at (task, ``RANK``, all the data) when it has one (T1, T2); otherwise ``TASK_SEEDS[task]``
+    is a list (every method of the task) or a ``{method: seeds}`` map (the arms a power analysis sized;
+    the other methods keep ``SEEDS``)."""
+    planned = plan.arm_seeds(task, p["RANK"], 1.0) if plan is not None and method in ("lora", "structlora") else None
+    if planned is not None:
+        return planned
     per = p["TASK_SEEDS"].get(task, p["SEEDS"])
     return list(per.get(method, p["SEEDS"]) if isinstance(per, Mapping) else per)
 
 
-def grid_of(p: Mapping[str, Any]) -> list[dict[str, Any]]:
-    """(task, method, seeds) of one tier's parameters (`GRID_KEYS`), methods that do not apply left out."""
+def grid_of(p: Mapping[str, Any], plan: Plan | None = None) -> list[dict[str, Any]]:
+    """(task, method, seeds) of one tier's parameters (`GRID_KEYS`) and plan, methods that do not apply
+    left out."""
     missing = [k for k in GRID_KEYS if k not in p]
     assert not missing, f"the tier's parameters must set every grid parameter; missing {missing}"
-    return [{"task": t, "method": m, "seeds": len(seeds_of(p, t, m))}
+    return [{"task": t, "method": m, "seeds": len(seeds_of(p, t, m, plan))}
             for t in p["TASKS"] for m in p["TASK_METHODS"].get(t, p["METHODS"]) if applies(t, m)]
 
 
@@ -67,7 +74,10 @@ def coverage(params: Mapping[str, Mapping[str, Any] | None], tier: str) -> tuple
     cannot adapt the model; a line saying how many applicable pairs ``tier`` leaves out, and how many of
     those the gpu tier runs). ``params`` maps a tier to its parameters, None where it has no file."""
     scope = in_scope()
-    cover = pd.DataFrame([{**r, "tier": name} for name, p in params.items() if p is not None for r in grid_of(p)],
+    from structlora.repro.plan import load_plan
+
+    cover = pd.DataFrame([{**r, "tier": name} for name, p in params.items() if p is not None
+                          for r in grid_of(p, load_plan(name))],
                          columns=["task", "method", "seeds", "tier"])
     table = (cover.assign(cell=lambda d: d["tier"] + ":" + d["seeds"].astype(str))
              .groupby(["method", "task"])["cell"].agg(" ".join).unstack("task")
@@ -115,12 +125,13 @@ def peft_ranks(summ: pd.DataFrame, tasks: Sequence[str]) -> pd.DataFrame:
 
 
 def main_claims(ok: pd.DataFrame, tasks: Sequence[str], notebook: str, tier: str,
-                seeds_cap: int | None = None) -> list[Claim]:
+                seeds_cap: int | None = None, plan: Plan | None = None) -> list[Claim]:
     """Per task: StructLoRA − LoRA (Table 1 or 2), and StructLoRA − the strongest other PEFT method, the
     competitor chosen by mean *validation* accuracy (never test), against the paper's margin over its own
     strongest competitor. When that competitor is LoRA the second claim points to the first
     (``same_as``) instead of counting the comparison twice. Comparisons where every run of both arms
-    predicts one class are inconclusive (`collapse_status`)."""
+    predicts one class are inconclusive (`collapse_status`). StructLoRA − LoRA takes its power analysis
+    from the registered ``plan`` once its pilot set the seeds (T1, T2), else from ``seeds_cap``."""
     claims = []
     tests = {r["task"]: r for r in paired_test(ok, method="structlora", baseline="lora", metric="acc",
                                                by=("task",)).to_dict("records")}
@@ -128,10 +139,12 @@ def main_claims(ok: pd.DataFrame, tasks: Sequence[str], notebook: str, tier: str
         table_no, col = paper.MAIN_TABLE[t], paper.PAPER_TASK[t][paper.MAIN_TABLE[t]]
         pdiff = paper.paper_diff(table_no, t)
         degenerate, note = collapse_status(ok[(ok["task"] == t) & ok["method"].isin(["structlora", "lora"])])
+        cid = f"T{table_no}.{t}.structlora>lora"
+        power = (plan.power(cid) if plan is not None else {}) or {"seeds_cap": seeds_cap}
         claims.append(claim_from_test(
-            f"T{table_no}.{t}.structlora>lora", notebook, tier,
+            cid, notebook, tier,
             f"StructLoRA beats LoRA on {t} ({TASK_MODEL[t]}; paper: {col}, Table {table_no})", tests.get(t), pdiff,
-            paper_value=f"{pdiff:+.1f} (Table {table_no}, {col})", seeds_cap=seeds_cap, degenerate=degenerate,
+            paper_value=f"{pdiff:+.1f} (Table {table_no}, {col})", **power, degenerate=degenerate,
             note=note if t in tests else "StructLoRA or LoRA did not run on this task in this tier"))
     for t in tasks:
         table_no, col = paper.MAIN_TABLE[t], paper.PAPER_TASK[t][paper.MAIN_TABLE[t]]

@@ -59,7 +59,8 @@ class Plan:
     pilot_seeds: list[int]                      # the internal pilot, reused in the confirmatory test
     budget_core_hours: float                    # every run of the plan, pilots and pretraining included
     alpha: float = 0.05                         # family-wise error of the primary family
-    seeds: dict[str, int] = field(default_factory=dict)   # claim -> seeds, filled from the pilot
+    seeds: dict[str, int] = field(default_factory=dict)   # claim -> seeds bought, filled from the pilot
+    needed: dict[str, int] = field(default_factory=dict)  # claim -> seeds the power analysis asks for
     budget_check: dict[str, Any] = field(default_factory=dict)
     source: str = ""
 
@@ -71,7 +72,7 @@ class Plan:
             raise ValueError(f"{self.source}: pilot_seeds must be >= 2 distinct seeds, got {self.pilot_seeds}")
         if not 0 < self.alpha < 1 or not self.budget_core_hours > 0:
             raise ValueError(f"{self.source}: need 0 < alpha < 1 and budget_core_hours > 0")
-        unknown = sorted(set(self.seeds) - set(ids))
+        unknown = sorted((set(self.seeds) | set(self.needed)) - set(ids))
         if unknown:
             raise ValueError(f"{self.source}: seeds for claims outside the primary family: {unknown}")
         small = {k: v for k, v in self.seeds.items() if v < len(self.pilot_seeds)}
@@ -92,6 +93,20 @@ class Plan:
     def comparison(self, claim: str) -> Comparison | None:
         return next((c for c in self.primary if c.claim == claim), None)
 
+    def power(self, claim: str) -> dict[str, int]:
+        """`claims.claim_from_test` arguments of a primary claim whose seeds the pilot set: the seeds its
+        power analysis needs against the seeds the budget bought (more needed than bought: undecidable
+        at this scale); ``{}`` for any other claim."""
+        if self.comparison(claim) is None or claim not in self.needed:
+            return {}
+        return {"seeds_required": self.needed[claim], "seeds_cap": len(self.seeds_of(claim))}
+
+    def arm_seeds(self, task: str, rank: int, fraction: float) -> list[int] | None:
+        """The seeds of both arms of the primary comparison at (task, rank, fraction), if there is one."""
+        c = next((c for c in self.primary if (c.task, c.rank) == (task, rank)
+                  and math.isclose(c.fraction, fraction)), None)
+        return self.seeds_of(c.claim) if c is not None else None
+
 
 def load_plan(tier: str, root: str | Path | None = None) -> Plan | None:
     """The tier's plan, or None when it has none (the smoke and gpu tiers)."""
@@ -102,7 +117,7 @@ def load_plan(tier: str, root: str | Path | None = None) -> Plan | None:
         return None
     data = yaml.safe_load(path.read_text()) or {}
     known = {"name", "registered", "primary", "alpha", "margin", "budget_check", "pilot_seeds",
-             "budget_core_hours", "seeds"}
+             "budget_core_hours", "seeds", "needed"}
     unknown = sorted(set(data) - known)
     if unknown:
         raise ValueError(f"{path}: unknown keys {unknown}")
@@ -110,6 +125,7 @@ def load_plan(tier: str, root: str | Path | None = None) -> Plan | None:
                 pilot_seeds=[int(s) for s in data["pilot_seeds"]],
                 budget_core_hours=float(data["budget_core_hours"]), alpha=float(data.get("alpha", 0.05)),
                 seeds={str(k): int(v) for k, v in (data.get("seeds") or {}).items()},
+                needed={str(k): int(v) for k, v in (data.get("needed") or {}).items()},
                 budget_check=dict(data.get("budget_check") or {}), source=str(path))
 
 

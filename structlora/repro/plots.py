@@ -29,7 +29,7 @@ __all__ = [
     "figure_path",
     "save_figure",
     "method_bars",
-    "gain_curve",
+    "gain_panels",
     "ours_vs_paper",
     "layer_heatmap",
     "ablation_panels",
@@ -158,54 +158,48 @@ def method_bars(df: pd.DataFrame, metric: str = "test_accuracy", *, x: str = "me
     return _finish(fig, title)
 
 
-def gain_curve(gains: pd.DataFrame, x: str, *, hue: str | None = "task", y: str = "diff_mean",
-               ci: tuple[str, str] | None = ("ci_low", "ci_high"), paper: pd.DataFrame | None = None,
-               paper_y: str = "gain", logx: bool = False, xlabel: str | None = None,
-               ylabel: str = "StructLoRA − LoRA (points)", title: str | None = None,
-               ax: plt.Axes | None = None) -> plt.Figure:
-    """Our paired gain (with its 95% CI as error bars) against ``x`` (rank, data fraction, ...).
+def gain_panels(gains: pd.DataFrame, x: str, paper: pd.DataFrame, *, xlabel: str, labels: dict[str, str],
+                fmt: str = "{:g}", title: str | None = None) -> plt.Figure:
+    """Tables 3-4 per task: one panel per task of our StructLoRA - LoRA gain at every ``x`` (95% CI as
+    error bars; the plan's family-wise interval, where the point is primary, as a wider pale bar) beside
+    the paper's gain for the column the task stands in for (``labels``: task -> column name), dashed.
 
-    ``gains``: one row per (``x``, ``hue``) with ``y`` and optionally the CI columns.
-    ``paper``: optional rows (``x``, ``hue``, ``paper_y``) drawn dashed with hollow markers.
-    A horizontal line marks zero (no gain).
+    ``gains``: rows of `sweeps.gain_frame` (``task``, ``x``, ``diff_mean``, ``ci_low``, ``ci_high``,
+    ``fw_low``, ``fw_high``, ``n``); ``paper``: rows of `sweeps.paper_frame` (``task``, ``x``, ``gain``).
+    The x positions are evenly spaced and every one is labelled (``fmt``), ours and the paper's alike; a
+    point we did not run shows only the paper's value. ``n`` (paired seeds) is written under each point.
     """
-    if ax is None:
-        fig, ax = plt.subplots(figsize=(5.5, 3.6))
-    else:
-        fig = ax.figure
-    groups = list(dict.fromkeys(gains[hue])) if hue and len(gains) else [None]
-    colors = dict(zip(groups, sns.color_palette("deep", max(1, len(groups)))))
-    for g in groups:
-        sub = gains if g is None else gains[gains[hue] == g]
-        sub = sub.sort_values(x)
-        xs = sub[x].to_numpy(dtype=float)
-        ys = sub[y].to_numpy(dtype=float)
-        if ci and ci[0] in sub and ci[1] in sub:
-            lo = ys - sub[ci[0]].to_numpy(dtype=float)
-            hi = sub[ci[1]].to_numpy(dtype=float) - ys
-            yerr = np.vstack([np.nan_to_num(lo), np.nan_to_num(hi)])
-        else:
-            yerr = None
-        ax.errorbar(xs, ys, yerr=yerr, marker="o", capsize=3, color=colors[g], label=f"ours: {g}" if g else "ours")
-    if paper is not None and len(paper):
-        pgroups = list(dict.fromkeys(paper[hue])) if hue and hue in paper else [None]
-        pcols = sns.color_palette("muted", max(1, len(pgroups)))
-        for k, g in enumerate(pgroups):
-            sub = paper if g is None else paper[paper[hue] == g]
-            sub = sub.sort_values(x)
-            ax.plot(sub[x].to_numpy(dtype=float), sub[paper_y].to_numpy(dtype=float), linestyle="--", marker="s",
-                    markerfacecolor="white", color=pcols[k], alpha=0.8, label=f"paper: {g}" if g else "paper")
-    ax.axhline(0.0, color="black", linewidth=0.8)
-    if logx:
-        ax.set_xscale("log", base=2)
-        ticks = sorted(set(gains[x].astype(float))) if len(gains) else []
-        if ticks:
-            ax.set_xticks(ticks, [f"{t:g}" for t in ticks])
-    ax.set_xlabel(xlabel or x)
-    ax.set_ylabel(ylabel)
-    ax.legend(fontsize="x-small", loc="best")
+    tasks = list(dict.fromkeys(list(gains["task"]) + list(paper["task"])))
+    fig, axes = plt.subplots(1, max(1, len(tasks)), figsize=(4.6 * max(1, len(tasks)), 3.6), squeeze=False)
+    for ax, task in zip(axes[0], tasks):
+        ours = gains[gains["task"] == task].sort_values(x)
+        theirs = paper[paper["task"] == task].sort_values(x)
+        values = sorted(set(ours[x].astype(float)) | set(theirs[x].astype(float)))
+        pos = {v: i for i, v in enumerate(values)}
+        px = [pos[float(v)] for v in theirs[x]]
+        ax.plot(px, theirs["gain"], linestyle="--", marker="s", markerfacecolor="white", color="0.45",
+                label=f"paper: {labels.get(task, task)}")
+        ox = np.array([pos[float(v)] for v in ours[x]], dtype=float)
+        y = ours["diff_mean"].to_numpy(dtype=float)
+        if "fw_low" in ours and ours["fw_low"].notna().any():
+            fw = np.vstack([np.nan_to_num(y - ours["fw_low"].to_numpy(dtype=float)),
+                            np.nan_to_num(ours["fw_high"].to_numpy(dtype=float) - y)])
+            ax.errorbar(ox, y, yerr=fw, fmt="none", elinewidth=6, alpha=0.25, color="C0",
+                        label="family-wise interval (primary)")
+        err = np.vstack([np.nan_to_num(y - ours["ci_low"].to_numpy(dtype=float)),
+                         np.nan_to_num(ours["ci_high"].to_numpy(dtype=float) - y)])
+        ax.errorbar(ox, y, yerr=err, marker="o", capsize=3, color="C0", label=f"ours: {task} (95% CI)")
+        for xi, yi, n in zip(ox, y, ours.get("n", pd.Series([None] * len(ours)))):
+            if n is not None and n == n:
+                ax.annotate(f"n={int(n)}", (xi, yi), textcoords="offset points", xytext=(6, -10), fontsize="x-small")
+        ax.axhline(0.0, color="black", linewidth=0.8)
+        ax.set_xticks(range(len(values)), [fmt.format(v) for v in values])
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel("StructLoRA − LoRA (points)")
+        ax.set_title(task)
+        ax.legend(fontsize="x-small", loc="best")
     if title:
-        ax.set_title(title)
+        fig.suptitle(title)
     fig.tight_layout()
     return fig
 

@@ -14,7 +14,7 @@ import numpy as np
 import pandas as pd
 from scipy import stats as _st
 
-__all__ = ["summarize", "paired_test", "verdict", "compare_to_paper", "single_class_runs", "single_class_table", "VERDICTS",
+__all__ = ["paired_difference", "summarize", "paired_test", "verdict", "compare_to_paper", "single_class_runs", "single_class_table", "VERDICTS",
            "OUTCOMES", "DIRECTION_ONLY", "seeds_needed", "holm", "decide", "identical_arms"]
 
 VERDICTS = ("reproduced", "not reproduced", "inconclusive")
@@ -47,6 +47,12 @@ def summarize(df: pd.DataFrame, metric: str = "test_accuracy", by: Sequence[str]
     out["mean ± std"] = [f"{m:.{digits}f}" if n < 2 else f"{m:.{digits}f} ± {s:.{digits}f}"
                          for m, s, n in zip(out["mean"], out["std"], out["n"])]
     return out
+
+
+def paired_difference(x: Sequence[float], y: Sequence[float], confidence: float = 0.95) -> dict[str, float]:
+    """Paired statistics of d = x - y for two aligned samples (e.g. two per-seed contrasts): ``n``,
+    ``diff_mean``, ``diff_std``, ``ci_low`` / ``ci_high`` (t-interval), ``t`` and two-sided ``p``."""
+    return _paired_stats(np.asarray(x, dtype=float), np.asarray(y, dtype=float), confidence)
 
 
 def _paired_stats(x: np.ndarray, y: np.ndarray, confidence: float) -> dict[str, float]:
