@@ -62,14 +62,15 @@ TASK_MODEL = {"sst2": "minilm-l6", "fmnist-transfer": "vit-tiny-fmnist"}
 PAPER_T1 = 3.6  # StructLoRA - LoRA, Table 1 (CIFAR-100, for which fmnist-transfer stands in)
 
 
-def lr_specs(task: str = "sst2") -> list[RunSpec]:
+def lr_specs(task: str = "sst2", methods: list[str] | None = None) -> list[RunSpec]:
     if task == "sst2":
         return [RunSpec.make("sst2", "minilm-l6", m, rank=8, seed=s, lr=lr, **BUDGET, **STAGES.get(m, {}))
                 for i in range(6) for m, lrs in LR_GRID.items() for lr in lrs[i:i + 1] for s in (0, 1)]
     model = TASK_MODEL[task]
     budget = {k: v for k, v in load_budget("cpu")[model].items() if k != "lr"}
     return [RunSpec.make(task, model, m, rank=8, seed=s, lr=lr, **budget)
-            for i in range(6) for m, lrs in VIT_LR_GRID.items() for lr in lrs[i:i + 1] for s in (0, 1)]
+            for i in range(6) for m, lrs in VIT_LR_GRID.items() if methods is None or m in methods
+            for lr in lrs[i:i + 1] for s in (0, 1)]
 
 
 def budget_specs(task: str, factor: int = 2, seeds: tuple[int, ...] = (0, 1)) -> tuple[list[RunSpec], list[RunSpec]]:
@@ -153,6 +154,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--jobs", type=int, default=2)
     p.add_argument("--task", choices=sorted(TASK_MODEL), default="sst2", help="lr only: sst2 or fmnist-transfer")
     p.add_argument("--show", action="store_true", help="only print the table of the finished records")
+    p.add_argument("--methods", nargs="+", default=None, help="lr on fmnist-transfer: only these methods")
     a = p.parse_args(argv)
     if a.task != "sst2" and a.which not in ("lr", "budget"):
         p.error("--task applies to the lr and budget pilots only")
@@ -164,7 +166,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     folder = f"results/pilot/{a.task}"
     if not a.show:
-        specs = lr_specs(a.task) if a.which == "lr" else {"stages": stage_specs, "gates": gate_specs}[a.which]()
+        specs = lr_specs(a.task, a.methods) if a.which == "lr" else {"stages": stage_specs, "gates": gate_specs}[a.which]()
         run_grid(specs, results_dir=folder, n_jobs=a.jobs, progress=True)
     table = _table(folder)
     with pd.option_context("display.width", 250, "display.max_columns", 30):

@@ -330,6 +330,13 @@ def test_pending_runs_train_primary_family_first_seed_by_seed(tmp_path):
     assert order[:4] == [mk("structlora", 0), mk("lora", 1), mk("structlora", 1), mk("filter_ib", 1, keep_ratio=0.5)]
     assert order[4] == mk("dora", 0)
     assert set(order[5:]) == {mk("structlora", 0, graph="similarity"), mk("lora", 1, rank=4), mk("lora", 0, fraction=0.1)}
+    # with the registered plan, its primary comparisons come first, seed by seed in the plan's order
+    from structlora.repro.plan import load_plan
+
+    plan = load_plan("cpu")
+    order = [s for s, _, _ in sorted(items, key=lambda it: priority(it[0], plan))]
+    assert order[:5] == [mk("lora", 0, fraction=0.1), mk("structlora", 0), mk("lora", 1, rank=4), mk("lora", 1),
+                         mk("structlora", 1)]
 
 
 def test_make_reproduce_reexecutes_from_records_and_trains_only_when_asked():

@@ -28,6 +28,7 @@ import contextlib
 import difflib
 import hashlib
 import json
+import math
 import os
 import re
 import signal
@@ -392,7 +393,7 @@ def read_pending(path: Path) -> list[tuple[Any, str, bool]]:
     return list(out.values())
 
 
-# The pre-registered primary family's runs (claims.PRIMARY; r = 8, all the data), in the order the
+# The mechanism family's runs (claims.MECHANISM; r = 8, all the data), in the order the
 # pending runs train, in waves of (task, method, method kwargs): within a wave seed by seed, so the paired comparisons grow
 # together and a session that stops leaves whole seeds behind. Wave 1 is sst2's StructLoRA stages
 # against LoRA; wave 2 the best-PEFT candidate and fmnist-transfer (which waits for a ViT that reaches
@@ -407,14 +408,21 @@ PRIMARY_RUNS: tuple[tuple[tuple[str, str, dict[str, Any] | None], ...], ...] = (
 )
 
 
-def priority(spec: Any) -> tuple[int, int, int, str]:
-    """Sort key of a pending run: wave by wave of `PRIMARY_RUNS` (seed, then order), the rest after."""
+def priority(spec: Any, plan: Any = None) -> tuple[int, int, int, str]:
+    """Sort key of a pending run: first the registered ``plan``'s primary comparisons (both arms at
+    their defaults), seed by seed and, within a seed, in the plan's order (so paired seeds grow together
+    and a stop leaves whole pairs); then wave by wave of `PRIMARY_RUNS` (seed, then order); the rest
+    after."""
     kw = spec.method_kwargs_dict()
-    for w, wave in enumerate(PRIMARY_RUNS):
+    if plan is not None and spec.method in ("lora", "structlora") and not kw:
+        for i, c in enumerate(plan.primary):
+            if (spec.task, spec.rank) == (c.task, c.rank) and math.isclose(spec.fraction, c.fraction):
+                return (0, spec.seed, i, spec.key())
+    for w, wave in enumerate(PRIMARY_RUNS, start=1):
         for i, (task, method, want) in enumerate(wave):
             if (spec.task, spec.method, spec.rank, spec.fraction) == (task, method, 8, 1.0) and want in (None, kw):
                 return (w, spec.seed, i, spec.key())
-    return (len(PRIMARY_RUNS), spec.seed, 0, spec.key())
+    return (len(PRIMARY_RUNS) + 1, spec.seed, 0, spec.key())
 
 
 def train_pending(tier: str, n_jobs: int = 2, root: Path | None = None) -> int:
@@ -422,9 +430,12 @@ def train_pending(tier: str, n_jobs: int = 2, root: Path | None = None) -> int:
     notebook probes also keep their weights (``run_grid(keep_weights=...)``, as ``train_spec`` does)."""
     from .grid import run_grid
 
+    from .plan import load_plan
+
     root = root or repo_root()
     path = pending_path(tier, root)
-    items = sorted(read_pending(path), key=lambda it: priority(it[0]))
+    plan = load_plan(tier, root)
+    items = sorted(read_pending(path), key=lambda it: priority(it[0], plan))
     if not items:
         print(f"nothing pending in {path} (run python -m structlora reproduce --tier {tier} --records-only first)")
         return 0
