@@ -17,7 +17,8 @@ lock: setup
 lab: setup
 	$(PY) -m jupyter lab notebooks
 
-# the unit/integration tests and the notebooks (smoke tier) under nbval, in one pytest run
+# the unit/integration tests (the smoke tier of every notebook among them) and nbval over the committed
+# notebooks (the cpu tier re-executed from the committed records, checked cells compared), in one pytest run
 test: setup
 	$(PY) -m pytest -q tests notebooks --nbval-lax --nbval-sanitize-with notebooks/nbval_sanitize.cfg; \
 	rc=$$?; [ $$rc -eq 5 ] && { echo "no tests collected" >&2; exit 1; }; exit $$rc
@@ -38,7 +39,7 @@ else ifdef RETRAIN
 else
 	$(if $(TRAIN),$(PY) -m structlora reproduce --tier $(TIER) $(ONLY_ARG) --records-only --no-ledger && \
 	  $(PY) -m structlora reproduce --tier $(TIER) --train-pending &&) \
-	$(PY) -m structlora reproduce --tier $(TIER) $(ONLY_ARG) --records-only
+	$(PY) -m structlora reproduce --tier $(TIER) $(ONLY_ARG) --records-only $(if $(filter cpu,$(TIER)),--update-notebooks)
 endif
 
 bench: setup

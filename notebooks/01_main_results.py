@@ -95,22 +95,34 @@ display(paper.table_frame(2))
 # %% [markdown]
 # ## Parameters
 #
-# The cell below holds the **smoke** tier (seconds per run: it checks that every code path runs, its
-# numbers mean nothing). `python -m structlora reproduce --tier cpu|gpu` replaces it with
-# `params/<tier>/01_main_results.yml`. The budget (steps, batch, learning rate of each method) is the
+# The cell below holds the **cpu** tier, read from the committed run records (`TRAIN = False`: nothing
+# trains, a run without a record shows as pending; `TRAIN = True` trains what is missing, two runs side
+# by side). `python -m structlora reproduce --tier smoke|gpu` replaces it with `params/<tier>/01_main_results.yml`. The budget (steps, batch, learning rate of each method) is the
 # tier's one `params/<tier>/budget.yml`, shared by every notebook; `TASK_METHODS` / `TASK_SEEDS`
 # override `METHODS` / `SEEDS` for one task (`TASK_SEEDS[task]` may also map methods to their seeds).
 
 # %% tags=["parameters"]
-TIER = "smoke"
-RESULTS_DIR = "results/smoke/runs"
-TASKS = ["sst2", "boolq"]
-METHODS = ["lora", "structlora", "adapterfusion"]
-TASK_METHODS = {"boolq": ["lora", "structlora"]}
-SEEDS = [0, 1]
-TASK_SEEDS = {"boolq": [0]}
+# 01_main_results, cpu tier (python -m structlora reproduce --tier cpu --only 01), protocol 2
+# expected wall time: ~2 h on 2 CPU cores if nothing is cached (12 sst2 runs of ~8.5 min and 42 vit-tiny
+# runs of ~2.5 min, two side by side; budget in params/cpu/budget.yml). Committed (2026-12-02): LoRA and
+# StructLoRA on sst2, seeds 0-2, and the fmnist-transfer runs of wave 3 (docs/notebooks.md); whatever has
+# no record yet is shown as pending (`make reproduce` lists it; `make reproduce TRAIN=1` trains it).
+# Every Table 1/2 method on fmnist-transfer (vit-tiny, the CIFAR-100 stand-in), 3 seeds (the power
+# analysis of wave 3 asks for 3: pilot sigma_d 0.58 against Table 1's +3.6); LoRA, DoRA, VeRA and
+# StructLoRA on sst2 (minilm), 3 seeds. mrpc, rte, boolq, piqa and the other methods on sst2 run in the
+# gpu tier (smollm2 steps cost ~4 s each on 2 cores).
+TIER = "cpu"
+RESULTS_DIR = "results/runs"
+TASKS = ["fmnist-transfer", "sst2"]
+METHODS = ["full_ft", "linear_probe", "adapter", "prefix", "adapterfusion", "lora", "qlora", "dora", "vera",
+           "lora_fa", "adalora", "dylora", "sensitivity_lora", "lora_dropout", "loraprune",
+           "structlora"]
+TASK_METHODS = {"sst2": ["lora", "dora", "vera", "structlora"]}
+SEEDS = [0, 1, 2]
+TASK_SEEDS = {}
 RANK = 8
-N_JOBS = 1
+N_JOBS = 2
+TRAIN = False  # False: read the committed records, train nothing (runs without one show as pending)
 
 # %%
 from structlora.repro.notebook import TASK_MODEL, load_budget, run_summary, tier_params
@@ -155,7 +167,7 @@ print(left_out)
 # rerun (or a resumed `reproduce` job) only trains what is missing.
 
 # %%
-df = run_grid(specs, results_dir=RESULTS_DIR, n_jobs=N_JOBS, progress=True)
+df = run_grid(specs, results_dir=RESULTS_DIR, n_jobs=N_JOBS, progress=True, train=TRAIN)
 ok = df[df["status"] == "ok"].copy()
 ok["acc"] = 100.0 * ok["test_accuracy"]
 ok["single_class"] = single_class_runs(ok, NUM_CLASSES)  # runs that predict one class (did not train)

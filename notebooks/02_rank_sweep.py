@@ -87,18 +87,28 @@ _T0 = time.perf_counter()
 display(paper.table_frame(3))
 
 # %% [markdown]
-# ## Parameters (smoke tier; `params/<tier>/02_rank_sweep.yml` replaces them)
+# ## Parameters
 #
-# The smoke tier only checks that every cell runs (3 optimizer steps per run, one seed). `SEEDS` are the
-# seeds of the exploratory points; a point the tier's plan names runs the plan's seeds.
+# The cell below holds the **cpu** tier, read from the committed run records (`TRAIN = False`: nothing
+# trains, a run without a record shows as pending; `TRAIN = True` trains what is missing).
+# `python -m structlora reproduce --tier smoke|gpu` replaces it with `params/<tier>/02_rank_sweep.yml`. `SEEDS` are
+# the seeds of the exploratory points; a point the tier's plan names runs the plan's seeds.
 
 # %% tags=["parameters"]
-TIER = "smoke"
-RESULTS_DIR = "results/smoke/runs"
-TASKS = ["sst2"]
-RANKS = [8, 16]
-SEEDS = [0]
-N_JOBS = 1
+# 02_rank_sweep, cpu tier (python -m structlora reproduce --tier cpu --only 02)
+# LoRA vs StructLoRA at r = 2, 4, 8, 16, 32 on fmnist-transfer (vit-tiny-fmnist, for the paper's CIFAR-100
+# column) and sst2 (minilm-l6, for its BoolQ column). r = 2 and 4 are primary claims of the registered
+# plan (params/cpu/plan.yml) and run its seeds; r = 8 is T1/T2 (notebook 01's runs, the plan's seeds);
+# r = 16 and 32 are exploratory with SEEDS. Expected cost with nothing cached: ~30 fmnist-transfer runs
+# of ~2.5 min and ~30 sst2 runs of ~8 min at the pilot's 3 seeds (one torch thread each, two side by
+# side: ~2.5 h on 2 cores), plus whatever seeds the plan buys after its pilot.
+TIER = "cpu"
+RESULTS_DIR = "results/runs"
+TASKS = ["fmnist-transfer", "sst2"]
+RANKS = [2, 4, 8, 16, 32]
+SEEDS = [0, 1, 2]
+N_JOBS = 2
+TRAIN = False  # False: read the committed records, train nothing (runs without one show as pending)
 
 # %%
 BUDGET = load_budget(TIER)  # params/<tier>/budget.yml: the tier's one budget, shared by every notebook
@@ -112,7 +122,7 @@ for t in TASKS:
 print("paper column coco_caption: not run in any tier (no vision-language model or caption data offline)")
 
 # %%
-df = run_grid(specs, results_dir=RESULTS_DIR, n_jobs=N_JOBS, progress=True)
+df = run_grid(specs, results_dir=RESULTS_DIR, n_jobs=N_JOBS, progress=True, train=TRAIN)
 ok = df[df["status"] == "ok"].copy()
 ok["acc"] = 100.0 * ok["test_accuracy"]
 ok["single_class"] = single_class_runs(ok, NUM_CLASSES)

@@ -106,23 +106,37 @@ display(paper.table_frame(9))
 # %% [markdown]
 # ## Parameters
 #
-# The cell below holds the **smoke** tier (seconds per run: it checks that every code path runs, its
-# numbers mean nothing). `python -m structlora reproduce --tier cpu|gpu` replaces it with
-# `params/<tier>/04_ablations.yml`. `TASKS` maps each task to the ablation groups it runs
+# The cell below holds the **cpu** tier, read from the committed run records (`TRAIN = False`: nothing
+# trains, a run without a record shows as pending; `TRAIN = True` trains what is missing, two runs side
+# by side). `python -m structlora reproduce --tier smoke|gpu` replaces it with `params/<tier>/04_ablations.yml`. `TASKS` maps each task to the ablation groups it runs
 # (`components` = Table 5, `gnn_depth` / `graph` = Table 6, `penalties` = Table 9); `BUDGET` is per
 # model; `SEEDS_BY_MODEL` overrides `SEEDS` for one model and `SEEDS_BY_VARIANT` for one variant (the
 # seeds the power analysis asks for, docs/notebooks.md).
 
 # %% tags=["parameters"]
-TIER = "smoke"
-RESULTS_DIR = "results/smoke/runs"
-TASKS = {"sst2": ["components", "gnn_depth", "graph", "penalties", "coupling"]}
-SEEDS = [0]
+# 04_ablations, cpu tier (python -m structlora reproduce --tier cpu --only 04), protocol 2
+# expected wall time: ~2.7 h on 2 CPU cores after 01 (39 new sst2 runs of ~8.5 min, two side by side;
+# 45 runs with 01's LoRA and StructLoRA seeds 0-2: 6.4 core-hours with nothing cached).
+# Wave 1 (2026-12-02): full, no gate, no coordinator, adjacency graph and static coupling, seeds 0-2.
+# Wave 2 (SEEDS_BY_VARIANT below): full and static coupling to 10 seeds, no gate to 7, no coordinator to 4;
+# wave 4 (docs/notebooks.md): no coordinator to 6 (its 4-seed sigma_d 0.50 -> 6; the last re-estimation).
+# Similarity-only graph and zero-start gains (exploratory) run last.
+# Table 5 (components: full / no gate / no coordinator / neither), Table 6's graph choice and E.5's learned vs static coupling
+# (adjacency / similarity / hybrid) on sst2 (minilm-l6), 3 seeds (more per SEEDS_BY_VARIANT). The GNN-depth and penalty groups,
+# fmnist-transfer (vit-tiny) and boolq (smollm2) run in the gpu tier only.
+# wave 2 (docs/notebooks.md): the seeds stats.seeds_needed asks for from wave 1's sigma_d (no gate 0.98 -> 7,
+# no coordinator 0.35 -> 4, then 0.50 at 4 seeds -> 6 in wave 4); static coupling (T9, direction only) to the cap of 10; the full model to the most
+# any comparison needs. Adjacency (T6, sigma_d 0.92 -> 23 > 10) stays at 3: undecidable at this scale.
+TIER = "cpu"
+RESULTS_DIR = "results/runs"
+TASKS = {"sst2": ["components", "graph", "coupling"]}
+SEEDS = [0, 1, 2]
 SEEDS_BY_MODEL = {}
-SEEDS_BY_VARIANT = {}
+SEEDS_BY_VARIANT = {"full": [0, 1, 2, 3, 4, 5, 6, 7, 8, 9], "no_gate": [0, 1, 2, 3, 4, 5, 6], "no_coord": [0, 1, 2, 3, 4, 5], "static_eta": [0, 1, 2, 3, 4, 5, 6, 7, 8, 9]}
 RANK = 8
 PENALTY_WEIGHT = 0.1
 N_JOBS = 1
+TRAIN = False  # False: read the committed records, train nothing (runs without one show as pending)
 
 # %%
 from structlora.repro.notebook import TASK_MODEL, load_budget, run_summary, tier_params
@@ -188,7 +202,7 @@ print("never run here: COCO captioning / LLaVA-1.5-7B (no vision-language model 
 # (runs shared with other notebooks, e.g. LoRA and StructLoRA at the same budget, are trained once).
 
 # %%
-df = run_grid(specs, results_dir=RESULTS_DIR, n_jobs=N_JOBS, progress=True)
+df = run_grid(specs, results_dir=RESULTS_DIR, n_jobs=N_JOBS, progress=True, train=TRAIN)
 df["variant"] = [variant_of[k][1] for k in df["key"]]
 ok = df[df["status"] == "ok"].copy()
 for col in ("diag_drift_energy", "diag_cos_adj"):   # absent until a run has finished (records-only mode)

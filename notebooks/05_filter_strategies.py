@@ -65,6 +65,7 @@ if importlib.util.find_spec("structlora") is None:
 # %%
 import os
 import time
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -78,7 +79,7 @@ from structlora.repro import filters, paper, plots
 from structlora.repro.claims import write_claims
 from structlora.repro.grid import RunSpec, run_grid, train_spec
 from structlora.repro.notebook import wall_time
-from structlora.repro.probes import correlation_table, removal_table
+from structlora.repro.probes import correlation_table, kept_table, removal_table
 from structlora.repro.stats import summarize
 
 pd.set_option("display.width", 200)
@@ -90,8 +91,9 @@ _T0, _C0 = time.perf_counter(), time.process_time()
 # %% [markdown]
 # ## Parameters
 #
-# The cell below holds the **smoke** tier (seconds per run; its numbers mean nothing).
-# `python -m structlora reproduce --tier cpu|gpu` replaces it with `params/<tier>/05_filter_strategies.yml`.
+# The cell below holds the **cpu** tier, read from the committed run records (`TRAIN = False`: nothing
+# trains, a run without a record shows as pending; `TRAIN = True` trains what is missing).
+# `python -m structlora reproduce --tier smoke|gpu` replaces it with `params/<tier>/05_filter_strategies.yml`.
 # `FILTER_OPTIONS` go to the three filters alike (`filter_warmup_steps`: steps before the keep mask is
 # enforced; `rescore_every`: Top-k Norm re-scoring period); `{}` keeps the library defaults (50, 50).
 # `PROBE_METHODS` are the trained models probed by single-direction removal (seed `PROBE_SEED`, first
@@ -99,23 +101,36 @@ _T0, _C0 = time.perf_counter(), time.process_time()
 # of each module family (`None`: every layer).
 
 # %% tags=["parameters"]
-TIER = "smoke"
-RESULTS_DIR = "results/smoke/runs"
+# 05_filter_strategies, cpu tier (python -m structlora reproduce --tier cpu --only 05), protocol 2
+# expected wall time: ~1.9 h on 2 CPU cores (30 filter runs of ~7.5 min, two side by side: 3.75
+# core-hours, plus the single-direction removal probe, ~5 min: 144 probe evaluations of 256 examples, on
+# the probed models' committed weights). Wave 1 (2026-12-02): seeds 0-2 of the three filters; wave 2:
+# seeds 3-9.
+# IB / Random / Top-k Norm filters at keep ratio 0.5 (4 of r=8 directions per module) on sst2
+# (minilm-l6), 10 seeds, plus LoRA (all 8 directions, shared with 01) for reference; single-direction
+# removal probe on filter_ib and structlora_no_coord (seed 0) over 256 validation examples, every layer.
+# boolq (smollm2) and fmnist-transfer (vit-tiny) run in the gpu tier. The keep masks switch on after
+# 25 steps (FILTER_OPTIONS).
+# wave 2 (docs/notebooks.md): Fig. 2's claims are direction only ("> 0", no effect to size), so the three
+# filters run to the seed cap of 10; the LoRA reference keeps 01's 3 seeds.
+TIER = "cpu"
+RESULTS_DIR = "results/runs"
 TASKS = ["sst2"]
 STRATEGIES = ["filter_ib", "filter_random", "filter_topk_norm"]
 REFERENCE = ["lora"]
 KEEP_RATIO = 0.5
-FILTER_OPTIONS = {"filter_warmup_steps": 1, "rescore_every": 1}
-SEEDS = [0]
+FILTER_OPTIONS = {"filter_warmup_steps": 25, "rescore_every": 25}
+SEEDS = [0, 1, 2, 3, 4, 5, 6, 7, 8, 9]
 SEEDS_BY_MODEL = {}
-SEEDS_BY_METHOD = {}
+SEEDS_BY_METHOD = {"lora": [0, 1, 2]}
 RANK = 8
 PROBE_METHODS = ["filter_ib", "structlora_no_coord"]
 PROBE_SEED = 0
-PROBE_EXAMPLES = 16
-PROBE_LAYERS = 2
-BOOTSTRAP = 200
+PROBE_EXAMPLES = 256
+PROBE_LAYERS = None
+BOOTSTRAP = 2000
 N_JOBS = 1
+TRAIN = False  # False: read the committed records, train nothing (runs without one show as pending)
 
 # %%
 from structlora.repro.notebook import TASK_MODEL, load_budget, run_summary
@@ -162,8 +177,8 @@ print("left out in this tier:", ", ".join(t for t in ("sst2", "boolq", "fmnist-t
 # %%
 probed = {}
 for m, spec in probe_specs.items():
-    probed[m] = train_spec(spec, RESULTS_DIR, progress=True, progress_leave=False)
-df = run_grid(specs, results_dir=RESULTS_DIR, n_jobs=N_JOBS, progress=True)
+    probed[m] = train_spec(spec, RESULTS_DIR, progress=True, progress_leave=False, train=TRAIN)
+df = run_grid(specs, results_dir=RESULTS_DIR, n_jobs=N_JOBS, progress=True, train=TRAIN)
 ok = df[df["status"] == "ok"].copy()
 ok["acc"] = 100.0 * ok["test_accuracy"]
 print(f"{run_summary(df)}; "
@@ -235,7 +250,9 @@ for m, trained in probed.items():
     if trained.handle is None:
         print(f"{m}: skipped ({trained.record['skip_reason']})")
         continue
-    removal[m] = removal_table(trained, PROBE_EXAMPLES, PROBE_LAYERS, label=m)
+    kept = Path(RESULTS_DIR) / f"{probe_specs[m].key()}.removal-{PROBE_EXAMPLES}x{PROBE_LAYERS}.json"
+    removal[m] = kept_table(kept, lambda: removal_table(trained, PROBE_EXAMPLES, PROBE_LAYERS, label=m),
+                            reuse=not TRAIN)  # computed once, kept beside the record
     r = removal[m]
     print(f"{m}: base validation loss {r.attrs['base_loss']:.4f} on {r.attrs['n_examples']} examples; "
           f"{int(r['active'].sum())} of {len(r)} directions active")

@@ -1,9 +1,10 @@
 """Checks of the reproduction-notebook machinery (fast; no model is trained here).
 
 * every ``notebooks/0*.py`` / ``.ipynb`` pair is in sync (jupytext: same cells, same sources, same tags);
-* every notebook has one ``parameters`` cell holding the smoke tier, and one yml per non-smoke tier
-  whose keys are parameters of that cell, with an expected-wall-time comment;
-* the committed ``.ipynb`` files carry smoke-tier outputs only and no volatile metadata;
+* every notebook has one ``parameters`` cell holding the cpu tier in records-only mode (``TRAIN =
+  False``), and one yml per other tier (smoke, gpu) whose keys are parameters of that cell;
+* the committed ``.ipynb`` files carry the cpu tier's outputs (executed from the committed records)
+  and no volatile metadata; nbval re-executes them and compares the checked cells;
 * the claims ledger, the paper tables and the ``reproduce`` job (planning, resuming, failure report).
 
 The notebooks' own outputs are checked by nbval:
@@ -81,16 +82,18 @@ def test_pair_in_sync(stem):
 
 
 @pytest.mark.parametrize("stem", STEMS)
-def test_parameters_cell_is_smoke(stem):
+def test_parameters_cell_is_the_cpu_tier_from_records(stem):
     nb = jupytext.read(NB_DIR / f"{stem}.py")
     params = _assigned_names(_parameters_cell(nb))
-    assert params.get("TIER") == "smoke", f"{stem}: the parameters cell must hold the smoke tier (TIER = 'smoke')"
+    assert params.get("TIER") == "cpu", f"{stem}: the parameters cell must hold the cpu tier (TIER = 'cpu')"
+    assert params.get("TRAIN") is False, f"{stem}: 'Run all' must read the records and train nothing (TRAIN = False)"
     rd = params.get("RESULTS_DIR")
     if rd is not None:
-        assert str(rd).startswith("results/smoke/"), f"{stem}: smoke RESULTS_DIR must live under results/smoke/"
+        assert not str(rd).startswith("results/smoke"), f"{stem}: cpu runs must not use results/smoke"
+    assert not (PARAMS / "cpu" / f"{stem}.yml").exists(), f"{stem}: the cpu tier lives in the cell only"
 
 
-@pytest.mark.parametrize("tier", ["cpu", "gpu"])
+@pytest.mark.parametrize("tier", ["smoke", "gpu"])
 @pytest.mark.parametrize("stem", STEMS)
 def test_tier_params(stem, tier):
     import yaml
@@ -98,36 +101,42 @@ def test_tier_params(stem, tier):
     path = PARAMS / tier / f"{stem}.yml"
     assert path.exists(), f"missing {path.relative_to(ROOT)}"
     text = path.read_text(encoding="utf-8")
-    assert re.search(r"(?im)^#.*(expected|wall).*\d", text), f"{path.name}: add a comment with the expected wall time"
+    if tier != "smoke":
+        assert re.search(r"(?im)^#.*(expected|wall).*\d", text), f"{path.name}: add a comment with the expected wall time"
     values = yaml.safe_load(text) or {}
     assert values.get("TIER") == tier, f"{path}: TIER must be {tier!r}"
     nb = jupytext.read(NB_DIR / f"{stem}.py")
     known = set(_assigned_names(_parameters_cell(nb)))
     unknown = set(values) - known
     assert not unknown, f"{path}: {sorted(unknown)} are not parameters of {stem} (parameters cell has {sorted(known)})"
+    assert set(values) == known, f"{path}: sets {sorted(values)}, the parameters cell has {sorted(known)}"
     if "RESULTS_DIR" in values:
-        assert not str(values["RESULTS_DIR"]).startswith("results/smoke"), f"{path}: {tier} runs must not use results/smoke"
+        assert str(values["RESULTS_DIR"]).startswith("results/smoke") == (tier == "smoke"), \
+            f"{path}: only the smoke tier's runs live under results/smoke"
 
 
 _VOLATILE_CELL_META = ("execution", "papermill", "ExecuteTime", "collapsed", "scrolled")
 
 
 @pytest.mark.parametrize("stem", STEMS)
-def test_committed_ipynb_is_smoke_and_clean(stem):
+def test_committed_ipynb_is_cpu_and_clean(stem):
     path = NB_DIR / f"{stem}.ipynb"
     if not path.exists():
         pytest.skip("no .ipynb")
     nb = json.loads(path.read_text(encoding="utf-8"))
     code = [c for c in nb["cells"] if c["cell_type"] == "code"]
-    assert any(c.get("outputs") for c in code), f"{stem}.ipynb carries no outputs: execute it at the smoke tier"
+    assert any(c.get("outputs") for c in code), (f"{stem}.ipynb carries no outputs: python -m structlora reproduce "
+                                                 "--tier cpu --records-only --update-notebooks")
     assert "papermill" not in nb.get("metadata", {}), f"{stem}.ipynb: strip the papermill metadata"
     for i, c in enumerate(nb["cells"]):
         bad = [k for k in _VOLATILE_CELL_META if k in c.get("metadata", {})]
         assert not bad, f"{stem}.ipynb cell {i}: volatile metadata {bad}"
     text = path.read_text(encoding="utf-8")
-    for tier in ("cpu", "gpu"):
+    for tier in ("smoke", "gpu"):
         assert f"TIER = \"{tier}\"" not in text and f"TIER = '{tier}'" not in text, \
-            f"{stem}.ipynb was executed with tier {tier}; commit smoke-tier outputs only"
+            f"{stem}.ipynb was executed with tier {tier}; commit the cpu tier's outputs only"
+    assert nb.get("metadata", {}).get("structlora", {}).get("status") == "records-only", \
+        f"{stem}.ipynb: commit the records-only execution (--tier cpu --records-only --update-notebooks)"
     for c in code:
         for o in c.get("outputs", []):
             if o.get("output_type") == "error":
@@ -234,8 +243,8 @@ def _fake_repo(tmp_path: Path, cells: list[str], stem: str = "01_toy") -> Path:
     p.metadata["tags"] = ["parameters"]
     nb.cells = [p] + [nbformat.v4.new_code_cell(c) for c in cells]
     jupytext.write(nb, tmp_path / "notebooks" / f"{stem}.py", fmt="py:percent")
-    (tmp_path / "params" / "cpu").mkdir(parents=True)
-    (tmp_path / "params" / "cpu" / f"{stem}.yml").write_text("# expected wall time: 1 s\nTIER: cpu\nX: 2\n")
+    (tmp_path / "params" / "gpu").mkdir(parents=True)
+    (tmp_path / "params" / "gpu" / f"{stem}.yml").write_text("# expected wall time: 1 s\nTIER: gpu\nX: 2\n")
     return tmp_path
 
 
@@ -244,14 +253,14 @@ def test_plan_selects_and_reads_params(tmp_path):
 
     root = _fake_repo(tmp_path, ["print(X)"])
     (root / "notebooks" / "02_other.py").write_text("# %%\nTIER = 'smoke'\n")
-    jobs = plan("cpu", only=["01"], root=root)
-    assert [j.stem for j in jobs] == ["01_toy"] and jobs[0].parameters == {"TIER": "cpu", "X": 2}
-    assert jobs[0].output == root / "results" / "executed" / "01_toy.cpu.ipynb"
-    assert plan("smoke", root=root)[0].parameters == {}  # smoke: the notebook's own parameters cell
+    jobs = plan("gpu", only=["01"], root=root)
+    assert [j.stem for j in jobs] == ["01_toy"] and jobs[0].parameters == {"TIER": "gpu", "X": 2}
+    assert jobs[0].output == root / "results" / "executed" / "01_toy.gpu.ipynb"
+    assert plan("cpu", root=root)[0].parameters == {"TIER": "cpu"}  # cpu: the notebook's own parameters cell
     with pytest.raises(SystemExit, match="missing parameter file"):
-        plan("cpu", only=["02"], root=root)
+        plan("gpu", only=["02"], root=root)
     with pytest.raises(SystemExit, match="no notebook matches"):
-        plan("cpu", only=["07"], root=root)
+        plan("gpu", only=["07"], root=root)
 
 
 def test_reproduce_runs_resumes_and_reports_failures(tmp_path, capsys):
@@ -259,21 +268,21 @@ def test_reproduce_runs_resumes_and_reports_failures(tmp_path, capsys):
     from structlora.repro.reproduce import run_all
 
     root = _fake_repo(tmp_path, ["Y = X * 10", "print('Y is', Y)"])
-    assert run_all("cpu", root=root, ledger=False) == 0
-    out = root / "results" / "executed" / "01_toy.cpu.ipynb"
+    assert run_all("gpu", root=root, ledger=False) == 0
+    out = root / "results" / "executed" / "01_toy.gpu.ipynb"
     nb = json.loads(out.read_text())
     assert "Y is 20" in json.dumps(nb["cells"])
     # up to date -> skipped; --force reruns
     capsys.readouterr()
-    assert run_all("cpu", root=root, ledger=False) == 0
+    assert run_all("gpu", root=root, ledger=False) == 0
     assert "up to date" in capsys.readouterr().out
     # a failing cell: non-zero exit, message names notebook, cell and first source line
     time.sleep(0.01)
     root2 = _fake_repo(tmp_path / "b", ["a = 1", "# NBVAL_CHECK_OUTPUT\nraise RuntimeError('boom')\nb = 2"])
-    assert run_all("cpu", root=root2, ledger=False) == 1
+    assert run_all("gpu", root=root2, ledger=False) == 1
     err = capsys.readouterr().err
     assert "01_toy" in err and "cell 2" in err and "raise RuntimeError('boom')" in err and "boom" in err
-    assert "01_toy.cpu.ipynb" in err
+    assert "01_toy.gpu.ipynb" in err
 
 
 def test_cli_help():
@@ -319,22 +328,22 @@ def test_a_mistyped_or_missing_parameter_fails_before_any_run(tmp_path):
     from structlora.repro.reproduce import plan
 
     root = _fake_repo(tmp_path, ["print(X)"])
-    pfile = root / "params" / "cpu" / "01_toy.yml"
-    pfile.write_text("TIER: cpu\nXX: 2\n")  # XX for X
+    pfile = root / "params" / "gpu" / "01_toy.yml"
+    pfile.write_text("TIER: gpu\nXX: 2\n")  # XX for X
     with pytest.raises(SystemExit) as e:
-        plan("cpu", root=root)
+        plan("gpu", root=root)
     msg = str(e.value)
     assert "01_toy.yml" in msg and "unknown parameter 'XX'" in msg and "did you mean 'X'" in msg
     assert "missing parameter 'X'" in msg
-    pfile.write_text("TIER: cpu\n")
+    pfile.write_text("TIER: gpu\n")
     with pytest.raises(SystemExit, match="missing parameter 'X'"):
-        plan("cpu", root=root)
+        plan("gpu", root=root)
 
 
 def test_every_committed_params_file_matches_its_notebook():
     from structlora.repro.reproduce import plan
 
-    for tier in ("cpu", "gpu"):
+    for tier in ("smoke", "cpu", "gpu"):
         assert len(plan(tier, root=ROOT)) == len(STEMS)  # raises SystemExit on an unknown / missing key
 
 
@@ -384,12 +393,12 @@ def test_reproduce_says_what_it_serves_and_how_to_retrain(tmp_path, capsys):
     for i in range(3):
         (runs / f"run{i}.json").write_text("{}")
     (runs / ".run0.json.123.tmp").write_text("")
-    assert run_all("cpu", root=root, ledger=False) == 0
+    assert run_all("gpu", root=root, ledger=False) == 0
     out = capsys.readouterr().out
     assert "serving 3 run record(s) from results/runs" in out and "--retrain" in out
-    first = (root / "results" / "executed" / "01_toy.cpu.ipynb").read_bytes()
-    assert run_all("cpu", root=root, ledger=False, force=True) == 0
-    assert (root / "results" / "executed" / "01_toy.cpu.ipynb").read_bytes() == first  # same bytes on a re-run
+    first = (root / "results" / "executed" / "01_toy.gpu.ipynb").read_bytes()
+    assert run_all("gpu", root=root, ledger=False, force=True) == 0
+    assert (root / "results" / "executed" / "01_toy.gpu.ipynb").read_bytes() == first  # same bytes on a re-run
 
 
 # ------------------------------------------------------------------------------------ one budget per tier
@@ -444,3 +453,15 @@ def test_notebooks_stay_thin(stem):
             if line.strip() and not line.strip().startswith("#"))
     assert n <= MAX_CODE_LINES, (f"{stem} has {n} code lines (non-blank, non-comment) > {MAX_CODE_LINES}: "
                                  "move the logic into structlora.repro with a test")
+
+
+def test_smoke_tier_trains_every_notebook():
+    """The smoke tier drives every training path of every notebook through papermill: seconds-long
+    runs under results/smoke/, executed copies results/executed/*.smoke.ipynb (neither is committed)."""
+    pytest.importorskip("papermill")
+    from structlora.repro.reproduce import run_all
+
+    assert run_all("smoke", root=ROOT, ledger=False, force=True) == 0
+    for stem in STEMS:
+        nb = json.loads((ROOT / "results" / "executed" / f"{stem}.smoke.ipynb").read_text())
+        assert nb["metadata"]["structlora"]["tier"] == "smoke" and nb["metadata"]["structlora"]["status"] == "ok"

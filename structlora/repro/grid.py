@@ -632,13 +632,13 @@ def _locked(spec: RunSpec, results_dir: str | Path, blocking: bool, work: Callab
 
 
 def train_spec(spec: RunSpec, results_dir: str | Path | None = "results/runs", progress: bool = True,
-               force: bool = False, *, progress_leave: bool = True) -> TrainedRun:
+               force: bool = False, *, progress_leave: bool = True, train: bool = True) -> TrainedRun:
     """Train ``spec`` and write its record and its weights under ``results_dir`` (None: write nothing).
 
     Unless ``force``, a valid record plus its ``weights_path`` file are read back
     instead: the model is rebuilt from the spec and the trained parameters and buffers are loaded into
-    it, so the live model is the one the record describes. In records-only mode a run with neither is
-    returned as pending (``handle`` None). Resumes from ``results_dir/<key>.ckpt`` when a previous
+    it, so the live model is the one the record describes. With ``train=False`` (or in records-only
+    mode) a run with neither is returned as pending (``handle`` None). Resumes from ``results_dir/<key>.ckpt`` when a previous
     attempt was interrupted (``force`` discards it). Raises ``ValueError`` for an unknown method or a
     task/model mismatch before training. Holds the run's lock while training.
     """
@@ -650,7 +650,7 @@ def train_spec(spec: RunSpec, results_dir: str | Path | None = "results/runs", p
             back = _reload(spec, results_dir)
             if back is not None:
                 return back
-        if records_only():
+        if records_only() or not train:
             return TrainedRun(_pending(spec, results_dir, weights=True), None, None, None, None)
         return _train_spec(spec, results_dir, progress, force, progress_leave, keep_weights=True)
 
@@ -715,6 +715,7 @@ def _train_spec(spec: RunSpec, results_dir: str | Path | None, progress: bool, f
         shutil.rmtree(ckpt)
     record = _base_record(spec)
     task, loaded, encoded = _load(spec)
+    record["backbone"] = _current_backbone(spec.model)  # after loading: a ViT pretrained just now has one
     handle = None
     try:
         handle = LOADERS["build_method"](spec.method, loaded, rank=spec.rank, seed=spec.seed,
@@ -858,7 +859,8 @@ def _run_in_worker(spec: RunSpec, results_dir: str, force: bool, blocking: bool 
 
 
 def run_grid(specs: Sequence[RunSpec], results_dir: str | Path = "results/runs", n_jobs: int = 1,
-             progress: bool = True, force: bool = False, keep_weights: Sequence[RunSpec] = ()) -> pandas.DataFrame:
+             progress: bool = True, force: bool = False, keep_weights: Sequence[RunSpec] = (),
+             train: bool = True) -> pandas.DataFrame:
     """Run every spec (duplicates once), reading back finished ones; one DataFrame row per spec.
 
     ``n_jobs > 1`` runs specs in that many spawned processes, each with
@@ -871,7 +873,8 @@ def run_grid(specs: Sequence[RunSpec], results_dir: str | Path = "results/runs",
     the grid waits for their records (training them itself if the other process died first).
 
     The runs in ``keep_weights`` also write their trained weights, as ``train_spec`` does (the models
-    a notebook probes, trained side by side with the rest).
+    a notebook probes, trained side by side with the rest). ``train=False`` trains nothing: runs
+    without a record come back as ``"pending"`` rows (records-only; a notebook's ``TRAIN`` parameter).
     """
     from tqdm.auto import tqdm
 
@@ -893,7 +896,7 @@ def run_grid(specs: Sequence[RunSpec], results_dir: str | Path = "results/runs",
             todo.append(spec)
         else:
             records[spec.key()] = record
-    if records_only():
+    if records_only() or not train:
         records.update({spec.key(): _pending(spec, results_dir) for spec in todo})
         todo = []
     bar = tqdm(total=len(specs), initial=len(specs) - len(todo), desc="runs", disable=not progress,

@@ -157,6 +157,26 @@ def run_benchmark(options: Mapping[str, Any], out: str | Path, *, reuse: bool,
     return json.loads(Path(out).read_text()), measured
 
 
+def timed_once(out: str | Path, measure: Callable[[], dict[str, list[float]]], *,
+               reuse: bool) -> tuple[dict[str, list[float]], bool]:
+    """Timings measured once and kept: ``measure()`` (name -> seconds per round) is run and written to
+    ``out`` with the machine, its thread count and its load average, unless ``reuse`` and ``out`` exists,
+    in which case they are read back, so a records-only re-execution reports the same numbers (a
+    re-timing under another load would change a verdict). Returns (timings, whether measured now)."""
+    import os
+    import platform
+
+    path = Path(out)
+    if reuse and path.is_file():
+        return json.loads(path.read_text())["times"], False
+    times = measure()
+    from .._io import atomic_write_json
+
+    atomic_write_json(path, {"times": times, "machine": platform.machine(), "processor": platform.processor(),
+                             "torch_threads": torch.get_num_threads(), "load_average": list(os.getloadavg())})
+    return times, True
+
+
 BENCH_COLUMNS = ("model", "r", "variant", "step_ms", "step_ms_q1", "step_ms_q3", "step_x", "step_x_paired",
                  "step_x_cpu", "step_x_amortized", "flops_x", "op_calls_x", "mem_mb", "mem_x", "mem_extra_mb",
                  "mem_x_refresh", "merged_x", "merged_x_control", "merged_max_abs_logit_diff", "adapter_x",

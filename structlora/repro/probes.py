@@ -8,7 +8,9 @@ over directions of ρ_gate − ρ_norm (``boot_diff``).
 """
 from __future__ import annotations
 
-from typing import Any, Mapping, Sequence
+import json
+from pathlib import Path
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 import pandas as pd
@@ -18,7 +20,7 @@ from scipy import stats as _st
 from structlora.repro.engine import collate
 
 __all__ = ["probe_batches", "val_loss", "probe_layers", "removal_table", "removal_table_model", "spearman",
-           "boot_diff", "correlation_table"]
+           "boot_diff", "correlation_table", "kept_table"]
 
 
 def probe_batches(task: Any, encoded: Mapping[str, Any], loaded: Any, n: int,
@@ -120,6 +122,23 @@ def removal_table(trained: Any, n_examples: int, n_layers: int | None = None, la
         raise ValueError("the removal probe needs graph=None: with a coordinator a direction enters other modules too")
     batches = probe_batches(trained.task, trained.encoded, trained.loaded, n_examples)
     return removal_table_model(sm, batches, n_layers, label=label)
+
+
+def kept_table(path: str | Path, compute: Callable[[], pd.DataFrame], *, reuse: bool) -> pd.DataFrame:
+    """An analysis of a trained model computed once and kept beside its run record (``path``: JSON of
+    the rows and ``attrs``): read back when ``reuse`` and the file exists, so re-executing a notebook
+    from the records recomputes nothing (the removal probe costs minutes), else computed and written."""
+    from .._io import atomic_write_json
+
+    path = Path(path)
+    if reuse and path.is_file():
+        data = json.loads(path.read_text())
+        out = pd.DataFrame(data["rows"], columns=data["columns"])
+        out.attrs.update(data["attrs"])
+        return out
+    out = compute()
+    atomic_write_json(path, {"columns": list(out.columns), "rows": out.to_dict("records"), "attrs": dict(out.attrs)})
+    return out
 
 
 def spearman(x: Sequence[float], y: Sequence[float]) -> tuple[float, float]:

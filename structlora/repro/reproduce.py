@@ -1,8 +1,8 @@
 """The main job: execute the reproduction notebooks in order and collect their claims.
 
 ``python -m structlora reproduce --tier cpu`` (``make reproduce``) runs every ``notebooks/0*`` notebook
-with papermill, parameters from ``params/<tier>/<notebook>.yml`` (tier ``smoke`` uses the notebook's own
-parameters cell), into ``results/executed/<notebook>.<tier>.ipynb``, then builds the claims ledger
+with papermill, parameters from ``params/<tier>/<notebook>.yml`` (tier ``cpu`` uses the notebook's own
+parameters cell: the committed notebooks carry the cpu tier), into ``results/executed/<notebook>.<tier>.ipynb``, then builds the claims ledger
 (``results/CLAIMS.md`` + ``results/claims.csv`` for the cpu tier; ``CLAIMS.<tier>.md`` for the others).
 
 * The jupytext ``.py`` file is the source of truth: when a notebook has one, it is converted in memory
@@ -45,6 +45,7 @@ from .._io import atomic_write
 __all__ = ["TIERS", "NotebookJob", "discover", "plan", "run_all", "main"]
 
 TIERS = ("smoke", "cpu", "gpu")
+OWN_CELL_TIER = "cpu"  # the tier of the notebooks' own parameters cell (and of their committed outputs)
 
 
 def repo_root() -> Path:
@@ -60,7 +61,7 @@ def repo_root() -> Path:
 class NotebookJob:
     stem: str
     source: Path                 # the .py (preferred) or the .ipynb
-    params_file: Path | None     # None for the smoke tier
+    params_file: Path | None     # None for the cpu tier (the notebook's own parameters cell)
     output: Path
     parameters: dict[str, Any] = field(default_factory=dict)
     status: str = "pending"      # pending | up-to-date | ok | failed | not-run
@@ -90,7 +91,7 @@ def _select(found: list[tuple[str, Path]], only: Sequence[str] | None) -> list[t
 
 
 def notebook_parameters(source: Path) -> dict[str, Any]:
-    """The names (and literal smoke values) assigned in the notebook's ``parameters`` cell."""
+    """The names (and literal cpu-tier values) assigned in the notebook's ``parameters`` cell."""
     import ast
 
     if source.suffix == ".py":
@@ -125,7 +126,7 @@ def check_params(stem: str, params_file: Path, params: dict[str, Any], names: di
         close = difflib.get_close_matches(k, list(names), n=1)
         problems.append(f"unknown parameter {k!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
     for k in missing:
-        problems.append(f"missing parameter {k!r} (the notebook's smoke value would run silently)")
+        problems.append(f"missing parameter {k!r} (the notebook's cpu value would run silently)")
     if problems:
         raise SystemExit(f"{params_file}: " + "; ".join(problems) + f". Notebook {stem} defines: {', '.join(names)}")
 
@@ -154,23 +155,22 @@ def plan(tier: str, only: Sequence[str] | None = None, root: Path | None = None,
     for stem, src in found:
         params: dict[str, Any] = {}
         pfile = None
-        if tier != "smoke":
+        if tier != OWN_CELL_TIER:
             pfile = root / "params" / tier / f"{stem}.yml"
             if not pfile.exists():
                 raise SystemExit(f"missing parameter file {pfile.relative_to(root)} for notebook {stem} "
-                                 f"(tier {tier}); every notebook needs one per non-smoke tier")
+                                 f"(tier {tier}); every notebook needs one per tier but {OWN_CELL_TIER}")
             params = load_params(pfile)
             check_params(stem, pfile, params, notebook_parameters(src))
         if params.get("TIER", tier) != tier:
             raise SystemExit(f"{pfile}: TIER is {params['TIER']!r} but the job runs tier {tier!r}")
-        if tier != "smoke":  # smoke: the notebook's own parameters cell, nothing injected
-            params["TIER"] = tier
+        params["TIER"] = tier  # cpu: the notebook's own parameters cell, nothing else injected
         jobs.append(NotebookJob(stem, src, pfile, results / "executed" / f"{stem}.{tier}.ipynb", params))
     return jobs
 
 
 def _sources(job: NotebookJob) -> list[Path]:
-    paths = [job.source]  # the .py when there is one (what runs); the paired .ipynb only carries smoke outputs
+    paths = [job.source]  # the .py when there is one (what runs); the paired .ipynb carries the cpu outputs
     if job.params_file:
         paths.append(job.params_file)
     return [p for p in paths if p.exists()]
@@ -481,6 +481,8 @@ def run_all(tier: str = "cpu", only: Sequence[str] | None = None, force: bool = 
     root = root or repo_root()
     results = root / "results"
     jobs = plan(tier, only, root, results)
+    for job in jobs:  # TRAIN: records-only trains nothing; otherwise what has no record trains
+        job.parameters["TRAIN"] = not records_only
     print(announce(tier, jobs, root, retrain), flush=True)
     if records_only:
         from .grid import RECORDS_ONLY_ENV
@@ -571,13 +573,14 @@ def add_arguments(p) -> None:
                         "first (resumable: stop any time, finished runs keep their records); then rerun the job")
     p.add_argument("--jobs", type=int, default=2, help="--train-pending: runs side by side (1 torch thread each)")
     p.add_argument("--update-notebooks", action="store_true",
-                   help="(smoke tier only) also write the executed notebooks, without volatile metadata, over "
-                        "notebooks/<nb>.ipynb: how the committed smoke-tier outputs are refreshed")
+                   help="(cpu tier, with --records-only) also write the executed notebooks, without volatile "
+                        "metadata, over notebooks/<nb>.ipynb: how the committed cpu-tier outputs are refreshed")
 
 
 def main(args) -> int:
-    if args.update_notebooks and args.tier != "smoke":
-        raise SystemExit("--update-notebooks: the committed notebooks carry smoke-tier outputs only (use --tier smoke)")
+    if args.update_notebooks and (args.tier != OWN_CELL_TIER or not args.records_only):
+        raise SystemExit("--update-notebooks: the committed notebooks carry the cpu tier executed from the records "
+                         "(use --tier cpu --records-only)")
     if args.train_pending:
         return train_pending(args.tier, n_jobs=args.jobs)
     return run_all(tier=args.tier, only=args.only, force=args.force, keep_going=args.keep_going,

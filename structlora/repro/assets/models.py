@@ -22,7 +22,6 @@ RNG state is left untouched).
 from __future__ import annotations
 
 import contextlib
-import functools
 import importlib.metadata
 import importlib.util
 import logging
@@ -246,18 +245,28 @@ def backbone_id(name: str) -> str | None:
     ``vit-tiny-fmnist``: ``"sha256:<hex>"`` of the weights file (the shipped or cached recipe, checked
     against its meta.json); an offline pip asset model: ``"pip:<distribution>==<installed version>"``
     (the package carries the weights); a hub id: ``"hub:<id>"`` (its revision is not known offline).
+    None when it cannot say without training or installing (the ViT not pretrained yet, a missing
+    package).
     """
-    return _backbone_id(name)
+    if name not in _BACKBONES:
+        found = _backbone_id(name)
+        if found is None:   # not there yet: ask again next time (it may be pretrained meanwhile)
+            return None
+        _BACKBONES[name] = found
+    return _BACKBONES[name]
 
 
-@functools.lru_cache(maxsize=None)
+_BACKBONES: dict[str, str] = {}  # what backbone_id found, per model name (hashing once per process)
+
+
 def _backbone_id(name: str) -> str | None:
     entry = _REGISTRY.get(name)
     if entry is None:
         return f"hub:{name}"
-    if entry.pip is None:  # vit-tiny-fmnist, pretrained here
+    if entry.pip is None:  # vit-tiny-fmnist, pretrained here (None until it is)
         from .vit import weights_sha256
-        return f"sha256:{weights_sha256()}"
+        digest = weights_sha256()
+        return f"sha256:{digest}" if digest is not None else None
     dist = entry.pip.split("==")[0]
     try:
         return f"pip:{dist}=={importlib.metadata.version(dist)}"

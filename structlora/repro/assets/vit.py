@@ -350,9 +350,15 @@ def load_pretrained_vit(path: str | Path | None = None) -> tuple[nn.Module, dict
     return model.eval(), meta
 
 
-def weights_sha256(path: str | Path | None = None) -> str:
-    """sha256 of the default recipe's weights (shipped, or pretrained into the cache once), checked
-    against the file: the backbone every vit-tiny-fmnist run records."""
+def weights_sha256(path: str | Path | None = None) -> str | None:
+    """sha256 of the weights in ``path`` (default: the default recipe's shipped or cached weights),
+    checked against the file: the backbone every vit-tiny-fmnist run records. None when the default
+    recipe has not been pretrained here yet (this never pretrains)."""
+    if path is None:
+        recipe = PretrainRecipe()
+        path = next((d for d in (SHIPPED_DIR, default_vit_dir()) if _read_meta(d, recipe) is not None), None)
+        if path is None:
+            return None
     return _checked(path)[1]["sha256"]
 
 
