@@ -245,6 +245,8 @@ def run_job(job: NotebookJob, root: Path, cell_progress: bool = True, log_output
                 str(src), str(job.output), parameters=job.parameters or None, kernel_name="python3",
                 progress_bar={"leave": False, "desc": f"  {job.stem}", "position": 1} if cell_progress else False,
                 log_output=log_output, cwd=str(root), request_save_on_cell_execute=True,
+                # the kernel's own log: errors only (it warns on every start that local TCP is unencrypted)
+                extra_arguments=["--IPKernelApp.log_level=ERROR"],
             )
             job.status = "ok"
             from .grid import records_only
