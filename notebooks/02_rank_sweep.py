@@ -64,7 +64,7 @@ import time
 import pandas as pd
 from IPython.display import Markdown, display
 
-from structlora.repro.reproduce import repo_root
+from structlora.repro.layout import repo_root
 
 os.chdir(repo_root())
 
@@ -109,6 +109,17 @@ RANKS = [2, 4, 8, 16, 32]
 SEEDS = [0, 1, 2]
 N_JOBS = 2
 TRAIN = False  # False: read the committed records, train nothing (runs without one show as pending)
+
+# %% [markdown]
+# ## What this notebook found
+#
+# Generated from its claims at its last execution (the cpu tier: the ledger `results/CLAIMS.md`,
+# where the primary claims carry their family-wise verdict); the sections below show how.
+
+# %%
+from structlora.repro.notebook import findings
+
+display(Markdown(findings(NB, TIER)))
 
 # %%
 BUDGET = load_budget(TIER)  # params/<tier>/budget.yml: the tier's one budget, shared by every notebook

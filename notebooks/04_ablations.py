@@ -77,7 +77,7 @@ import numpy as np
 import pandas as pd
 from IPython.display import Markdown, display
 
-from structlora.repro.reproduce import repo_root
+from structlora.repro.layout import repo_root
 
 os.chdir(repo_root())  # relative paths below are relative to the repository (papermill and nbval alike)
 
@@ -137,6 +137,17 @@ RANK = 8
 PENALTY_WEIGHT = 0.1
 N_JOBS = 1
 TRAIN = False  # False: read the committed records, train nothing (runs without one show as pending)
+
+# %% [markdown]
+# ## What this notebook found
+#
+# Generated from its claims at its last execution (the cpu tier: the ledger `results/CLAIMS.md`,
+# where the primary claims carry their family-wise verdict); the sections below show how.
+
+# %%
+from structlora.repro.notebook import findings
+
+display(Markdown(findings(NB, TIER)))
 
 # %%
 from structlora.repro.notebook import TASK_MODEL, load_budget, run_summary, tier_params

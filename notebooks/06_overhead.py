@@ -73,7 +73,7 @@ import numpy as np
 import pandas as pd
 from IPython.display import Markdown, display
 
-from structlora.repro.reproduce import repo_root
+from structlora.repro.layout import repo_root
 
 os.chdir(repo_root())  # relative paths below are relative to the repository (papermill and nbval alike)
 
@@ -123,6 +123,17 @@ INFER_ROUNDS = 20
 MERGED_TOLERANCE_PCT = 3.0
 N_JOBS = 1
 TRAIN = False  # False: read the committed records, train nothing (runs without one show as pending)
+
+# %% [markdown]
+# ## What this notebook found
+#
+# Generated from its claims at its last execution (the cpu tier: the ledger `results/CLAIMS.md`,
+# where the primary claims carry their family-wise verdict); the sections below show how.
+
+# %%
+from structlora.repro.notebook import findings
+
+display(Markdown(findings(NB, TIER)))
 
 # %%
 from structlora.repro.notebook import TASK_MODEL, load_budget, wall_time

@@ -17,7 +17,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
-__all__ = ["Budget", "load_budget", "budget_path", "tier_params", "wall_time", "run_summary", "STRUCTLORA_FAMILY", "BUDGET_KEYS", "TASK_MODEL"]
+from .layout import OWN_CELL_TIER, notebook_parameters, params_path, repo_root
+
+__all__ = ["findings", "Budget", "load_budget", "budget_path", "tier_params", "wall_time", "run_summary", "STRUCTLORA_FAMILY", "BUDGET_KEYS", "TASK_MODEL"]
 
 # The offline model each task trains (its stand-in for the paper's model, docs/notebooks.md): one table
 # for every notebook.
@@ -31,11 +33,7 @@ STRUCTLORA_FAMILY = ("structlora_no_gate", "structlora_no_coord", "lora_cos", "l
 
 def budget_path(tier: str, root: str | Path | None = None) -> Path:
     """``<repo>/params/<tier>/budget.yml``."""
-    if root is None:
-        from .reproduce import repo_root
-
-        root = repo_root()
-    return Path(root) / "params" / tier / "budget.yml"
+    return params_path(tier, "budget.yml", root)
 
 
 @dataclass
@@ -115,14 +113,42 @@ def run_summary(df: "Any") -> str:
 
 
 def tier_params(notebook: str, tier: str, root: str | Path | None = None) -> dict[str, Any] | None:
-    """The parameters ``params/<tier>/<notebook>.yml`` gives a notebook (what papermill injects), or None
-    when the tier has no such file (e.g. a notebook the tier does not run)."""
+    """A tier's parameters of a notebook: the cpu tier's are the notebook's own parameters cell, the
+    others' ``params/<tier>/<notebook>.yml`` (what papermill injects); None when there is none."""
     import yaml
 
-    from .reproduce import repo_root
-
-    path = Path(root or repo_root()) / "params" / tier / f"{notebook}.yml"
+    root = Path(root or repo_root())
+    if tier == OWN_CELL_TIER:
+        source = root / "notebooks" / f"{notebook}.py"
+        return notebook_parameters(source) if source.exists() else None
+    path = root / "params" / tier / f"{notebook}.yml"
     return yaml.safe_load(path.read_text()) if path.exists() else None
+
+
+def findings(notebook: str, tier: str, root: str | Path | None = None) -> str:
+    """What the notebook found, in one line per claim, generated from its last execution's claims (the
+    cpu tier: the ledger ``results/claims.csv``, whose primary claims carry their family-wise verdict;
+    other tiers: ``results/claims/<notebook>.<tier>.json``). Shown at the top of each notebook."""
+    from .claims import read_claims
+
+    results = Path(root or repo_root()) / "results"
+    ledger = results / "claims.csv"
+    if tier == "cpu" and ledger.exists():
+        import pandas as pd
+
+        df = pd.read_csv(ledger)
+        df = df[df["notebook"] == notebook]
+    else:
+        df = read_claims(results, tier=tier)
+        df = df[df["notebook"] == notebook] if len(df) else df
+    if not len(df):
+        return f"_No claims of this notebook for the {tier} tier yet: they appear here once it has run to the end._"
+    lines = []
+    for r in df.itertuples(index=False):
+        family = getattr(r, "family", "")
+        tag = f" ({family})" if isinstance(family, str) and family and family != "exploratory" else ""
+        lines.append(f"- **{r.verdict}**{tag}: {r.claim} (paper {r.paper_value}; ours {r.ours}, n = {r.n})")
+    return "\n".join(lines)
 
 
 def wall_time(t0: float, c0: float | None = None) -> str:

@@ -134,7 +134,7 @@ def load_benchmark(path: str | Path | None = None) -> ModuleType:
     """``benchmarks/overhead.py`` (a script, not part of the package; default: the repository's) imported
     as the module ``structlora_overhead_bench``."""
     if path is None:
-        from structlora.repro.reproduce import repo_root
+        from structlora.repro.layout import repo_root
 
         path = repo_root() / "benchmarks" / "overhead.py"
     spec = importlib.util.spec_from_file_location("structlora_overhead_bench", path)

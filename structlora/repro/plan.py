@@ -24,15 +24,15 @@ from typing import Any, Mapping, Sequence
 
 import pandas as pd
 
+from .layout import params_path
+
 __all__ = ["Comparison", "Plan", "familywise_interval", "load_plan", "plan_path", "pooled_sigma",
            "seeds_from_pilot"]
 
 
 def plan_path(tier: str, root: str | Path | None = None) -> Path:
     """``<repo>/params/<tier>/plan.yml``."""
-    from .notebook import budget_path
-
-    return budget_path(tier, root).with_name("plan.yml")
+    return params_path(tier, "plan.yml", root)
 
 
 @dataclass(frozen=True)

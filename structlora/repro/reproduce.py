@@ -44,17 +44,7 @@ from .._io import atomic_write
 
 __all__ = ["TIERS", "NotebookJob", "discover", "plan", "run_all", "main"]
 
-TIERS = ("smoke", "cpu", "gpu")
-OWN_CELL_TIER = "cpu"  # the tier of the notebooks' own parameters cell (and of their committed outputs)
-
-
-def repo_root() -> Path:
-    """The repository root: the first parent of this file (or of the cwd) holding ``notebooks/``."""
-    for base in (Path.cwd(), Path(__file__).resolve().parent.parent):
-        for p in (base, *base.parents):
-            if (p / "notebooks").is_dir() and (p / "structlora").is_dir():
-                return p
-    return Path.cwd()
+from .layout import OWN_CELL_TIER, TIERS, notebook_parameters, repo_root  # noqa: F401 (re-exported)
 
 
 @dataclass
@@ -88,33 +78,6 @@ def _select(found: list[tuple[str, Path]], only: Sequence[str] | None) -> list[t
     if missing:
         raise SystemExit(f"--only: no notebook matches {missing}; notebooks: {[s for s, _ in found]}")
     return chosen
-
-
-def notebook_parameters(source: Path) -> dict[str, Any]:
-    """The names (and literal cpu-tier values) assigned in the notebook's ``parameters`` cell."""
-    import ast
-
-    if source.suffix == ".py":
-        import jupytext
-
-        nb = jupytext.read(source)
-    else:
-        import nbformat
-
-        nb = nbformat.read(source, as_version=4)
-    cells = [c for c in nb.cells if c.cell_type == "code" and "parameters" in c.metadata.get("tags", [])]
-    if len(cells) != 1:
-        raise SystemExit(f"{source}: expected exactly one cell tagged 'parameters', found {len(cells)}")
-    names: dict[str, Any] = {}
-    for node in ast.parse(cells[0].source).body:
-        targets = node.targets if isinstance(node, ast.Assign) else [node.target] if isinstance(node, ast.AnnAssign) else []
-        for t in targets:
-            if isinstance(t, ast.Name):
-                try:
-                    names[t.id] = ast.literal_eval(node.value) if node.value is not None else None
-                except ValueError:
-                    names[t.id] = None
-    return names
 
 
 def check_params(stem: str, params_file: Path, params: dict[str, Any], names: dict[str, Any]) -> None:
