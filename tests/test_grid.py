@@ -420,3 +420,21 @@ def test_prediction_encoding_round_trips():
     assert encode_predictions([0, 12]) == [0, 12] and decode_predictions([0, 12]) == [0, 12]
     assert encode_predictions([0.5, 1.0]) == [0.5, 1.0]       # regression outputs stay numbers
     assert encode_predictions(None) is None and decode_predictions(None) is None
+
+
+def test_every_committed_record_loads_with_its_key(monkeypatch):
+    """Every committed record (results/runs, results/pilot) is valid under the current registry and
+    backbones and sits under the key its spec still hashes to: refactors never orphan a record."""
+    from pathlib import Path
+
+    for name in grid.LOADERS:                          # the real loaders, not the toy ones of this module
+        monkeypatch.setitem(grid.LOADERS, name, getattr(grid, f"_{name}"))
+    root = Path(__file__).resolve().parents[1] / "results"
+    paths = sorted(p for d in ("runs", "pilot") for p in (root / d).rglob("*.json")
+                   if ".removal-" not in p.name)              # the analyses kept beside a record
+    assert len(paths) > 100
+    for path in paths:
+        record = json.loads(path.read_text())
+        spec = RunSpec.from_dict(record["spec"])
+        assert path.stem == spec.key() == record["key"], path
+        assert read_record(path, spec) is not None, path
