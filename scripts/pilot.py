@@ -10,6 +10,10 @@
     python scripts/pilot.py budget --task sst2
                                      # issue 20 (params/cpu/plan.yml): LoRA and StructLoRA at 2x the tier's
                                      # steps, seeds 0-1, against the same seeds at 1x (results/runs)
+    python scripts/pilot.py seeds [--write]
+                                     # issue 20: the plan's seeds rule from its internal pilot (pooled
+                                     # sigma_d per task, family-wise power, core-hour budget); --write
+                                     # records them in params/cpu/plan.yml (before the confirmatory runs)
     python scripts/pilot.py gates    # the target keep ratio without the compression term (lambda_IB = 0):
                                      # do the open gates stay small when only the Lagrangian acts?
 
@@ -21,6 +25,7 @@ from __future__ import annotations
 import argparse
 import sys
 from dataclasses import replace
+from pathlib import Path
 
 import pandas as pd
 
@@ -99,6 +104,59 @@ def budget_table(task: str, threshold: float = 0.5) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def plan_specs(plan, claim: str, seeds: list[int]) -> list[RunSpec]:
+    """Both arms of one primary comparison of the plan at ``seeds`` (the tier's budget and rates)."""
+    c, budget = plan.comparison(claim), load_budget("cpu")
+    model = TASK_MODEL[c.task]
+    return [RunSpec(task=c.task, model=model, method=m, rank=c.rank, fraction=c.fraction, seed=s,
+                    **budget.run(model, m)) for m in ("lora", "structlora") for s in seeds]
+
+
+def plan_seeds(write: bool = False) -> pd.DataFrame:
+    """The plan's seeds rule applied to its internal pilot (`plan.seeds_from_pilot`): per claim the paired
+    differences at the pilot seeds, pooled sigma_d per task, the seeds needed and those the budget buys.
+    Spent so far: every record of results/runs and results/pilot written since the plan (its commit
+    time) plus the ViT pretraining. ``write`` records ``seeds`` and ``needed`` in params/cpu/plan.yml."""
+    import json
+    import re
+    import subprocess
+
+    from structlora.repro.plan import load_plan, plan_path, seeds_from_pilot
+
+    plan = load_plan("cpu")
+    diffs, cost = {}, {}
+    for c in plan.primary:
+        df = load_records("results/runs", plan_specs(plan, c.claim, plan.pilot_seeds))
+        ok = df[df["status"] == "ok"].pivot_table(index="seed", columns="method", values="test_accuracy")
+        if not {"lora", "structlora"} <= set(ok.columns) or ok.dropna().shape[0] < len(plan.pilot_seeds):
+            raise SystemExit(f"{c.claim}: the pilot is not complete ({ok.dropna().shape[0]} of "
+                             f"{len(plan.pilot_seeds)} paired seeds); train it first")
+        diffs[c.claim] = list(100 * (ok["structlora"] - ok["lora"]).dropna())
+        cost.setdefault(c.task, []).extend(df["wall_time_s"].dropna().tolist())
+    since = subprocess.run(["git", "log", "-1", "--format=%cI", "--", str(plan_path("cpu"))], capture_output=True,
+                           text=True).stdout.strip()
+    spent_s = 0.0
+    for folder in ("results/runs", "results/pilot"):
+        for path in Path(folder).rglob("*.json"):
+            rec = json.loads(path.read_text()) if ".removal-" not in path.name else {}
+            if rec.get("finished_at", "") >= since and rec.get("wall_time_s"):
+                spent_s += rec["wall_time_s"]
+    vit = json.loads(open("structlora/repro/assets/vit-tiny-fmnist/meta.json").read())
+    spent = (spent_s + vit["seconds"] * vit.get("num_threads", 1)) / 3600
+    table = seeds_from_pilot(plan, diffs, {t: float(pd.Series(v).median()) / 3600 for t, v in cost.items()}, spent)
+    print(f"spent so far: {spent:.2f} core-hours of {plan.budget_core_hours} (runs since the plan + ViT pretraining)")
+    if write:
+        text = plan_path("cpu").read_text()
+        block = ("seeds:\n" + "".join(f"  {r.claim}: {r.seeds}\n" for r in table.itertuples())
+                 + "needed:\n" + "".join(f"  {r.claim}: {r.needed}\n" for r in table.itertuples()))
+        text, n = re.subn(r"(?m)^seeds: \{\}\n", block, text)
+        if n != 1:
+            raise SystemExit("params/cpu/plan.yml: its seeds are already set (the rule applies once)")
+        plan_path("cpu").write_text(text)
+        print("wrote seeds and needed into params/cpu/plan.yml: commit it before the confirmatory runs")
+    return table
+
+
 def _table(folder: str) -> pd.DataFrame:
     df = load_records(folder)
     if df.empty:
@@ -150,7 +208,8 @@ def power(df: pd.DataFrame, chosen: pd.DataFrame, paper_effect: float = 1.5, cap
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("which", choices=["stages", "lr", "gates", "budget"])
+    p.add_argument("which", choices=["stages", "lr", "gates", "budget", "seeds"])
+    p.add_argument("--write", action="store_true", help="seeds: record them in params/cpu/plan.yml")
     p.add_argument("--jobs", type=int, default=2)
     p.add_argument("--task", choices=sorted(TASK_MODEL), default="sst2", help="lr only: sst2 or fmnist-transfer")
     p.add_argument("--show", action="store_true", help="only print the table of the finished records")
@@ -158,6 +217,10 @@ def main(argv: list[str] | None = None) -> int:
     a = p.parse_args(argv)
     if a.task != "sst2" and a.which not in ("lr", "budget"):
         p.error("--task applies to the lr and budget pilots only")
+    if a.which == "seeds":
+        with pd.option_context("display.width", 200):
+            print(plan_seeds(a.write).to_string(index=False))
+        return 0
     if a.which == "budget":
         if not a.show:
             long, short = budget_specs(a.task)
