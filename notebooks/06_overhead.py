@@ -27,7 +27,7 @@
 # `minilm-l6` (the cpu tier adds `smollm2-135m`, a 30-layer Llama-architecture model, as the closest
 # architectural stand-in for LLaMA-7B). Three measurements:
 #
-# 1. **Interleaved micro-benchmark** (`benchmarks/overhead.py`, called in this process): LoRA, gate only,
+# 1. **Interleaved micro-benchmark** (`structlora.repro.bench`, called in this process; `benchmarks/overhead.py` on the command line): LoRA, gate only,
 #    coordinator only and full StructLoRA built on copies of one base model and stepped round-robin on one
 #    fixed batch, so machine-load drift hits all variants alike; medians and per-round ratios. Memory is
 #    *counted* (parameters + gradients + AdamW state + tensors saved for backward): CPU has no allocator
@@ -100,14 +100,14 @@ print(f"paper: step time +{PAPER_TIME_PCT}%, peak memory +{PAPER_MEM_PCT}% (+{pa
 # The cell below holds the **cpu** tier, read from the committed records and benchmark files
 # (`TRAIN = False`: nothing trains or is timed again; `TRAIN = True` measures and trains what is
 # missing). `python -m structlora reproduce --tier smoke|gpu` replaces it with `params/<tier>/06_overhead.yml`. `BENCH` are the
-# command-line options of `benchmarks/overhead.py`; `MERGED_TOLERANCE_PCT` is how far from 1.00× a merged
+# command-line options of `structlora.repro.bench` (`benchmarks/overhead.py`); `MERGED_TOLERANCE_PCT` is how far from 1.00× a merged
 # inference ratio may be and still count as 1.00× (timing noise).
 
 # %% tags=["parameters"]
 # 06_overhead, cpu tier (python -m structlora reproduce --tier cpu --only 06), protocol 2
 # expected wall time: ~10 min on 2 otherwise idle CPU cores (the benchmark ~5 min; the training-loop
 # timings and the trained StructLoRA come from 01's committed records and weights).
-# Interleaved benchmark (benchmarks/overhead.py) on minilm-l6 (batch 32 x 64, 15 rounds) and
+# Interleaved benchmark (structlora.repro.bench) on minilm-l6 (batch 32 x 64, 15 rounds) and
 # smollm2-135m (the 30-layer Llama-architecture stand-in for LLaMA-7B; batch 4 x 64, 6 rounds) at r = 8;
 # training-loop timings from 01's sst2 runs (3 seeds); one trained StructLoRA for merge/export checks.
 # The gpu tier measures GPU memory with torch.cuda's allocator peak.
@@ -143,13 +143,13 @@ BUDGET = load_budget(TIER)  # params/<tier>/budget.yml: the tier's one budget, s
 # %%
 # NBVAL_CHECK_OUTPUT
 MODEL = TASK_MODEL[TASK]
-print("benchmark:", "benchmarks/overhead.py", " ".join(f"--{k}={v}" for k, v in BENCH.items()))
+print("benchmark:", "python -m structlora.repro.bench", " ".join(f"--{k}={v}" for k, v in BENCH.items()))
 print(f"training-loop comparison: lora vs structlora on {TASK} ({MODEL}), {len(SEEDS)} seed(s), "
       f"{BUDGET[MODEL]['max_steps']} steps of {BUDGET[MODEL]['batch_size']} x {BUDGET[MODEL]['max_length']}")
 print("not run here: LLaMA-7B on a GPU (Table 7's setting); GPU memory (torch.cuda peak) is used by the gpu tier")
 
 # %% [markdown]
-# ## 1 · Interleaved micro-benchmark (`benchmarks/overhead.py`)
+# ## 1 · Interleaved micro-benchmark (`structlora.repro.bench`)
 
 # %%
 t_bench = time.perf_counter()

@@ -2,7 +2,7 @@
 intervals and tables, the training-loop comparison, the trained model's export / merge checks, and the
 margin claims of Table 7.
 
-The interleaved benchmark (``benchmarks/overhead.py``) times every variant once per round on the same
+The interleaved benchmark (`structlora.repro.bench`) times every variant once per round on the same
 batch, so the per-round ratio variant / reference cancels slow drifts of the machine's load. ``log_ci``
 averages the log ratios (a geometric mean) with a 95% t-interval, as % overhead. Table 7's claims are
 upper bounds, so ``margin_claim`` tests margin = bound − our overhead with the one verdict rule
@@ -11,14 +11,11 @@ upper bounds, so ``margin_claim`` tests margin = bound − our overhead with the
 from __future__ import annotations
 
 import copy
-import importlib.util
 import json
-import sys
 import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from types import ModuleType
 from typing import Any, Callable, Mapping, Sequence
 
 import matplotlib.pyplot as plt
@@ -28,13 +25,14 @@ import seaborn as sns
 import torch
 from scipy import stats as _st
 
-from structlora.repro import plots
+from structlora.repro import bench, plots
+from structlora.repro.bench import is_plain, table7_bounds
 from structlora.repro.claims import Claim, claim_line, format_diff
 from structlora.repro.engine import collate
 from structlora.repro.stats import DIRECTION_ONLY, decide, paired_test
 
 __all__ = ["round_ratios", "merged_ratios", "log_ci", "per_round_table", "p_vs_bound", "margin_claim",
-           "DIRECTION_ONLY", "table7_bounds", "load_benchmark", "run_benchmark", "BENCH_COLUMNS", "bench_table",
+           "DIRECTION_ONLY", "table7_bounds", "run_benchmark", "BENCH_COLUMNS", "bench_table",
            "timings_frame", "timings_figure", "cost_runs", "loop_summary", "loop_comparison", "parity_batches",
            "logits_of", "is_plain", "ExportCheck", "export_check", "export_table", "interleaved_times",
            "benchmark_claims", "summary_markdown"]
@@ -122,38 +120,16 @@ def margin_claim(cid: str, text: str, bound: float, est: Mapping[str, Any] | Non
 
 
 # ------------------------------------------------------------------------- Table 7 and the benchmark (section 1)
-def table7_bounds(table: Mapping[str, Mapping[str, float]]) -> tuple[float, float, float]:
-    """Table 7's bounds (``paper.TABLE7``): StructLoRA's step-time and peak-memory overhead over LoRA in %
-    (rounded to 0.1: +6.0%, +4.2%) and its extra peak memory in GB (0.7)."""
-    s, lora = table["structlora"], table["lora"]
-    return (round(100 * (s["time_per_epoch_rel"] / lora["time_per_epoch_rel"] - 1), 1),
-            round(100 * (s["peak_mem_gb"] / lora["peak_mem_gb"] - 1), 1), s["peak_mem_gb"] - lora["peak_mem_gb"])
-
-
-def load_benchmark(path: str | Path | None = None) -> ModuleType:
-    """``benchmarks/overhead.py`` (a script, not part of the package; default: the repository's) imported
-    as the module ``structlora_overhead_bench``."""
-    if path is None:
-        from structlora.repro.layout import repo_root
-
-        path = repo_root() / "benchmarks" / "overhead.py"
-    spec = importlib.util.spec_from_file_location("structlora_overhead_bench", path)
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod
-    spec.loader.exec_module(mod)
-    return mod
-
-
 def run_benchmark(options: Mapping[str, Any], out: str | Path, *, reuse: bool,
                   main: Callable[[list[str]], int] | None = None) -> tuple[dict[str, Any], bool]:
     """Run the interleaved benchmark ``main(["--k=v" for options] + ["--out=<out>"])`` (default:
-    ``load_benchmark().main``) unless ``reuse`` and ``out`` exists, then read ``out`` back.
+    `structlora.repro.bench.main`) unless ``reuse`` and ``out`` exists, then read ``out`` back.
     Returns (the benchmark's JSON, whether it was measured now); a non-zero exit raises RuntimeError."""
     measured = not (reuse and Path(out).is_file())
     if measured:
-        rc = (main or load_benchmark().main)([f"--{k}={v}" for k, v in options.items()] + [f"--out={out}"])
+        rc = (main or bench.main)([f"--{k}={v}" for k, v in options.items()] + [f"--out={out}"])
         if rc != 0:
-            raise RuntimeError(f"benchmarks/overhead.py exited with {rc}")
+            raise RuntimeError(f"structlora.repro.bench exited with {rc}")
     return json.loads(Path(out).read_text()), measured
 
 
@@ -289,13 +265,6 @@ def logits_of(model: torch.nn.Module, batches: Sequence[Mapping[str, torch.Tenso
     """The eval-mode float logits of ``model`` on ``batches``, concatenated."""
     model.eval()
     return torch.cat([model(**b).logits.float() for b in batches])
-
-
-def is_plain(merged: torch.nn.Module, base: torch.nn.Module) -> bool:
-    """Sec. 3.5 / E.7 "dropped for inference": ``merged`` has ``base``'s class, no ``lora_`` module and
-    ``base``'s parameter count."""
-    return (type(merged) is type(base) and not any("lora_" in n for n, _ in merged.named_modules())
-            and sum(p.numel() for p in merged.parameters()) == sum(p.numel() for p in base.parameters()))
 
 
 @dataclass
