@@ -102,15 +102,12 @@ display(paper.table_frame(2))
 # override `METHODS` / `SEEDS` for one task (`TASK_SEEDS[task]` may also map methods to their seeds).
 
 # %% tags=["parameters"]
-# 01_main_results, cpu tier (python -m structlora reproduce --tier cpu --only 01), protocol 2
-# expected wall time: ~2 h on 2 CPU cores if nothing is cached (12 sst2 runs of ~8.5 min and 42 vit-tiny
-# runs of ~2.5 min, two side by side; budget in params/cpu/budget.yml). Committed (2026-12-02): LoRA and
-# StructLoRA on sst2, seeds 0-2, and the fmnist-transfer runs of wave 3 (docs/notebooks.md); whatever has
-# no record yet is shown as pending (`make reproduce` lists it; `make reproduce TRAIN=1` trains it).
-# Every Table 1/2 method on fmnist-transfer (vit-tiny, the CIFAR-100 stand-in), 3 seeds (the power
-# analysis of wave 3 asks for 3: pilot sigma_d 0.58 against Table 1's +3.6); LoRA, DoRA, VeRA and
-# StructLoRA on sst2 (minilm), 3 seeds. mrpc, rte, boolq, piqa and the other methods on sst2 run in the
-# gpu tier (smollm2 steps cost ~4 s each on 2 cores).
+# 01_main_results, cpu tier. Every Table 1/2 method on fmnist-transfer (vit-tiny-fmnist, the CIFAR-100
+# stand-in) and LoRA, DoRA, VeRA and StructLoRA on sst2 (minilm-l6), SEEDS each; LoRA and StructLoRA run
+# the registered plan's seeds for T1 / T2 (params/cpu/plan.yml). The fmnist-transfer records of the
+# 6-epoch backbone are archived (results/archive/2026-12-05-vit-6-epochs/): on the 15-epoch backbone a
+# method without a record shows as pending until `make reproduce TRAIN=1` trains it (~2.5 min a run on
+# one core; an sst2 run ~8 min). mrpc, rte, boolq, piqa and the other sst2 methods run in the gpu tier.
 TIER = "cpu"
 RESULTS_DIR = "results/runs"
 TASKS = ["fmnist-transfer", "sst2"]
