@@ -35,9 +35,9 @@
 # LLaVA-1.5-7B / COCO are not available offline and far beyond 2 CPU cores. The cpu tier runs every
 # ablation on `minilm-l6` (all-MiniLM-L6-v2, 6 layers, LoRA on query/value) on `sst2`, the cheapest
 # language task (the tier's budget, `params/cpu/budget.yml`: 350 steps of 32, one epoch, every variant at
-# StructLoRA's learning rate selected on validation), and the Table 5 ablation also on `vit-tiny-fmnist` on
-# `fmnist-transfer` (a 2.7M ViT pretrained here on Fashion-MNIST classes 0-4, adapted to classes 5-9),
-# the stand-in for the paper's ViT-B/16 / CIFAR-100 column. SST-2 has no column in Tables 5, 6 and 9, so
+# StructLoRA's learning rate selected on validation); the gpu tier adds the Table 5 ablation on
+# `vit-tiny-fmnist` / `fmnist-transfer` (a 2.7M ViT pretrained here on Fashion-MNIST classes 0-4, adapted
+# to classes 5-9), the stand-in for the paper's ViT-B/16 / CIFAR-100 column. SST-2 has no column in Tables 5, 6 and 9, so
 # its differences are put beside the paper's BoolQ (LLaMA-7B) differences; `smollm2-135m` on `boolq`
 # (≈3.7 s per step) is left to the gpu tier. Captioning is not run (no vision-language model offline).
 #
