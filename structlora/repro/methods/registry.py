@@ -67,6 +67,7 @@ __all__ = [
     "lora_param_count",
     "method_defaults",
     "param_groups",
+    "pinned_library_defaults",
 ]
 
 KINDS = ("seq-cls", "causal-lm", "image-cls")
@@ -491,10 +492,21 @@ _STRUCT_VARIANTS: dict[str, dict[str, Any]] = {
 }
 
 
+# The library defaults the reproduction's records were trained with, where the library has since changed
+# them (issue 21): pinned here, outside `method_defaults`, so the runs (and their record keys) stay as they were.
+_PINNED_LIBRARY_DEFAULTS: dict[str, Any] = {}
+
+
+def pinned_library_defaults() -> dict[str, Any]:
+    """StructLoraConfig fields the reproduction sets to the library's earlier defaults (a copy)."""
+    return dict(_PINNED_LIBRARY_DEFAULTS)
+
+
 def _structlora_config(name, loaded, model, rank, seed, kw, heads, variant: str = "structlora"):
     from ... import StructLoraConfig
 
-    defaults = {**_lora_defaults(loaded, model, rank, heads), "structlora_seed": seed, **_STRUCT_VARIANTS[variant]}
+    defaults = {**_lora_defaults(loaded, model, rank, heads), "structlora_seed": seed, **_PINNED_LIBRARY_DEFAULTS,
+                **_STRUCT_VARIANTS[variant]}
     if kw.get("gate", defaults.get("gate")) != "concrete":   # gate switched off / changed: no keep-ratio target
         defaults.pop("target_keep_ratio", None)
     return _config(StructLoraConfig, name, defaults, kw)
