@@ -18,20 +18,15 @@ import torch
 from transformers import BertConfig, BertForSequenceClassification
 
 from structlora import StructLoraConfig, get_structlora_model
+from structlora.repro.methods import method_defaults
 
 FIXTURE = Path(__file__).with_name("data") / "repro_numerics.json"
 STEPS = 6
-# the registry's StructLoRA variants (structlora/repro/methods/registry.py `_STRUCT_VARIANTS`, as of 3daf82c)
-_GATED = {"gate": "concrete", "target_keep_ratio": 0.5, "gate_lr_multiplier": 50.0}
+# the registry's StructLoRA variants (what `method_defaults` gives each, as in the run records)
 VARIANTS = {
-    "structlora": {**_GATED, "graph": "hybrid"},
-    "structlora_no_gate": {"gate": None, "graph": "hybrid"},
-    "structlora_no_coord": {**_GATED, "graph": None},
-    "lora_cos": {"gate": None, "graph": None, "penalty": "cos", "penalty_weight": 0.1},
-    "lora_lap": {"gate": None, "graph": None, "penalty": "laplacian", "penalty_weight": 0.1},
-    "filter_ib": {"gate": "concrete", "filter": "ib", "keep_ratio": 0.5, "graph": None},
-    "filter_random": {"gate": None, "filter": "random", "keep_ratio": 0.5, "graph": None},
-    "filter_topk_norm": {"gate": None, "filter": "topk_norm", "keep_ratio": 0.5, "graph": None},
+    **{name: method_defaults(name) for name in ("structlora", "structlora_no_gate", "structlora_no_coord",
+                                                 "lora_cos", "lora_lap", "filter_ib", "filter_random",
+                                                 "filter_topk_norm")},
     # library options the ablations use
     "gaussian_gains": {"gate": "gaussian", "graph": "adjacency", "coordinator": "gains"},
     "similarity_threshold_corrections": {"gate": "concrete", "graph": "similarity", "sim_rule": "threshold",
