@@ -494,7 +494,9 @@ _STRUCT_VARIANTS: dict[str, dict[str, Any]] = {
 
 # The library defaults the reproduction's records were trained with, where the library has since changed
 # them (issue 21): pinned here, outside `method_defaults`, so the runs (and their record keys) stay as they were.
-_PINNED_LIBRARY_DEFAULTS: dict[str, Any] = {}
+# target_keep_ratio: None (library default "auto" = 0.5 with concrete gates since issue 21); gate_lr_multiplier:
+# 10.0 (library default 50.0 since issue 21). The gated variants set both themselves (_GATED).
+_PINNED_LIBRARY_DEFAULTS: dict[str, Any] = {"target_keep_ratio": None, "gate_lr_multiplier": 10.0}
 
 
 def pinned_library_defaults() -> dict[str, Any]:
