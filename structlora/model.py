@@ -26,6 +26,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import os
+import types
 import weakref
 from dataclasses import dataclass, field
 from typing import Any, Iterator, Optional
@@ -152,8 +153,7 @@ class StructLoraModel(nn.Module):
                 fam.sketch_proj = torch.randn(k, config.sim_sketch_dim, generator=gen) / config.sim_sketch_dim**0.5
             self.families.append(fam)
             for l, layer in enumerate(layers):
-                layer.forward = _make_forward(self, fam, l, layer)
-                layer.get_delta_weight = _make_delta_weight(self, fam, l, layer)
+                _patch_layer(self, fam, l, layer)
         self._check_finite()
         # a fresh nn.Module (this one, and a fresh PeftModel) says training=True whatever the base model's
         # dropout does; start in the base model's mode so `training` and every dropout agree
@@ -175,17 +175,19 @@ class StructLoraModel(nn.Module):
         norms = torch._foreach_norm([t.detach().float() for t in tensors])
         if bool(torch.stack([n.to(norms[0].device) for n in norms]).isfinite().all()):
             return
-        bad = [name for fam in self.families for l, name in enumerate(fam.names)
-               if not (torch.isfinite(fam.A(l)).all() and torch.isfinite(fam.B(l)).all())]
-        bad += [f"gate logits of {fam.names[i]}" for fam in self.families if fam.gate.logits is not None
-                for i in (~torch.isfinite(fam.gate.logits)).any(-1).nonzero().flatten().tolist()]
-        bad += [f"coordinator of family {fam.key!r}" for fam in self.families
-                if fam.coord is not None and not fam.coord.parameters_finite()]
+        bad = {"LoRA factors": [name for fam in self.families for l, name in enumerate(fam.names)
+                                if not (torch.isfinite(fam.A(l)).all() and torch.isfinite(fam.B(l)).all())],
+               "gate logits": [fam.names[i] for fam in self.families if fam.gate.logits is not None
+                               for i in (~torch.isfinite(fam.gate.logits)).any(-1).nonzero().flatten().tolist()],
+               "coordinator": [fam.key for fam in self.families
+                               if fam.coord is not None and not fam.coord.parameters_finite()]}
+        bad = {kind: names for kind, names in bad.items() if names}
         if bad:
+            where = "; ".join(f"{kind} of {len(names)} module(s)/families {names[:3]}{' ...' if len(names) > 3 else ''}"
+                              for kind, names in bad.items())
             raise FloatingPointError(
-                f"non-finite values at StructLoRA step {int(self.structlora_step)} in {len(bad)} place(s): "
-                f"{bad[:8]}{' ...' if len(bad) > 8 else ''}. They appear together when the loss or a gradient "
-                "diverged in the previous step (learning rate, fp16 overflow): check the loss first")
+                f"non-finite values at StructLoRA step {int(self.structlora_step)}: {where}. They appear together "
+                "when the loss or a gradient diverged in the previous step (learning rate, fp16 overflow): check the loss first")
 
     # ------------------------------------------------------------------ forward
     def forward(self, *args: Any, **kwargs: Any) -> Any:
@@ -366,10 +368,12 @@ class StructLoraModel(nn.Module):
                         loss = loss + cfg.penalty_weight * fn(factors)
         return loss
 
-    def target_now(self) -> float:
+    def target_now(self) -> Optional[float]:
         """The keep-ratio target of the current step: 1 until the gate warm-up ends, then linear to
-        ``target_keep_ratio`` over ``target_ramp_steps`` (the CoFi schedule), then constant."""
+        ``target_keep_ratio`` over ``target_ramp_steps`` (the CoFi schedule), then constant; None without a target."""
         cfg = self.structlora_config
+        if cfg.target_keep_ratio is None:
+            return None
         done = (int(self.structlora_step) - cfg.gate_warmup_steps) / max(cfg.target_ramp_steps, 1)
         return 1.0 - (1.0 - cfg.target_keep_ratio) * min(max(done, 0.0), 1.0)
 
@@ -521,40 +525,45 @@ def param_groups(model: nn.Module, lr: float, weight_decay: float,
     return [g for g in shared if g["params"]] + extra
 
 
-def _make_forward(owner: StructLoraModel, fam: Family, l: int, layer: LoraLinear):
+def _patch_layer(owner: StructLoraModel, fam: Family, l: int, layer: nn.Module) -> None:
+    """Give one peft layer StructLoRA's ``forward`` and ``get_delta_weight``, as methods bound to the layer
+    (so ``copy.deepcopy`` of the model gives a copy whose layers act on the copy) reading ``(owner, family,
+    index)`` from the layer's plain attribute ``_structlora``."""
+    layer._structlora = (owner, fam, l)
+    layer.forward = types.MethodType(_layer_forward, layer)
+    layer.get_delta_weight = types.MethodType(_layer_delta_weight, layer)
+
+
+def _layer_forward(layer: LoraLinear, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
     """The replacement forward of one peft `lora.Linear`: base + one concatenated low-rank product.
 
     Also right for a Conv1D base (GPT-2): ``base_layer(x)`` applies W0 in its own storage order, and
     A, B are (r, k), (d, r) as for nn.Linear, so the low-rank path needs no transpose."""
-    original = type(layer).forward
+    owner, fam, l = layer._structlora
+    if layer.disable_adapters or layer.merged or ADAPTER not in layer.active_adapters:
+        return type(layer).forward(layer, x, *args, **kwargs)
+    if len(layer.active_adapters) > 1:
+        raise ValueError(f"{fam.names[l]}: adapters {layer.active_adapters} are active; StructLoRA runs its one "
+                         f"adapter {ADAPTER!r} (set_adapter({ADAPTER!r}))")
+    base_rows = _base_rows(kwargs.pop("adapter_names", None), x)   # (batch,) bool or None
+    result = layer.base_layer(x, *args, **kwargs)                        # (..., d)
+    a_cat, coef, b_cat = owner.layer_factors(fam, l)
+    x = layer._cast_input_dtype(x, a_cat.dtype)
+    h = F.linear(layer_dropout(layer)(x), a_cat)                  # (..., n r)
+    # scale B's columns, not h: saves one (tokens, n r) activation per layer (benchmarks/README.md)
+    # a 4-bit or half-precision base returns its own dtype: cast the update to it, as peft does
+    out = result + F.linear(h, (b_cat * coef).to(h.dtype)).to(result.dtype)   # (..., d)
+    if base_rows is not None:      # peft's mixed batch: "__base__" rows get the base model's output
+        out = torch.where(base_rows.reshape(-1, *[1] * (out.dim() - 1)), result, out)
+    if fam.capturing and out.requires_grad:
+        with torch.autocast(x.device.type, enabled=False):   # the sketch stays fp32 (half-precision bases)
+            xr = x.detach().reshape(-1, x.shape[-1]).float() @ fam.sketch_proj.to(x.device)   # (T, p)
 
-    def forward(x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        if layer.disable_adapters or layer.merged or ADAPTER not in layer.active_adapters:
-            return original(layer, x, *args, **kwargs)
-        if len(layer.active_adapters) > 1:
-            raise ValueError(f"{fam.names[l]}: adapters {layer.active_adapters} are active; StructLoRA runs its one "
-                             f"adapter {ADAPTER!r} (set_adapter({ADAPTER!r}))")
-        base_rows = _base_rows(kwargs.pop("adapter_names", None), x)   # (batch,) bool or None
-        result = layer.base_layer(x, *args, **kwargs)                        # (..., d)
-        a_cat, coef, b_cat = owner.layer_factors(fam, l)
-        x = layer._cast_input_dtype(x, a_cat.dtype)
-        h = F.linear(layer_dropout(layer)(x), a_cat)                  # (..., n r)
-        # scale B's columns, not h: saves one (tokens, n r) activation per layer (benchmarks/README.md)
-        # a 4-bit or half-precision base returns its own dtype: cast the update to it, as peft does
-        out = result + F.linear(h, (b_cat * coef).to(h.dtype)).to(result.dtype)   # (..., d)
-        if base_rows is not None:      # peft's mixed batch: "__base__" rows get the base model's output
-            out = torch.where(base_rows.reshape(-1, *[1] * (out.dim() - 1)), result, out)
-        if fam.capturing and out.requires_grad:
-            with torch.autocast(x.device.type, enabled=False):   # the sketch stays fp32 (half-precision bases)
-                xr = x.detach().reshape(-1, x.shape[-1]).float() @ fam.sketch_proj.to(x.device)   # (T, p)
-
-            def accumulate(grad: torch.Tensor) -> None:
-                with torch.autocast(grad.device.type, enabled=False):   # (d, p) = sum_t delta_t (x_t R)
-                    fam.sketches[l] += grad.detach().reshape(-1, grad.shape[-1]).float().T @ xr
-            out.register_hook(accumulate)
-        return out
-
-    return forward
+        def accumulate(grad: torch.Tensor) -> None:
+            with torch.autocast(grad.device.type, enabled=False):   # (d, p) = sum_t delta_t (x_t R)
+                fam.sketches[l] += grad.detach().reshape(-1, grad.shape[-1]).float().T @ xr
+        out.register_hook(accumulate)
+    return out
 
 
 def _base_rows(adapter_names: Optional[list[str]], x: torch.Tensor) -> Optional[torch.Tensor]:
@@ -570,21 +579,17 @@ def _base_rows(adapter_names: Optional[list[str]], x: torch.Tensor) -> Optional[
     return torch.tensor([n == "__base__" for n in adapter_names], device=x.device)
 
 
-def _make_delta_weight(owner: StructLoraModel, fam: Family, l: int, layer: nn.Module):
+def _layer_delta_weight(layer: nn.Module, adapter: str) -> torch.Tensor:
     """The replacement ``get_delta_weight`` of one peft layer: StructLoRA's eval update B_eff A_eff (gates,
     scaling and coordinator folded in, `StructLoraModel.effective_factors`), in the base weight's layout.
     peft's ``merge`` / ``unmerge`` (``merge_adapter``, ``unmerge_adapter``, peft's ``merge_and_unload``)
     call it, so they merge exactly what the eval forward computes."""
-    original = type(layer).get_delta_weight
-
-    def get_delta_weight(adapter: str) -> torch.Tensor:
-        if adapter != ADAPTER:
-            return original(layer, adapter)
-        b, a = owner._eval_factors(fam, l)
-        delta = b @ a                                                        # (d, k)
-        return delta.T if getattr(layer, "fan_in_fan_out", False) else delta
-
-    return get_delta_weight
+    if adapter != ADAPTER:
+        return type(layer).get_delta_weight(layer, adapter)
+    owner, fam, l = layer._structlora
+    b, a = owner._eval_factors(fam, l)
+    delta = b @ a                                                            # (d, k)
+    return delta.T if getattr(layer, "fan_in_fan_out", False) else delta
 
 
 def _refused(name: str):
