@@ -3,7 +3,10 @@
 Every extra field carries a one-line reason; `__post_init__` validates them so a bad setting fails
 before a model is touched. Defaults follow the paper where it gives a value (r=8, alpha=16, one GNN
 step, hybrid graph; appendix A, Table 6) and are our documented choice where it does not (gate prior,
-lambda_IB, similarity threshold and refresh period: see README "Deviations from the paper").
+lambda_IB, similarity threshold and refresh period: see README "Deviations from the paper"). The gate
+defaults (a keep target of 0.5 per module, gate logits at 50x the learning rate) are the gated
+configuration of the reproduction (README "Choosing the gate defaults"), which closes half of the
+directions at any learning rate instead of scaling all of them.
 """
 from __future__ import annotations
 
@@ -14,9 +17,10 @@ from typing import Any, Optional
 
 from peft import LoraConfig
 
-__all__ = ["StructLoraConfig", "GATES", "FILTERS", "GRAPHS", "PENALTIES"]
+__all__ = ["StructLoraConfig", "GATES", "FILTERS", "GRAPHS", "PENALTIES", "AUTO_TARGET"]
 
 GATES = (None, "concrete", "gaussian")
+AUTO_TARGET = 0.5   # target_keep_ratio="auto" with hard-concrete gates
 FILTERS = ("ib", "random", "topk_norm")
 GRAPHS = (None, "adjacency", "similarity", "hybrid")
 PENALTIES = (None, "cos", "laplacian")
@@ -34,7 +38,7 @@ class StructLoraConfig(LoraConfig):
     filter: str = field(default="ib", metadata={"help": "how directions are kept: 'ib' (learned gate), 'random' (fixed mask) or 'topk_norm' (||b_j||*||a_j||, re-scored) (Fig. 2)"})
     keep_ratio: Optional[float] = field(default=None, metadata={"help": "fraction of each module's r directions kept (per module, ceil(rho*r)); None = no cardinality constraint"})
     lambda_ib: float = field(default=0.05, metadata={"help": "weight of the compression term per module (its expected open fraction / mean KL), summed over modules: L_total = L_task + lambda_IB * L_IB (Eq. 8)"})
-    target_keep_ratio: Optional[float] = field(default=None, metadata={"help": "fraction of each module's directions left open at the end, reached by a Lagrange multiplier on the expected L0 (hard-concrete only); None = lambda_IB alone decides"})
+    target_keep_ratio: Optional[float | str] = field(default="auto", metadata={"help": "fraction of each module's directions left open at the end, reached by a Lagrange multiplier on the expected L0 (hard-concrete only); None = lambda_IB alone decides; 'auto' = 0.5 with gate='concrete' (the reproduction's setting), else None"})
     lagrangian_mu: float = field(default=10.0, metadata={"help": "mu of the augmented Lagrangian's quadratic term (mu/2)(s - rho)^2: pulls each module's open fraction back at once"})
     lagrangian_lr: float = field(default=0.05, metadata={"help": "eta of the multiplier's dual-ascent step lambda += eta (s - rho) per training step (eta << mu: slow integral action)"})
     target_ramp_steps: int = field(default=150, metadata={"help": "steps after the gate warm-up over which the target keep ratio falls linearly from 1 to target_keep_ratio (CoFi's schedule; without it the multipliers overshoot)"})
@@ -42,7 +46,7 @@ class StructLoraConfig(LoraConfig):
     gate_init: float = field(default=2.0, metadata={"help": "initial gate logit: log_alpha (concrete) or theta (gaussian, mu=sigmoid(theta)); large = open, so training starts near LoRA"})
     gate_temperature: float = field(default=2 / 3, metadata={"help": "hard-concrete temperature beta (Louizos et al. 2018)"})
     gate_sigma: float = field(default=0.5, metadata={"help": "Gaussian gate noise std sigma (m = mu + sigma eps); prior N(0, sigma^2) gives the KL mu^2 / (2 sigma^2) (E.2)"})
-    gate_lr_multiplier: float = field(default=10.0, metadata={"help": "gate logits learn this much faster than the factors (they must move O(1) within a short run)"})
+    gate_lr_multiplier: float = field(default=50.0, metadata={"help": "gate logits learn this much faster than the factors (they must travel ~5 units within a short run; the reproduction's 50x)"})
     filter_warmup_steps: int = field(default=50, metadata={"help": "training steps before a keep_ratio mask is enforced (all filters alike), so top-k-norm has norms to rank"})
     rescore_every: int = field(default=50, metadata={"help": "steps between re-scorings of the 'topk_norm' mask"})
     # ---- Stage 2: depth coordinator (Eq. 4-5, 7; appendix E.3-E.6) ----
@@ -67,8 +71,19 @@ class StructLoraConfig(LoraConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        if self.target_keep_ratio == "auto":
+            self.target_keep_ratio = AUTO_TARGET if self.gate == "concrete" else None
         if not isinstance(self.r, int) or self.r <= 0:
             raise ValueError(f"r must be a positive integer, got {self.r!r}")
+        if not (isinstance(self.lora_alpha, (int, float)) and math.isfinite(self.lora_alpha) and self.lora_alpha > 0):
+            raise ValueError(f"lora_alpha must be a finite number > 0, got {self.lora_alpha!r}")
+        if self.lora_bias:
+            raise ValueError("lora_bias=True is not supported: StructLoRA gates and mixes the low-rank product B A only")
+        for name in ("gnn_steps", "sim_refresh_every", "sim_batches", "sim_sketch_dim", "rescore_every", "sim_k",
+                     "gate_warmup_steps", "filter_warmup_steps", "target_ramp_steps", "structlora_seed"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise ValueError(f"{name} counts steps or items: it must be an int, got {value!r}")
         if self.gate not in GATES:
             raise ValueError(f"gate must be one of {GATES}, got {self.gate!r}")
         if self.filter not in FILTERS:

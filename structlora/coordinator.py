@@ -34,6 +34,7 @@ or, with ``sim_rule="threshold"``, the pairs whose cosine exceeds a threshold.
 from __future__ import annotations
 
 import math
+from typing import Optional, Sequence
 
 import torch
 from torch import nn
@@ -47,10 +48,13 @@ COORDINATOR_MODES = ("smoother", "gains")
 SIM_RULES = ("knn", "threshold")
 
 
-def chain_adjacency(num_layers: int) -> torch.Tensor:
-    """(L, L) 0/1 adjacency of the depth chain l -- l+1 (no self-loops)."""
+def chain_adjacency(num_layers: int, links: Optional[Sequence[bool]] = None) -> torch.Tensor:
+    """(L, L) 0/1 adjacency of the depth chain l -- l+1 (no self-loops); ``links`` (L - 1 flags, default
+    all True) drops the edges between members that are not neighbours in the model (`layers.family_links`)."""
     a = torch.zeros(num_layers, num_layers)
     idx = torch.arange(num_layers - 1)
+    if links is not None:
+        idx = idx[torch.tensor(list(links), dtype=torch.bool)]
     a[idx, idx + 1] = 1.0
     a[idx + 1, idx] = 1.0
     return a
@@ -96,7 +100,8 @@ class DepthCoordinator(nn.Module):
 
     def __init__(self, num_layers: int, graph: str, steps: int = 1, mode: str = "gains",
                  eta_init: float = 0.5, learn_eta: bool = True, edge_corrections: bool = False,
-                 sim_rule: str = "threshold", sim_k: int = 1, sim_threshold: float = 0.3, sim_ema: float = 0.5) -> None:
+                 sim_rule: str = "threshold", sim_k: int = 1, sim_threshold: float = 0.3, sim_ema: float = 0.5,
+                 links: Optional[Sequence[bool]] = None) -> None:
         super().__init__()
         if graph in ("similarity", "hybrid") and num_layers < 2:
             raise ValueError(f"graph={graph!r} needs at least 2 layers in a module family, got {num_layers}")
@@ -108,7 +113,7 @@ class DepthCoordinator(nn.Module):
             raise ValueError(f"eta_init is a fraction of eta_max in (0, 1), got {eta_init!r}")
         self.graph, self.steps, self.num_layers, self.mode = graph, steps, num_layers, mode
         self.sim_rule, self.sim_k, self.sim_threshold, self.sim_momentum = sim_rule, sim_k, sim_threshold, sim_ema
-        chain = chain_adjacency(num_layers)
+        chain = chain_adjacency(num_layers, links)
         self.register_buffer("chain", chain)
         self.register_buffer("adjacency", chain.clone() if graph in ("adjacency", "hybrid") else torch.zeros_like(chain))
         self.register_buffer("sim_ema", torch.zeros(num_layers, num_layers))
@@ -129,9 +134,21 @@ class DepthCoordinator(nn.Module):
         return laplacian(self.adjacency)
 
     def eta_max(self) -> torch.Tensor:
-        """1 / lambda_max(L) (0 when the graph has no edge: then M = I whatever eta)."""
-        lam = torch.linalg.eigvalsh(self.laplacian()).max()
-        return torch.where(lam > 1e-9, 1.0 / lam.clamp_min(1e-9), torch.zeros_like(lam))
+        """1 / lambda_max(L) (0 when the graph has no edge: then M = I whatever eta); a function of the
+        adjacency buffer alone, so cached with the neighbour lists (`_graph_cache`)."""
+        return self._graph_cache()["eta_max"]
+
+    def _graph_cache(self) -> dict:
+        """eta_max and the neighbour lists of the current adjacency, recomputed when it changes (in place, by
+        ``set_similarity`` or ``load_state_dict``, or by a move), so a forward pays no eigvalsh or host sync."""
+        key = (self.adjacency._version, self.adjacency.data_ptr(), self.adjacency.device, self.adjacency.dtype)
+        if getattr(self, "_cache_key", None) != key:
+            lam = torch.linalg.eigvalsh(self.laplacian()).max()
+            support = self.support()
+            self._cache = {"eta_max": torch.where(lam > 1e-9, 1.0 / lam.clamp_min(1e-9), torch.zeros_like(lam)),
+                           "nbrs": [support[l].nonzero().flatten().tolist() for l in range(self.num_layers)]}
+            self._cache_key = key
+        return self._cache
 
     def eta(self) -> torch.Tensor:
         """(T,) eta_t = eta_max sigmoid(theta_t), strictly < eta_max (smoother mode; theta is clamped to
@@ -165,14 +182,8 @@ class DepthCoordinator(nn.Module):
         return reach
 
     def neighbours(self) -> list[list[int]]:
-        """Per layer l, the j with ``support()[l, j]``; cached until the adjacency changes (in place, by
-        ``set_similarity`` or ``load_state_dict``, or by a move), so a forward pays no host sync for it."""
-        key = (self.adjacency._version, self.adjacency.data_ptr(), self.adjacency.device)
-        if getattr(self, "_nbrs_key", None) != key:
-            support = self.support()
-            self._nbrs = [support[l].nonzero().flatten().tolist() for l in range(self.num_layers)]
-            self._nbrs_key = key
-        return self._nbrs
+        """Per layer l, the j with ``support()[l, j]`` (cached with eta_max, `_graph_cache`)."""
+        return self._graph_cache()["nbrs"]
 
     # ------------------------------------------------------------------ similarity edges
     @torch.no_grad()

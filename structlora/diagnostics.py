@@ -25,7 +25,7 @@ if TYPE_CHECKING:
     from .model import StructLoraModel
 
 __all__ = ["factors_by_family", "update_diagnostics", "stage_evidence", "uncoordinated_factors", "gradient_cosines",
-           "structlora_report", "Report"]
+           "structlora_report", "Report", "polarization", "POLAR_BAND"]
 
 
 def factors_by_family(model: nn.Module) -> dict[str, list[tuple[str, Factors]]]:
@@ -225,10 +225,20 @@ class Report(list):
         p.text(str(self))
 
 
+POLAR_BAND = 0.1   # a gate within 0.1 of 0 or 1 at eval is "polarized" (METHOD_NOTES, "Selection or scaling?")
+
+
+def polarization(m: torch.Tensor) -> torch.Tensor:
+    """(..., r) eval gates -> (...) share of gates within `POLAR_BAND` of 0 or 1: 1 when the gates select
+    directions (closed or open), low when they scale the update (every gate partly open)."""
+    return ((m <= POLAR_BAND) | (m >= 1 - POLAR_BAND)).float().mean(-1)
+
+
 @torch.no_grad()
 def structlora_report(model: "StructLoraModel") -> Report:
-    """Per module: directions kept (eval gate > 0) of r, exported rank, ||dW||_F, IB score summary;
-    per family (repeated on its rows): drift energy E and CosAdj of the coordinated updates."""
+    """Per module: directions kept (eval gate > 0) of r, gate polarization (share of gates near 0 or 1),
+    exported rank, ||dW||_F, IB score summary; per family (repeated on its rows): drift energy E and CosAdj
+    of the coordinated updates, and a note (a one-layer family has no coordinator)."""
     model._check_finite()
     eff = model.effective_factors(drop_zero=True)
     full = model.effective_factors(drop_zero=False)
@@ -242,15 +252,17 @@ def structlora_report(model: "StructLoraModel") -> Report:
         factors = [full[n] for n in fam.names]
         energy = float(drift_energy(factors))
         cadj = float(cos_adj(factors)) if len(factors) > 1 else float("nan")
+        note = "one layer: no coordinator" if model.structlora_config.graph and fam.coord is None else ""
         for l, name in enumerate(fam.names):
             r = fam.A(l).shape[0]
             kept = int((m[l] > 0).sum()) if m is not None else r
             b, a = full[name]
             rows.append({"module": name, "family": fam.key, "layer": l, "r": r, "kept": kept,
+                         "polarization": float(polarization(m[l])) if m is not None else float("nan"),
                          "exported_rank": eff[name][1].shape[0],
                          "update_norm": float(frob_inner(b, a, b, a).clamp_min(0).sqrt()),
                          "mean_gate_score": float(scores[l].mean()) if scores is not None else float("nan"),
-                         "family_drift_energy": energy, "family_cos_adj": cadj})
+                         "family_drift_energy": energy, "family_cos_adj": cadj, "note": note})
     model._reset_states()
     model.train(was_training)
     return Report(rows)

@@ -68,6 +68,10 @@ class FamilyGate(nn.Module):
         self.kind, self.filter, self.keep = kind, filter, keep
         self.temperature, self.sigma, self.target = temperature, sigma, target
         self.hold = False  # set by the model during the gate warm-up: logits get no gradient
+        # the training step's noise (L, r): u ~ U(0, 1) (concrete) or eps ~ N(0, 1) (gaussian), drawn at its
+        # first use in a step and reused by every forward of that step (accumulated micro-batches, the
+        # recompute of gradient checkpointing); `new_step` clears it
+        self.noise: Optional[torch.Tensor] = None
         self.logits = nn.Parameter(torch.full((num_layers, r), float(init))) if kind else None
         if target is not None and kind != "concrete":
             raise ValueError("a target keep ratio needs hard-concrete gates (gate='concrete')")
@@ -82,15 +86,28 @@ class FamilyGate(nn.Module):
         self.register_buffer("mask_active", torch.tensor(False))  # becomes True after the warm-up
 
     # ---- gate values ----
+    def new_step(self) -> None:
+        """Forget the step's noise: the next training forward draws a new sample."""
+        self.noise = None
+
+    def step_noise(self) -> torch.Tensor:
+        """(L, r) the current step's noise, drawn now if this step has none (fp32: the gates' precision)."""
+        if self.noise is None or self.noise.device != self.logits.device:
+            like = self.logits.detach().float()
+            self.noise = torch.rand_like(like) if self.kind == "concrete" else torch.randn_like(like)
+        return self.noise
+
     def gate_values(self, training: bool) -> Optional[torch.Tensor]:
-        """(L, r) gate values before any keep mask: sampled in training, deterministic at eval."""
+        """(L, r) gate values before any keep mask: sampled in training (Eq. 2, the step's noise), deterministic
+        at eval; computed in fp32 whatever the model's dtype."""
         if self.kind is None:
             return None
+        logits = self.logits.float()
         # held: a zero gradient (not none), so data-parallel wrappers still see the logits used
-        logits = self.logits.detach() + 0.0 * self.logits if self.hold else self.logits
+        logits = logits.detach() + 0.0 * logits if self.hold else logits
         if self.kind == "concrete":
             if training:
-                u = torch.rand_like(logits).clamp(1e-6, 1 - 1e-6)
+                u = self.step_noise().clamp(1e-6, 1 - 1e-6)
                 s = torch.sigmoid((u.log() - (-u).log1p() + logits) / self.temperature)
             else:
                 s = torch.sigmoid(logits)
@@ -101,7 +118,7 @@ class FamilyGate(nn.Module):
             return m
         mu = torch.sigmoid(logits)  # gaussian: additive noise of the prior's variance
         if training:
-            return mu + self.sigma * torch.randn_like(mu)
+            return mu + self.sigma * self.step_noise()
         return mu
 
     def forward(self, training: bool) -> Optional[torch.Tensor]:

@@ -2,14 +2,17 @@
 
     trainer = StructLoraTrainer(model=get_structlora_model(base, cfg), args=..., train_dataset=...)
 
-`compute_loss` adds ``model.structlora_loss()`` (Eq. 8) to the task loss in training; `create_optimizer`
-uses ``model.structlora_param_groups`` (gate logits and edge gains get their own learning rate, no
-decay). Label names, ``can_return_loss`` and the dataset columns come from the wrapped transformers
+`compute_loss` adds ``model.structlora_loss()`` (Eq. 8) to the task loss in training, scaled like the task
+loss under gradient accumulation (so lambda_IB is a price per optimizer step); `create_optimizer` uses
+``model.structlora_param_groups`` (gate logits and edge gains get their own learning rate, no decay) and
+attaches the optimizer (`StructLoraModel.attach_optimizer`), so every StructLoRA schedule counts optimizer
+steps, not micro-batches. ``gradient_checkpointing=True`` and bf16/fp16 work as for a peft model. Label names, ``can_return_loss`` and the dataset columns come from the wrapped transformers
 model (as for a peft model), so `evaluate()` reports ``eval_loss`` and ``compute_metrics``.
 ``save_model`` and every checkpoint write `StructLoraModel.save_training_state` (the raw peft adapter
 plus the StructLoRA state), which ``train(resume_from_checkpoint=...)``, ``load_best_model_at_end`` and
 `StructLoraModel.from_pretrained` read back. For deployment, ``model.save_pretrained(dir)`` writes the
-folded export. A plain PyTorch loop needs only ``loss = out.loss + model.structlora_loss()``.
+folded export. A plain PyTorch loop needs only ``loss = out.loss + model.structlora_loss()``, plus
+``model.attach_optimizer(opt)`` once when it accumulates gradients.
 """
 from __future__ import annotations
 
@@ -55,8 +58,20 @@ class StructLoraTrainer(Trainer):
     def compute_loss(self, model: torch.nn.Module, inputs: dict[str, Any], return_outputs: bool = False, **kwargs: Any):
         loss, outputs = super().compute_loss(model, inputs, return_outputs=True, **kwargs)
         if model.training:
-            loss = loss + unwrap_structlora(model).structlora_loss()
+            extra = unwrap_structlora(model).structlora_loss()
+            if self._loss_scaled_for_accumulation(kwargs.get("num_items_in_batch")):
+                # the Trainer will not divide this loss by the accumulation steps (the task loss is already a
+                # share of the whole optimizer step): the StructLoRA terms must be divided here, once per micro-batch
+                extra = extra / self.current_gradient_accumulation_steps
+            loss = loss + extra
         return (loss, outputs) if return_outputs else loss
+
+    def _loss_scaled_for_accumulation(self, num_items_in_batch: Any) -> bool:
+        """The rule of ``Trainer.training_step``: True when it does not divide the loss by the accumulation steps."""
+        if getattr(self, "loss_is_scaled_for_ga", None) is not None:
+            return bool(self.loss_is_scaled_for_ga)
+        return bool((self.model_accepts_loss_kwargs and num_items_in_batch is not None)
+                    or self.compute_loss_func is not None)
 
     def _set_signature_columns_if_needed(self) -> None:
         # Trainer drops dataset columns the model's forward does not name; ours takes **kwargs, so
@@ -67,11 +82,12 @@ class StructLoraTrainer(Trainer):
                 {"label", "label_ids", *self.label_names})
 
     def create_optimizer(self, *args: Any, **kwargs: Any):
+        sm = unwrap_structlora(self.model)
         if self.optimizer is None:
-            sm = unwrap_structlora(self.model)
             self.optimizer = torch.optim.AdamW(
                 sm.structlora_param_groups(self.args.learning_rate, self.args.weight_decay),
                 betas=(self.args.adam_beta1, self.args.adam_beta2), eps=self.args.adam_epsilon)
+        sm.attach_optimizer(self.optimizer)   # steps = optimizer steps (gradient accumulation)
         return self.optimizer
 
     # ---- checkpoints: the resumable StructLoRA training state instead of a full model.safetensors ----

@@ -1,7 +1,11 @@
 """Which peft layers StructLoRA adapts, and how they are grouped into depth-ordered module families.
 
-A family is every adapted module with the same name up to its first numeric path component
-(``...layer.3.attention.self.query`` -> ``...layer.*.attention.self.query``); the coordinator
+A family is every adapted module with the same name once each numeric path component is read as ``*``
+(``...layer.3.attention.self.query`` -> ``...layer.*.attention.self.query``; Swin's
+``layers.1.blocks.0...`` -> ``layers.*.blocks.*...``) and the same factor shapes (A r x k, B d x r),
+in the order the model defines its modules (its depth order, not the numbers in the names). Two
+members are chain neighbours only when no module of the same name pattern lies between them in the
+model (``layers_to_transform=[0, 3]``: layers 0 and 3 are not neighbours). The coordinator
 (Sec. 3.3) mixes updates within a family, across depth.
 
 Supported layers (StructLoRA as a meta-adapter, paper appendix F, Table 11):
@@ -29,11 +33,11 @@ from peft.tuners.lora import LoraLayer
 from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
-__all__ = ["ADAPTER", "LoraLinear", "group_lora_layers", "check_supported", "is_vera", "factor_A", "factor_B",
-           "layer_scaling", "layer_dropout", "is_4bit"]
+__all__ = ["ADAPTER", "LoraLinear", "group_lora_layers", "family_links", "name_pattern", "check_supported", "is_vera",
+           "factor_A", "factor_B", "layer_scaling", "layer_dropout", "is_4bit"]
 
 ADAPTER = "default"
-_LAYER_INDEX = re.compile(r"\.(\d+)\.")
+_NUMBER = re.compile(r"(?<=\.)\d+(?=\.)")   # a numeric path component (between two dots)
 
 
 def is_4bit(module: nn.Module) -> bool:
@@ -111,18 +115,33 @@ def check_supported(model: nn.Module) -> None:
                              "peft LoRA / VeRA layers over nn.Linear, Conv1D or bitsandbytes Linear4bit)")
 
 
-def group_lora_layers(model: nn.Module) -> dict[str, list[tuple[str, nn.Module]]]:
-    """Group the supported adapted layers (see the module docstring) into families: same name up to the first layer index.
+def name_pattern(name: str) -> str:
+    """``a.3.b.0.c`` -> ``a.*.b.*.c``: the module name with every numeric path component as ``*``."""
+    return _NUMBER.sub("*", "." + name + ".")[1:-1]
 
-    ``...layer.3.attention.self.query`` -> family ``...layer.*.attention.self.query``, ordered by depth.
-    A module with no numeric path component is a family of its own.
+
+def group_lora_layers(model: nn.Module) -> dict[str, list[tuple[str, nn.Module]]]:
+    """Group the supported adapted layers (see the module docstring) into families, in the model's module order.
+
+    Key: the name pattern (`name_pattern`); when layers of one pattern have different factor shapes
+    (Swin's stages, ``rank_pattern``), each shape is its own family, keyed ``pattern[i]`` in order of
+    first appearance. A module with no numeric path component is a family of its own (one node).
     """
-    families: dict[str, list[tuple[int, str, nn.Module]]] = {}
+    families: dict[tuple[str, tuple], list[tuple[str, nn.Module]]] = {}
     for name, module in model.named_modules():
-        if not _adapted(module):
-            continue
-        match = _LAYER_INDEX.search(name + ".")
-        key = name if match is None else name[: match.start()] + ".*." + name[match.end():]
-        index = -1 if match is None else int(match.group(1))
-        families.setdefault(key.rstrip("."), []).append((index, name, module))
-    return {k: [(n, m) for _, n, m in sorted(v, key=lambda t: t[0])] for k, v in families.items()}
+        if _adapted(module):
+            shape = (tuple(factor_A(module).shape), tuple(factor_B(module).shape))
+            families.setdefault((name_pattern(name), shape), []).append((name, module))
+    shapes: dict[str, list[tuple]] = {}
+    for pattern, shape in families:
+        shapes.setdefault(pattern, []).append(shape)
+    return {(p if len(shapes[p]) == 1 else f"{p}[{shapes[p].index(sh)}]"): members
+            for (p, sh), members in families.items()}
+
+
+def family_links(model: nn.Module, names: list[str]) -> list[bool]:
+    """(L - 1) flags: member l and l + 1 of a family are depth neighbours, i.e. no other module with the
+    same name pattern lies between them in the model's module order (see the module docstring)."""
+    pattern = name_pattern(names[0])
+    order = {n: i for i, n in enumerate(n for n, _ in model.named_modules() if name_pattern(n) == pattern)}
+    return [order[b] == order[a] + 1 for a, b in zip(names, names[1:])]

@@ -23,10 +23,13 @@ checkpoints of `integrations.StructLoraTrainer` use to continue training.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import os
+import types
+import weakref
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any, Iterator, Optional
 
 import torch
 import torch.nn.functional as F
@@ -37,10 +40,29 @@ from . import diagnostics, export
 from .config import StructLoraConfig
 from .coordinator import DepthCoordinator, maybe_allreduce, sketch_cosines
 from .gates import FamilyGate
-from .layers import ADAPTER, LoraLinear, check_supported, factor_A, factor_B, group_lora_layers, layer_dropout, layer_scaling
+from .layers import (ADAPTER, LoraLinear, check_supported, factor_A, factor_B, family_links, group_lora_layers,
+                     layer_dropout, layer_scaling)
 from .lowrank import cos_penalty, laplacian_penalty
 
-__all__ = ["StructLoraModel", "get_structlora_model", "Family", "param_groups"]
+__all__ = ["StructLoraModel", "get_structlora_model", "Family", "param_groups", "REFUSED_PEFT_APIS"]
+
+# peft APIs that would act on the raw LoRA weights or on several adapters, bypassing the gates and the
+# coordinator: refused, naming what to use instead. Every other public method of peft's PeftModel /
+# LoraModel is exact for StructLoRA (tests/test_training_regimes.py walks them all): merge_adapter,
+# unmerge_adapter and peft's merge_and_unload merge the gated, coordinated update (`get_delta_weight` of
+# each layer is StructLoRA's), ``adapter_names=`` takes "default" / "__base__" rows, disable_adapter gives
+# the base model.
+REFUSED_PEFT_APIS: dict[str, str] = {
+    "add_adapter": "StructLoRA trains one adapter ('default'): wrap another copy of the base model instead",
+    "load_adapter": "load a training state with StructLoraModel.from_pretrained(base, dir) or a folded export with "
+                    "peft.PeftModel.from_pretrained(base, dir)",
+    "delete_adapter": "StructLoRA trains one adapter ('default'); use merge_and_unload() or unload() to drop it",
+    "add_weighted_adapter": "combine folded exports (model.save_pretrained(dir)) in plain peft instead",
+    "inject_adapter": "StructLoRA trains one adapter ('default'): wrap another copy of the base model instead",
+    "subtract_mutated_init": "PiSSA/OLoRA conversion is not supported; export with model.save_pretrained(dir)",
+    "push_to_hub": "write the folded export with model.save_pretrained(dir) and upload dir "
+                   "(huggingface_hub.upload_folder); peft's push_to_hub would upload the raw, ungated factors",
+}
 
 @dataclass
 class Family:
@@ -52,7 +74,7 @@ class Family:
     gate: FamilyGate
     coord: Optional[DepthCoordinator]
     sketch_proj: Optional[torch.Tensor] = None      # (k, p) fixed random projection R
-    sketches: Optional[torch.Tensor] = None         # (L, d, p) accumulated G_l R
+    sketches: Optional[torch.Tensor] = None         # (L, d, p) accumulated G_l R, fp32
     capturing: bool = False
     captured: int = 0
     state: Optional[dict[str, Any]] = field(default=None, repr=False)
@@ -76,6 +98,14 @@ class StructLoraModel(nn.Module):
     `save_training_state()` / `load_training_state()` / `from_pretrained()` (resumable), `merge_and_unload()`.
     peft's `print_trainable_parameters()` / `get_nb_trainable_parameters()` count gates and gains too;
     `train()` / `eval()` set the wrapped peft model's mode (a new wrapper starts in the base model's mode).
+
+    Steps: step-driven work (warm-ups, ramp, dual ascent, re-scoring, similarity refresh) and the gate
+    noise advance once per training step. A step is one training forward, unless an optimizer is attached
+    (`attach_optimizer`, which `StructLoraTrainer` does): then a step is one optimizer step, however many
+    forwards (accumulated micro-batches) it takes, and every forward of a step reuses its gate noise.
+    Under gradient checkpointing (any module of the base model with ``gradient_checkpointing`` set) the
+    noise is drawn before the forward and each layer computes its gates and mixing itself, so the
+    recompute sees exactly what the forward saw (both ``use_reentrant`` modes).
     """
 
     def __init__(self, peft_model: PeftModel, config: StructLoraConfig) -> None:
@@ -83,10 +113,15 @@ class StructLoraModel(nn.Module):
         check_supported(peft_model)   # before anything reads the peft config: a clear error for other tuners
         self.peft_model = peft_model
         self.structlora_config = config = _synced_config(config, peft_model)
+        _check_peft_config(config, peft_model)
         self.gates = nn.ModuleDict()
         self.coordinators = nn.ModuleDict()
         self.register_buffer("structlora_step", torch.zeros((), dtype=torch.long))
         self.families: list[Family] = []
+        self._share = False       # layers reuse one family state (set inside one forward without checkpointing)
+        self._counting = False    # an optimizer is attached: steps are optimizer steps
+        self._step_open = False   # (counting) a step has begun and its optimizer step has not run yet
+        self._attached: dict[int, Any] = {}   # id(optimizer) -> hook handle
         groups = group_lora_layers(peft_model)
         if not groups:
             raise ValueError("no LoRA/VeRA linear layers were created: check target_modules (StructLoRA adapts "
@@ -100,23 +135,25 @@ class StructLoraModel(nn.Module):
                               config.gate_temperature, config.gate_sigma, seed=config.structlora_seed + i,
                               target=config.target_keep_ratio)
             gate.hold = config.gate_warmup_steps > 0 and config.gate is not None
+            # a one-layer family has nothing to coordinate: no coordinator (the report says so)
             coord = (DepthCoordinator(len(layers), config.graph, config.gnn_steps, mode=config.coordinator,
                                       eta_init=config.eta_init, learn_eta=config.learn_eta,
                                       edge_corrections=config.edge_corrections, sim_rule=config.sim_rule,
-                                      sim_k=config.sim_k, sim_threshold=config.sim_threshold, sim_ema=config.sim_ema)
-                     if config.graph else None)
+                                      sim_k=config.sim_k, sim_threshold=config.sim_threshold, sim_ema=config.sim_ema,
+                                      links=family_links(peft_model, names))
+                     if config.graph and len(layers) > 1 else None)
             slot = f"family{i}"
             self.gates[slot] = gate
             if coord is not None:
                 self.coordinators[slot] = coord
             fam = Family(key, names, layers, gate, coord)
-            if config.graph in ("similarity", "hybrid"):
+            if config.graph in ("similarity", "hybrid") and coord is not None:
                 k = layers[0].in_features
                 gen = torch.Generator().manual_seed(config.structlora_seed + 1000 + i)
                 fam.sketch_proj = torch.randn(k, config.sim_sketch_dim, generator=gen) / config.sim_sketch_dim**0.5
             self.families.append(fam)
             for l, layer in enumerate(layers):
-                layer.forward = _make_forward(self, fam, l, layer)
+                _patch_layer(self, fam, l, layer)
         self._check_finite()
         # a fresh nn.Module (this one, and a fresh PeftModel) says training=True whatever the base model's
         # dropout does; start in the base model's mode so `training` and every dropout agree
@@ -124,39 +161,51 @@ class StructLoraModel(nn.Module):
 
     # ------------------------------------------------------------------ construction checks
     def _check_family(self, key: str, names: list[str], layers: list[LoraLinear]) -> None:
-        cfg = self.structlora_config
-        if cfg.graph in ("similarity", "hybrid") and len(layers) < 2:
-            raise ValueError(f"graph={cfg.graph!r}: module family {key!r} has a single layer; similarity edges need >= 2")
-        if cfg.graph is not None:
-            shapes = {(tuple(factor_A(l).shape), tuple(factor_B(l).shape)) for l in layers}
-            if len(shapes) > 1:
-                raise ValueError(f"module family {key!r} has layers of different shapes {sorted(shapes)}: "
-                                 "the coordinator mixes updates within a family; use graph=None or target uniform modules")
         for name, layer in zip(names, layers):
             if getattr(layer, "use_dora", {}).get(ADAPTER, False) or ADAPTER in getattr(layer, "lora_variant", {}):
                 raise ValueError(f"{name}: LoRA variants (DoRA, ...) are not supported by StructLoRA")
 
     def _check_finite(self) -> None:
-        """Raise, naming the module, when a gate, gain or LoRA factor is NaN/inf."""
-        for fam, slot in zip(self.families, self.gates.keys()):
-            if fam.gate.logits is not None and not torch.isfinite(fam.gate.logits).all():
-                bad = (~torch.isfinite(fam.gate.logits)).any(-1).nonzero().flatten().tolist()
-                raise FloatingPointError(f"non-finite gate logits in {[fam.names[i] for i in bad]}")
-            if fam.coord is not None and not fam.coord.parameters_finite():
-                raise FloatingPointError(f"non-finite coordinator parameters in family {fam.key!r}")
-            for l, name in enumerate(fam.names):
-                if not (torch.isfinite(fam.A(l)).all() and torch.isfinite(fam.B(l)).all()):
-                    raise FloatingPointError(f"non-finite LoRA factor in {name}")
+        """Raise when a LoRA factor, gate logit or coordinator parameter is NaN/inf, naming every one that is.
+
+        One fused norm over all of them (a single host sync), so it runs at every training step; the
+        detailed search runs only when that norm is not finite."""
+        tensors = [t for fam in self.families for l in range(len(fam.layers)) for t in (fam.A(l), fam.B(l))]
+        tensors += [p for p in list(self.gates.parameters()) + list(self.coordinators.parameters())]
+        norms = torch._foreach_norm([t.detach().float() for t in tensors])
+        if bool(torch.stack([n.to(norms[0].device) for n in norms]).isfinite().all()):
+            return
+        bad = {"LoRA factors": [name for fam in self.families for l, name in enumerate(fam.names)
+                                if not (torch.isfinite(fam.A(l)).all() and torch.isfinite(fam.B(l)).all())],
+               "gate logits": [fam.names[i] for fam in self.families if fam.gate.logits is not None
+                               for i in (~torch.isfinite(fam.gate.logits)).any(-1).nonzero().flatten().tolist()],
+               "coordinator": [fam.key for fam in self.families
+                               if fam.coord is not None and not fam.coord.parameters_finite()]}
+        bad = {kind: names for kind, names in bad.items() if names}
+        if bad:
+            where = "; ".join(f"{kind} of {len(names)} module(s)/families {names[:3]}{' ...' if len(names) > 3 else ''}"
+                              for kind, names in bad.items())
+            raise FloatingPointError(
+                f"non-finite values at StructLoRA step {int(self.structlora_step)}: {where}. They appear together "
+                "when the loss or a gradient diverged in the previous step (learning rate, fp16 overflow): check the loss first")
 
     # ------------------------------------------------------------------ forward
     def forward(self, *args: Any, **kwargs: Any) -> Any:
-        if self.training and torch.is_grad_enabled():
-            self._on_train_forward()
-        self._reset_states()
-        try:
+        training = self.training and torch.is_grad_enabled()
+        if training and not (self._counting and self._step_open):
+            self._begin_step()
+        checkpointing = training and _checkpointing(self.peft_model.get_base_model())
+        if checkpointing:   # draw the noise outside every checkpointed region: the recompute reuses it
+            for fam in self.families:
+                if fam.gate.kind is not None:
+                    fam.gate.step_noise()
+        with self._shared_states(not checkpointing):
             return self.peft_model(*args, **kwargs)
-        finally:
-            self._reset_states()
+
+    def generate(self, *args: Any, **kwargs: Any) -> Any:
+        """peft's ``generate`` (the StructLoRA layers act in every decoding step; one family state per call)."""
+        with self._shared_states(True):
+            return self.peft_model.generate(*args, **kwargs)
 
     def __getattr__(self, name: str) -> Any:
         try:
@@ -164,7 +213,16 @@ class StructLoraModel(nn.Module):
         except AttributeError:
             if name == "peft_model":
                 raise
+            if name in REFUSED_PEFT_APIS:
+                return _refused(name)
             return getattr(self.peft_model, name)
+
+    def set_adapter(self, adapter_name: str | list[str]) -> None:
+        """peft's ``set_adapter``: StructLoRA has the one adapter ``"default"``; any other name is refused."""
+        if adapter_name not in (ADAPTER, [ADAPTER]):
+            raise ValueError(f"StructLoRA trains one adapter, {ADAPTER!r}; set_adapter({adapter_name!r}) is not supported "
+                             "(several active adapters would bypass the gates and the coordinator)")
+        self.peft_model.set_adapter(ADAPTER)
 
     def train(self, mode: bool = True) -> "StructLoraModel":
         self._reset_states()
@@ -173,6 +231,49 @@ class StructLoraModel(nn.Module):
     def _reset_states(self) -> None:
         for fam in self.families:
             fam.state = None
+
+    @contextlib.contextmanager
+    def _shared_states(self, share: bool) -> Iterator[None]:
+        """While inside, the layers of a family share one state (gates, mixing) when ``share``; else each
+        layer computes its own (gradient checkpointing: the recompute must not depend on another layer)."""
+        previous = self._share
+        self._reset_states()
+        self._share = share
+        try:
+            yield
+        finally:
+            self._share = previous
+            self._reset_states()
+
+    # ------------------------------------------------------------------ steps
+    def attach_optimizer(self, optimizer: torch.optim.Optimizer) -> None:
+        """Count StructLoRA's steps as ``optimizer``'s steps: the one call a training loop with gradient
+        accumulation makes, once, before training (`StructLoraTrainer` makes it itself).
+
+        Afterwards every schedule (gate / filter warm-up, target ramp, dual ascent, top-k re-scoring,
+        similarity refresh) advances once per ``optimizer.step()``, and the forwards between two steps
+        share one gate-noise sample, so accumulating 4 micro-batches of 2 gives the gradients of one batch of
+        8. Without it each training forward is a step (right without accumulation). Accelerate's wrapped
+        optimizer is unwrapped; attaching the same optimizer twice is a no-op."""
+        optimizer = getattr(optimizer, "optimizer", optimizer)
+        if id(optimizer) in self._attached:
+            return
+        ref = weakref.ref(self)
+
+        def stepped(*_: Any) -> None:
+            model = ref()
+            if model is not None:
+                model._step_open = False
+
+        self._attached[id(optimizer)] = optimizer.register_step_post_hook(stepped)
+        self._counting, self._step_open = True, False
+
+    def _begin_step(self) -> None:
+        """A new training step: fresh gate noise, then the step-driven work."""
+        self._step_open = True
+        for fam in self.families:
+            fam.gate.new_step()
+        self._on_train_forward()
 
     def _on_train_forward(self) -> None:
         """Step-driven work: filter masks after warm-up, top-k-norm re-scoring, similarity refresh."""
@@ -196,8 +297,7 @@ class StructLoraModel(nn.Module):
                     fam.sketches = torch.zeros(len(fam.layers), d, p, device=fam.A(0).device)
                 if fam.capturing:
                     fam.captured += 1
-        if step % 50 == 0:
-            self._check_finite()
+        self._check_finite()
         self.structlora_step += 1
 
     @torch.no_grad()
@@ -205,22 +305,28 @@ class StructLoraModel(nn.Module):
         """(L, r) ||b_j|| * ||a_j|| per direction (the Top-k Norm score of Fig. 2)."""
         return torch.stack([fam.B(l).norm(dim=0) * fam.A(l).norm(dim=1) for l in range(len(fam.layers))])
 
-    def family_state(self, fam: Family) -> dict[str, Any]:
-        """Per-forward state of a family: gates m (L, r), mixing M (L, L), neighbour lists."""
-        if fam.state is None:
-            training = self.training
-            if (not training and fam.gate.keep is not None and self.structlora_config.filter == "topk_norm"
-                    and not bool(fam.gate.mask_active)):
-                fam.gate.rescore_topk_norm(self._direction_norms(fam))
-            m = fam.gate(training)                               # (L, r) or None
-            mix = fam.coord.mixing() if fam.coord is not None else None   # (L, L) or None
-            nbrs = fam.coord.neighbours() if fam.coord is not None else None   # L lists of layer indices
-            fam.state = {"m": m, "mix": mix, "nbrs": nbrs, "s": fam.scalings.to(fam.A(0).device)}
-        return fam.state
+    def family_state(self, fam: Family, training: Optional[bool] = None) -> dict[str, Any]:
+        """State of a family: gates m (L, r), mixing M (L, L), neighbour lists; in ``training`` mode (default:
+        the model's) the gates use the step's noise. Shared by the family's layers within one forward
+        (`_shared_states`), else computed per call."""
+        training = self.training if training is None else training
+        if fam.state is not None and fam.state["training"] == training:
+            return fam.state
+        if (not training and fam.gate.keep is not None and self.structlora_config.filter == "topk_norm"
+                and not bool(fam.gate.mask_active)):
+            fam.gate.rescore_topk_norm(self._direction_norms(fam))
+        m = fam.gate(training)                               # (L, r) or None
+        mix = fam.coord.mixing() if fam.coord is not None else None   # (L, L) or None
+        nbrs = fam.coord.neighbours() if fam.coord is not None else None   # L lists of layer indices
+        state = {"m": m, "mix": mix, "nbrs": nbrs, "s": fam.scalings.to(fam.A(0).device), "training": training}
+        if self._share:
+            fam.state = state
+        return state
 
-    def layer_factors(self, fam: Family, l: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(A_cat (n r, k), coef (n r,), B_cat (d, n r)) such that dW_l = B_cat diag(coef) A_cat."""
-        st = self.family_state(fam)
+    def layer_factors(self, fam: Family, l: int,
+                      training: Optional[bool] = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(A_cat (n r, k), coef (n r,), B_cat (d, n r)) such that dW_l = B_cat diag(coef) A_cat (Eq. 2, 4)."""
+        st = self.family_state(fam, training)
         m, mix, s = st["m"], st["mix"], st["s"]
         if mix is None:
             coef = s[l] * (m[l] if m is not None else torch.ones_like(fam.A(l)[:, 0]))
@@ -236,11 +342,16 @@ class StructLoraModel(nn.Module):
     # ------------------------------------------------------------------ losses and optimisation
     def structlora_loss(self) -> torch.Tensor:
         """lambda_IB * L_IB (Eq. 8, summed over modules) + the keep-ratio Lagrangian + the static penalty
-        weight * L_cos / L_lap (Eq. 9-10); 0 if none. The gate terms are off while the gates are held
-        (the first ``gate_warmup_steps`` training forwards)."""
+        weight * L_cos / L_lap (Eq. 9-10); 0 if none, and 0 in eval mode (a regulariser of training).
+        The gate terms are off while the gates are held (the first ``gate_warmup_steps`` training steps).
+
+        Add it once per forward, scaled like the task loss: with gradient accumulation over n micro-batches
+        divide both by n (the Trainer does), so lambda_IB stays the price per optimizer step."""
         cfg = self.structlora_config
         device = self.families[0].A(0).device
         loss = torch.zeros((), device=device)
+        if not self.training:
+            return loss
         held = any(fam.gate.hold for fam in self.families)   # set per training forward (_on_train_forward)
         if cfg.gate is not None and not held:
             if cfg.lambda_ib > 0:
@@ -250,16 +361,19 @@ class StructLoraModel(nn.Module):
                 loss = loss + sum(fam.gate.lagrangian(rho_t, cfg.lagrangian_mu) for fam in self.families)
         if cfg.penalty is not None and cfg.penalty_weight > 0:
             fn = cos_penalty if cfg.penalty == "cos" else laplacian_penalty
-            for fam in self.families:
-                if len(fam.layers) > 1:
-                    factors = [self._uncoordinated_factors(fam, l) for l in range(len(fam.layers))]
-                    loss = loss + cfg.penalty_weight * fn(factors)
+            with self._shared_states(True):
+                for fam in self.families:
+                    if len(fam.layers) > 1:
+                        factors = [self._uncoordinated_factors(fam, l) for l in range(len(fam.layers))]
+                        loss = loss + cfg.penalty_weight * fn(factors)
         return loss
 
-    def target_now(self) -> float:
+    def target_now(self) -> Optional[float]:
         """The keep-ratio target of the current step: 1 until the gate warm-up ends, then linear to
-        ``target_keep_ratio`` over ``target_ramp_steps`` (the CoFi schedule), then constant."""
+        ``target_keep_ratio`` over ``target_ramp_steps`` (the CoFi schedule), then constant; None without a target."""
         cfg = self.structlora_config
+        if cfg.target_keep_ratio is None:
+            return None
         done = (int(self.structlora_step) - cfg.gate_warmup_steps) / max(cfg.target_ramp_steps, 1)
         return 1.0 - (1.0 - cfg.target_keep_ratio) * min(max(done, 0.0), 1.0)
 
@@ -297,20 +411,19 @@ class StructLoraModel(nn.Module):
         Gates, scaling and coordinator mixing are folded into B_eff; directions whose coefficient is
         exactly 0 (closed gates, zero gains) are dropped when ``drop_zero``.
         """
-        was_training = self.training
-        self.eval()
-        self._reset_states()
         out: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
-        try:
+        with self._shared_states(True):
             for fam in self.families:
                 for l, name in enumerate(fam.names):
-                    a_cat, coef, b_cat = self.layer_factors(fam, l)
-                    keep = coef != 0 if drop_zero else torch.ones_like(coef, dtype=torch.bool)
-                    out[name] = ((b_cat * coef)[:, keep].clone(), a_cat[keep].clone())
-        finally:
-            self._reset_states()
-            self.train(was_training)
+                    out[name] = self._eval_factors(fam, l, drop_zero)
         return out
+
+    @torch.no_grad()
+    def _eval_factors(self, fam: Family, l: int, drop_zero: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B_eff (d, r'), A_eff (r', k)) of layer l at eval (see `effective_factors`)."""
+        a_cat, coef, b_cat = self.layer_factors(fam, l, training=False)
+        keep = coef != 0 if drop_zero else torch.ones_like(coef, dtype=torch.bool)
+        return (b_cat * coef)[:, keep].clone(), a_cat[keep].clone()
 
     def structlora_report(self) -> "diagnostics.Report":
         """Rows (printable; ``.to_pandas()``): per module, directions kept / r, exported rank, ||dW||, plus E and CosAdj per family."""
@@ -412,33 +525,99 @@ def param_groups(model: nn.Module, lr: float, weight_decay: float,
     return [g for g in shared if g["params"]] + extra
 
 
-def _make_forward(owner: StructLoraModel, fam: Family, l: int, layer: LoraLinear):
+def _patch_layer(owner: StructLoraModel, fam: Family, l: int, layer: nn.Module) -> None:
+    """Give one peft layer StructLoRA's ``forward`` and ``get_delta_weight``, as methods bound to the layer
+    (so ``copy.deepcopy`` of the model gives a copy whose layers act on the copy) reading ``(owner, family,
+    index)`` from the layer's plain attribute ``_structlora``."""
+    layer._structlora = (owner, fam, l)
+    layer.forward = types.MethodType(_layer_forward, layer)
+    layer.get_delta_weight = types.MethodType(_layer_delta_weight, layer)
+
+
+def _layer_forward(layer: LoraLinear, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
     """The replacement forward of one peft `lora.Linear`: base + one concatenated low-rank product.
 
     Also right for a Conv1D base (GPT-2): ``base_layer(x)`` applies W0 in its own storage order, and
     A, B are (r, k), (d, r) as for nn.Linear, so the low-rank path needs no transpose."""
-    original = type(layer).forward
+    owner, fam, l = layer._structlora
+    if layer.disable_adapters or layer.merged or ADAPTER not in layer.active_adapters:
+        return type(layer).forward(layer, x, *args, **kwargs)
+    if len(layer.active_adapters) > 1:
+        raise ValueError(f"{fam.names[l]}: adapters {layer.active_adapters} are active; StructLoRA runs its one "
+                         f"adapter {ADAPTER!r} (set_adapter({ADAPTER!r}))")
+    base_rows = _base_rows(kwargs.pop("adapter_names", None), x)   # (batch,) bool or None
+    result = layer.base_layer(x, *args, **kwargs)                        # (..., d)
+    a_cat, coef, b_cat = owner.layer_factors(fam, l)
+    x = layer._cast_input_dtype(x, a_cat.dtype)
+    h = F.linear(layer_dropout(layer)(x), a_cat)                  # (..., n r)
+    # scale B's columns, not h: saves one (tokens, n r) activation per layer (benchmarks/README.md)
+    # a 4-bit or half-precision base returns its own dtype: cast the update to it, as peft does
+    out = result + F.linear(h, (b_cat * coef).to(h.dtype)).to(result.dtype)   # (..., d)
+    if base_rows is not None:      # peft's mixed batch: "__base__" rows get the base model's output
+        out = torch.where(base_rows.reshape(-1, *[1] * (out.dim() - 1)), result, out)
+    if fam.capturing and out.requires_grad:
+        with torch.autocast(x.device.type, enabled=False):   # the sketch stays fp32 (half-precision bases)
+            xr = x.detach().reshape(-1, x.shape[-1]).float() @ fam.sketch_proj.to(x.device)   # (T, p)
 
-    def forward(x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        if (layer.disable_adapters or layer.merged or ADAPTER not in layer.active_adapters
-                or kwargs.get("adapter_names") is not None):
-            return original(layer, x, *args, **kwargs)
-        result = layer.base_layer(x, *args, **kwargs)                        # (..., d)
-        a_cat, coef, b_cat = owner.layer_factors(fam, l)
-        x = layer._cast_input_dtype(x, a_cat.dtype)
-        h = F.linear(layer_dropout(layer)(x), a_cat)                  # (..., n r)
-        # scale B's columns, not h: saves one (tokens, n r) activation per layer (benchmarks/README.md)
-        # a 4-bit base returns its compute dtype: cast the update to it, as peft does
-        out = result + F.linear(h, b_cat * coef).to(result.dtype)            # (..., d)
-        if fam.capturing and out.requires_grad:
-            xr = x.detach().reshape(-1, x.shape[-1]) @ fam.sketch_proj.to(x.device)   # (T, p)
+        def accumulate(grad: torch.Tensor) -> None:
+            with torch.autocast(grad.device.type, enabled=False):   # (d, p) = sum_t delta_t (x_t R)
+                fam.sketches[l] += grad.detach().reshape(-1, grad.shape[-1]).float().T @ xr
+        out.register_hook(accumulate)
+    return out
 
-            def accumulate(grad: torch.Tensor) -> None:
-                fam.sketches[l] += grad.detach().reshape(-1, grad.shape[-1]).T @ xr   # (d, p) = sum_t delta_t (x_t R)
-            out.register_hook(accumulate)
-        return out
 
-    return forward
+def _base_rows(adapter_names: Optional[list[str]], x: torch.Tensor) -> Optional[torch.Tensor]:
+    """peft's ``adapter_names`` (one name per batch row) as a (batch,) mask of "__base__" rows; None when
+    every row is StructLoRA's. Other adapter names are refused (StructLoRA has one adapter)."""
+    if adapter_names is None:
+        return None
+    unknown = sorted(set(adapter_names) - {ADAPTER, "__base__"})
+    if unknown:
+        raise ValueError(f"adapter_names may name {ADAPTER!r} (StructLoRA) or '__base__' (the base model), got {unknown}")
+    if "__base__" not in adapter_names:
+        return None
+    return torch.tensor([n == "__base__" for n in adapter_names], device=x.device)
+
+
+def _layer_delta_weight(layer: nn.Module, adapter: str) -> torch.Tensor:
+    """The replacement ``get_delta_weight`` of one peft layer: StructLoRA's eval update B_eff A_eff (gates,
+    scaling and coordinator folded in, `StructLoraModel.effective_factors`), in the base weight's layout.
+    peft's ``merge`` / ``unmerge`` (``merge_adapter``, ``unmerge_adapter``, peft's ``merge_and_unload``)
+    call it, so they merge exactly what the eval forward computes."""
+    if adapter != ADAPTER:
+        return type(layer).get_delta_weight(layer, adapter)
+    owner, fam, l = layer._structlora
+    b, a = owner._eval_factors(fam, l)
+    delta = b @ a                                                            # (d, k)
+    return delta.T if getattr(layer, "fan_in_fan_out", False) else delta
+
+
+def _refused(name: str):
+    def refused(*args: Any, **kwargs: Any) -> Any:
+        raise NotImplementedError(f"{name} is not supported on a StructLoraModel: {REFUSED_PEFT_APIS[name]}")
+    refused.__name__ = name
+    return refused
+
+
+def _checkpointing(model: nn.Module) -> bool:
+    """Gradient (activation) checkpointing is on in some module (transformers' ``gradient_checkpointing`` flag)."""
+    return any(getattr(m, "gradient_checkpointing", False) is True for m in model.modules())
+
+
+def _check_peft_config(config: StructLoraConfig, peft_model: PeftModel) -> None:
+    """Refuse a StructLoraConfig whose LoRA fields disagree with the peft model StructLoRA is put on (the
+    layers are peft's: a different r or alpha in the config would be reported but not used), and a peft
+    model with more than the one adapter StructLoRA runs."""
+    names = list(peft_model.peft_config)
+    if names != [ADAPTER]:
+        raise ValueError(f"the peft model has adapters {names}; StructLoRA runs exactly one, named {ADAPTER!r}")
+    peft_cfg = peft_model.peft_config[ADAPTER]
+    fields = ("r",) if "VERA" in str(peft_cfg.peft_type) else ("r", "lora_alpha", "use_rslora")
+    diff = {f: (getattr(config, f), getattr(peft_cfg, f)) for f in fields if getattr(config, f) != getattr(peft_cfg, f)}
+    if diff:
+        raise ValueError("the StructLoraConfig disagrees with the peft model it is put on: "
+                         + ", ".join(f"{f}={c!r} (peft: {p!r})" for f, (c, p) in diff.items())
+                         + "; build the StructLoraConfig with the peft model's values")
 
 
 def _synced_config(config: StructLoraConfig, peft_model: PeftModel) -> StructLoraConfig:

@@ -131,7 +131,7 @@ def test_gaussian_gate_penalty_is_the_kl_of_its_additive_noise():
     gate = FamilyGate(1, 4, "gaussian", "ib", None, 0.0, 2 / 3, sigma=0.5, seed=0)
     mu = torch.sigmoid(gate.logits.detach())
     torch.manual_seed(0)
-    samples = torch.stack([gate(True).detach() for _ in range(4000)])
+    samples = torch.stack([(gate.new_step(), gate(True).detach())[1] for _ in range(4000)])   # a new step: new noise
     assert torch.allclose(samples.std(0), torch.full_like(mu, 0.5), atol=0.03)     # additive, sigma
     q = torch.distributions.Normal(mu, 0.5)
     prior = torch.distributions.Normal(torch.zeros_like(mu), 0.5)

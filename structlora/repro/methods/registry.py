@@ -67,6 +67,7 @@ __all__ = [
     "lora_param_count",
     "method_defaults",
     "param_groups",
+    "pinned_library_defaults",
 ]
 
 KINDS = ("seq-cls", "causal-lm", "image-cls")
@@ -491,10 +492,23 @@ _STRUCT_VARIANTS: dict[str, dict[str, Any]] = {
 }
 
 
+# The library defaults the reproduction's records were trained with, where the library has since changed
+# them (issue 21): pinned here, outside `method_defaults`, so the runs (and their record keys) stay as they were.
+# target_keep_ratio: None (library default "auto" = 0.5 with concrete gates since issue 21); gate_lr_multiplier:
+# 10.0 (library default 50.0 since issue 21). The gated variants set both themselves (_GATED).
+_PINNED_LIBRARY_DEFAULTS: dict[str, Any] = {"target_keep_ratio": None, "gate_lr_multiplier": 10.0}
+
+
+def pinned_library_defaults() -> dict[str, Any]:
+    """StructLoraConfig fields the reproduction sets to the library's earlier defaults (a copy)."""
+    return dict(_PINNED_LIBRARY_DEFAULTS)
+
+
 def _structlora_config(name, loaded, model, rank, seed, kw, heads, variant: str = "structlora"):
     from ... import StructLoraConfig
 
-    defaults = {**_lora_defaults(loaded, model, rank, heads), "structlora_seed": seed, **_STRUCT_VARIANTS[variant]}
+    defaults = {**_lora_defaults(loaded, model, rank, heads), "structlora_seed": seed, **_PINNED_LIBRARY_DEFAULTS,
+                **_STRUCT_VARIANTS[variant]}
     if kw.get("gate", defaults.get("gate")) != "concrete":   # gate switched off / changed: no keep-ratio target
         defaults.pop("target_keep_ratio", None)
     return _config(StructLoraConfig, name, defaults, kw)
