@@ -13,7 +13,7 @@ small batches).
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING, Any, Callable, Iterable, Optional
+from typing import Any, Callable, Iterable, Optional
 
 import torch
 from torch import nn
@@ -21,8 +21,6 @@ from torch import nn
 from .layers import ADAPTER, group_lora_layers
 from .lowrank import Factors, cos_adj, drift_energy, frob_inner
 
-if TYPE_CHECKING:
-    from .model import StructLoraModel
 
 __all__ = ["factors_by_family", "update_diagnostics", "stage_evidence", "uncoordinated_factors", "gradient_cosines",
            "structlora_report", "Report", "polarization", "POLAR_BAND"]
@@ -56,25 +54,25 @@ def _summary(fams: dict[str, list[Factors]]) -> dict[str, float]:
 
 
 @torch.no_grad()
-def uncoordinated_factors(model: "StructLoraModel") -> dict[str, list[Factors]]:
+def uncoordinated_factors(model: nn.Module) -> dict[str, list[Factors]]:
     """Per family, the eval-mode gated but *uncoordinated* updates s B diag(m) A (what the layers would
     apply with M = I): the baseline against which the coordinator's effect on E and CosAdj is read."""
     was_training = model.training
     model.eval()
-    model._reset_states()
+    model.reset_states()
     try:
         out = {}
         for fam in model.families:
-            out[fam.key] = [tuple(t.detach() for t in model._uncoordinated_factors(fam, l))
+            out[fam.key] = [tuple(t.detach() for t in model.uncoordinated_layer_factors(fam, l))
                             for l in range(len(fam.layers))]
         return out
     finally:
-        model._reset_states()
+        model.reset_states()
         model.train(was_training)
 
 
 @torch.no_grad()
-def stage_evidence(model: "StructLoraModel") -> dict[str, float]:
+def stage_evidence(model: nn.Module) -> dict[str, float]:
     """Per-run evidence that both stages acted: mean eta and eta_max (smoother), mean ||M - I||_F, edges
     and similarity edges (summed over families), mean eval gate, closed directions and their target,
     and E / CosAdj of the uncoordinated update (``uncoord_*``) beside the coordinated one."""
@@ -235,17 +233,17 @@ def polarization(m: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def structlora_report(model: "StructLoraModel") -> Report:
+def structlora_report(model: nn.Module) -> Report:
     """Per module: directions kept (eval gate > 0) of r, gate polarization (share of gates near 0 or 1),
     exported rank, ||dW||_F, IB score summary; per family (repeated on its rows): drift energy E and CosAdj
     of the coordinated updates, and a note (a one-layer family has no coordinator)."""
-    model._check_finite()
+    model.check_finite()
     eff = model.effective_factors(drop_zero=True)
     full = model.effective_factors(drop_zero=False)
     rows = []
     was_training = model.training
     model.eval()
-    model._reset_states()
+    model.reset_states()
     for fam in model.families:
         m = model.family_state(fam)["m"]
         scores = fam.gate.scores()
@@ -263,6 +261,6 @@ def structlora_report(model: "StructLoraModel") -> Report:
                          "update_norm": float(frob_inner(b, a, b, a).clamp_min(0).sqrt()),
                          "mean_gate_score": float(scores[l].mean()) if scores is not None else float("nan"),
                          "family_drift_energy": energy, "family_cos_adj": cadj, "note": note})
-    model._reset_states()
+    model.reset_states()
     model.train(was_training)
     return Report(rows)

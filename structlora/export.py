@@ -18,7 +18,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Optional
+from typing import Any, Optional
 
 import torch
 from peft import LoraConfig, get_peft_model_state_dict, load_peft_weights, set_peft_model_state_dict
@@ -30,8 +30,6 @@ from ._io import atomic_write, atomic_write_json
 from .config import StructLoraConfig
 from .lowrank import svd_factors
 
-if TYPE_CHECKING:
-    from .model import StructLoraModel
 
 __all__ = ["save_adapter", "merge_and_unload", "relative_name", "save_training_state", "load_training_state",
            "read_training_config", "STATE_FILE", "CONFIG_FILE", "EXPORT_FILE"]
@@ -48,7 +46,7 @@ def relative_name(name: str) -> str:
     return name[len(_PREFIX):] if name.startswith(_PREFIX) else name
 
 
-def save_adapter(model: "StructLoraModel", save_directory: str | os.PathLike, compress_rank: Optional[int] = None,
+def save_adapter(model: nn.Module, save_directory: str | os.PathLike, compress_rank: Optional[int] = None,
                  svd_tol: float = 0.0, save_embedding_layers: str | bool = "auto") -> dict[str, Any]:
     """Write ``adapter_config.json`` + ``adapter_model.safetensors`` loadable by vanilla peft.
 
@@ -57,7 +55,7 @@ def save_adapter(model: "StructLoraModel", save_directory: str | os.PathLike, co
     """
     if compress_rank is not None and compress_rank < 1:
         raise ValueError(f"compress_rank must be >= 1, got {compress_rank}")
-    model._check_finite()
+    model.check_finite()
     out = Path(save_directory)
     out.mkdir(parents=True, exist_ok=True)
     factors = model.effective_factors(drop_zero=True)
@@ -102,7 +100,7 @@ def save_adapter(model: "StructLoraModel", save_directory: str | os.PathLike, co
 
 
 @torch.no_grad()
-def merge_and_unload(model: "StructLoraModel") -> nn.Module:
+def merge_and_unload(model: nn.Module) -> nn.Module:
     """Return the plain base model with W0 <- W0 + B_eff A_eff for every adapted module.
 
     Its outputs equal the StructLoRA model's eval outputs (gates deterministic, coordinator folded
@@ -152,7 +150,7 @@ def _dequantized_linear(q: nn.Module) -> nn.Linear:
 
 
 # ---------------------------------------------------------------------- resumable training state
-def _structlora_state(model: "StructLoraModel") -> dict[str, torch.Tensor]:
+def _structlora_state(model: nn.Module) -> dict[str, torch.Tensor]:
     """Every tensor of the wrapper outside the peft model (gates.*, coordinators.*, structlora_step),
     plus ``capture.<slot>.*`` for a family whose gradient sketch is being accumulated."""
     state = {k: v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items()
@@ -164,11 +162,11 @@ def _structlora_state(model: "StructLoraModel") -> dict[str, torch.Tensor]:
     return state
 
 
-def save_training_state(model: "StructLoraModel", save_directory: str | os.PathLike) -> None:
+def save_training_state(model: nn.Module, save_directory: str | os.PathLike) -> None:
     """Write ``adapter_config.json`` + ``adapter_model.safetensors`` (``peft_model.save_pretrained``:
     raw factors and head), `STATE_FILE` and `CONFIG_FILE` (last). See the module docstring."""
     out = Path(save_directory)
-    model._check_finite()
+    model.check_finite()
     (out / CONFIG_FILE).unlink(missing_ok=True)  # the directory is incomplete until the config is back
     model.peft_model.save_pretrained(str(out), safe_serialization=True)
     (out / EXPORT_FILE).unlink(missing_ok=True)  # no longer a folded export
@@ -193,7 +191,7 @@ def read_training_config(save_directory: str | os.PathLike) -> StructLoraConfig:
 
 
 @torch.no_grad()
-def load_training_state(model: "StructLoraModel", save_directory: str | os.PathLike) -> None:
+def load_training_state(model: nn.Module, save_directory: str | os.PathLike) -> None:
     """Load a `save_training_state` directory into ``model`` in place (peft's ``set_peft_model_state_dict``
     for the adapter; strict for the StructLoRA tensors)."""
     path = Path(save_directory)
@@ -213,4 +211,4 @@ def load_training_state(model: "StructLoraModel", save_directory: str | os.PathL
         fam.capturing = key in capture
         fam.sketches = capture[key].to(device) if fam.capturing else None
         fam.captured = int(capture[f"capture.{slot}.captured"]) if fam.capturing else 0
-    model._reset_states()
+    model.reset_states()

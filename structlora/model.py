@@ -154,7 +154,7 @@ class StructLoraModel(nn.Module):
             self.families.append(fam)
             for l, layer in enumerate(layers):
                 _patch_layer(self, fam, l, layer)
-        self._check_finite()
+        self.check_finite()
         # a fresh nn.Module (this one, and a fresh PeftModel) says training=True whatever the base model's
         # dropout does; start in the base model's mode so `training` and every dropout agree
         self.train(peft_model.get_base_model().training)
@@ -165,7 +165,7 @@ class StructLoraModel(nn.Module):
             if getattr(layer, "use_dora", {}).get(ADAPTER, False) or ADAPTER in getattr(layer, "lora_variant", {}):
                 raise ValueError(f"{name}: LoRA variants (DoRA, ...) are not supported by StructLoRA")
 
-    def _check_finite(self) -> None:
+    def check_finite(self) -> None:
         """Raise when a LoRA factor, gate logit or coordinator parameter is NaN/inf, naming every one that is.
 
         One fused norm over all of them (a single host sync), so it runs at every training step; the
@@ -225,10 +225,11 @@ class StructLoraModel(nn.Module):
         self.peft_model.set_adapter(ADAPTER)
 
     def train(self, mode: bool = True) -> "StructLoraModel":
-        self._reset_states()
+        self.reset_states()
         return super().train(mode)
 
-    def _reset_states(self) -> None:
+    def reset_states(self) -> None:
+        """Drop every family's per-forward state (gate sample, mixed factors): the next forward recomputes it."""
         for fam in self.families:
             fam.state = None
 
@@ -237,13 +238,13 @@ class StructLoraModel(nn.Module):
         """While inside, the layers of a family share one state (gates, mixing) when ``share``; else each
         layer computes its own (gradient checkpointing: the recompute must not depend on another layer)."""
         previous = self._share
-        self._reset_states()
+        self.reset_states()
         self._share = share
         try:
             yield
         finally:
             self._share = previous
-            self._reset_states()
+            self.reset_states()
 
     # ------------------------------------------------------------------ steps
     def attach_optimizer(self, optimizer: torch.optim.Optimizer) -> None:
@@ -297,7 +298,7 @@ class StructLoraModel(nn.Module):
                     fam.sketches = torch.zeros(len(fam.layers), d, p, device=fam.A(0).device)
                 if fam.capturing:
                     fam.captured += 1
-        self._check_finite()
+        self.check_finite()
         self.structlora_step += 1
 
     @torch.no_grad()
@@ -364,7 +365,7 @@ class StructLoraModel(nn.Module):
             with self._shared_states(True):
                 for fam in self.families:
                     if len(fam.layers) > 1:
-                        factors = [self._uncoordinated_factors(fam, l) for l in range(len(fam.layers))]
+                        factors = [self.uncoordinated_layer_factors(fam, l) for l in range(len(fam.layers))]
                         loss = loss + cfg.penalty_weight * fn(factors)
         return loss
 
@@ -377,7 +378,7 @@ class StructLoraModel(nn.Module):
         done = (int(self.structlora_step) - cfg.gate_warmup_steps) / max(cfg.target_ramp_steps, 1)
         return 1.0 - (1.0 - cfg.target_keep_ratio) * min(max(done, 0.0), 1.0)
 
-    def _uncoordinated_factors(self, fam: Family, l: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def uncoordinated_layer_factors(self, fam: Family, l: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(B_eff (d, r), A (r, k)) of the filtered update dW~_l = s B diag(m) A (no coordination)."""
         m = self.family_state(fam)["m"]
         coef = fam.scalings[l] * (m[l] if m is not None else 1.0)

@@ -109,7 +109,7 @@ def test_theorem1_one_smoothing_step_lowers_drift_energy(coordinator):
         e0 = float(drift_energy(before))
         g = gram_matrix(before)
         lu_sq = float(torch.trace(lap @ g @ lap))             # ||(L (x) I) U||^2 through the Gram matrix
-        sm._reset_states()
+        sm.reset_states()
         eff = sm.effective_factors()
         e1 = float(drift_energy([eff[n] for n in fam.names]))
         assert e1 < e0

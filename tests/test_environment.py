@@ -106,7 +106,7 @@ def test_readme_own_model_snippet_runs_as_printed_and_stays_light():
 
 
 def _imports(path: Path) -> set[str]:
-    """Modules of the structlora package imported by ``path`` at module level (not inside functions)."""
+    """Modules of the structlora package imported by ``path`` anywhere (lazy and TYPE_CHECKING imports count)."""
     pkg = ".".join(path.relative_to(ROOT).with_suffix("").parts)
     if path.name == "__init__.py":
         pkg = pkg.rsplit(".", 1)[0]
@@ -114,7 +114,7 @@ def _imports(path: Path) -> set[str]:
     else:
         base = pkg.split(".")[:-1]
     out = set()
-    for node in ast.parse(path.read_text()).body:
+    for node in ast.walk(ast.parse(path.read_text())):
         if isinstance(node, ast.ImportFrom):
             if node.level:
                 parent = base[: len(base) - node.level + 1]

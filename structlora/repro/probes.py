@@ -78,13 +78,13 @@ def removal_table_model(sm: Any, batches: Sequence[Mapping[str, torch.Tensor]], 
     bar = tqdm(desc=f"removal probe {label}".strip(), unit="dir", leave=False, disable=not progress,
                total=sum(len(probe_layers(len(fam.names), n_layers)) * fam.A(0).shape[0] for fam in sm.families))
     for fam in sm.families:
-        sm._reset_states()
+        sm.reset_states()
         st = sm.family_state(fam)
         m = st["m"] if st["m"] is not None else torch.ones(len(fam.layers), fam.A(0).shape[0])
         m = m.detach().clone()
         scores = fam.gate.scores()
         s = st["s"]
-        sm._reset_states()
+        sm.reset_states()
         for l in probe_layers(len(fam.names), n_layers):
             name = fam.names[l]
             A, B = fam.A(l), fam.B(l)
