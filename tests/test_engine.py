@@ -84,6 +84,22 @@ def test_grad_accum_matches_full_batch(seq):
         torch.testing.assert_close(out[0][name], out[1][name], rtol=1e-4, atol=1e-6)
 
 
+def test_grad_accum_counts_structlora_steps_in_optimizer_steps(seq):
+    """With grad_accum > 1 the engine attaches the optimizer, so StructLoRA's schedules count optimizer
+    steps (3), not micro-batches (6); with grad_accum = 1 the two coincide."""
+    from structlora import StructLoraConfig, get_structlora_model
+
+    task, enc = seq
+    for accum in (1, 2):
+        torch.manual_seed(0)
+        sm = get_structlora_model(toy_bert(seed=0, lora=False, dropout=0.0), StructLoraConfig(
+            r=2, lora_alpha=4, target_modules=["query", "value"], task_type="SEQ_CLS", gate="concrete",
+            graph="adjacency", target_keep_ratio=None))
+        train(toy_handle(sm, extra_loss=sm.structlora_loss), task, enc,
+              TrainConfig(lr=1e-2, batch_size=16, max_steps=3, eval_every=0, grad_accum=accum), progress=False)
+        assert int(sm.structlora_step) == 3, (accum, int(sm.structlora_step))
+
+
 def test_image_cls_path():
     task, enc = toy_image_data()
     handle = toy_handle(toy_vit())

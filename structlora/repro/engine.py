@@ -772,6 +772,10 @@ def train(handle: Any, task: Any, encoded: Mapping[str, Any], cfg: TrainConfig, 
         for p in params:
             dist.broadcast_(p.data)
     optimizer = _make_optimizer(handle, params, named, cfg)
+    if cfg.grad_accum > 1 and hasattr(model, "attach_optimizer"):
+        # StructLoRA counts its schedules in optimizer steps, not micro-batches (with grad_accum = 1
+        # the two coincide; the committed records were trained that way and keep their numerics)
+        model.attach_optimizer(optimizer)
     from transformers import get_cosine_schedule_with_warmup
 
     scheduler = get_cosine_schedule_with_warmup(optimizer, cfg.warmup_steps, cfg.max_steps)
