@@ -220,7 +220,7 @@ display(loop_ratio.round(2))
 # gates, scaling and coordinator mixing folded into B_eff (`StructLoraModel.effective_factors`):
 #
 # * **exact export** writes those factors as a standard peft LoRA adapter (per-module rank = the number of
-#   non-zero coefficients, up to (deg+1)·r once the coordinator's edge gains are non-zero);
+#   non-zero coefficients, up to (deg+1)·r once the coordinator mixes neighbouring layers);
 # * **compressed export** re-factorises each module by QR + SVD and truncates to rank r (LoRA's size),
 #   reporting the relative Frobenius error of the dropped singular values;
 # * **merge** adds B_eff A_eff into W₀ and returns the plain base model.

@@ -9,7 +9,7 @@ no structlora import. ``compress_rank`` optionally re-factorises each module by 
 
 The folded export cannot resume training (gates and coordinator are folded away). `save_training_state`
 writes what can: the wrapped model's own peft adapter (raw trainable factors and head, via
-``peft_model.save_pretrained``) plus ``structlora_state.safetensors`` (gate logits and masks, edge gains
+``peft_model.save_pretrained``) plus ``structlora_state.safetensors`` (gate logits and masks, coordinator parameters
 and adjacency, step counter, an in-progress gradient sketch) and ``structlora_config.json`` (the
 `StructLoraConfig`, written last, so its presence marks a complete directory).
 """

@@ -4,7 +4,7 @@
 
 `compute_loss` adds ``model.structlora_loss()`` (Eq. 8) to the task loss in training, scaled like the task
 loss under gradient accumulation (so lambda_IB is a price per optimizer step); `create_optimizer` uses
-``model.structlora_param_groups`` (gate logits and edge gains get their own learning rate, no decay) and
+``model.structlora_param_groups`` (gate logits and coordinator parameters get their own learning rate, no decay) and
 attaches the optimizer (`StructLoraModel.attach_optimizer`), so every StructLoRA schedule counts optimizer
 steps, not micro-batches. ``gradient_checkpointing=True`` and bf16/fp16 work as for a peft model. Label names, ``can_return_loss`` and the dataset columns come from the wrapped transformers
 model (as for a peft model), so `evaluate()` reports ``eval_loss`` and ``compute_metrics``.

@@ -432,7 +432,7 @@ class StructLoraModel(nn.Module):
 
     # ------------------------------------------------------------------ peft conventions
     def get_nb_trainable_parameters(self) -> tuple[int, int]:
-        """(trainable, all) parameter counts, as peft's: LoRA factors, head, gate logits, edge gains."""
+        """(trainable, all) parameter counts, as peft's: LoRA factors, head, gate logits, coordinator parameters."""
         trainable, total = self.peft_model.get_nb_trainable_parameters()
         for p in list(self.gates.parameters()) + list(self.coordinators.parameters()):
             total += p.numel()

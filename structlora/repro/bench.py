@@ -34,7 +34,7 @@ and measured side by side on one fixed synthetic batch (random token ids):
   interleaved, against the untouched base model; the merged model must be a plain model (same class, no
   LoRA module, same parameter count) and its logits must equal the adapter model's eval logits.
 * exported adapter size: `adapter_model.safetensors` of peft's `save_pretrained` vs StructLoRA's exact
-  export (coordinated modules export at rank up to (deg+1) r once the edge gains are non-zero, which they
+  export (coordinated modules export at rank up to (deg+1) r once the coordinator mixes (eta > 0 from the first step), which it does
   are after the timed training steps) and its `compress_rank=r` re-factorisation (max relative error).
 
 Usage (``python -m structlora.repro.bench`` is the same command):
@@ -473,7 +473,7 @@ def bench_one(bench: Bench, r: int, args: argparse.Namespace, device: torch.devi
             every = int(v.model.structlora_config.sim_refresh_every)
             v.model.structlora_step.fill_(every * (args.refresh_rounds + 2) + v.refresh_window)
 
-    # 4. exported adapter sizes (after the timed training, so the edge gains are non-zero)
+    # 4. exported adapter sizes (after the timed training, so the coordinator has mixed)
     export: dict[str, dict[str, Any]] = {}
     with tempfile.TemporaryDirectory() as tmp:
         lora_dir = Path(tmp) / "lora"
