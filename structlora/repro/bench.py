@@ -34,8 +34,8 @@ and measured side by side on one fixed synthetic batch (random token ids):
   interleaved, against the untouched base model; the merged model must be a plain model (same class, no
   LoRA module, same parameter count) and its logits must equal the adapter model's eval logits.
 * exported adapter size: `adapter_model.safetensors` of peft's `save_pretrained` vs StructLoRA's exact
-  export (coordinated modules export at rank up to (deg+1) r once the coordinator mixes (eta > 0 from the first step), which it does
-  are after the timed training steps) and its `compress_rank=r` re-factorisation (max relative error).
+  export (a coordinated module exports at rank up to (deg+1) r: the smoother mixes neighbouring layers
+  from the first step) and its `compress_rank=r` re-factorisation (max relative error).
 
 Usage (``python -m structlora.repro.bench`` is the same command):
     .venv/bin/python benchmarks/overhead.py                 # minilm-l6, smollm2-135m, wide; r in {2, 8, 32}
