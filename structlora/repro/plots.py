@@ -169,7 +169,7 @@ def gain_panels(gains: pd.DataFrame, x: str, paper: pd.DataFrame, *, xlabel: str
     The x positions are evenly spaced and every one is labelled (``fmt``), ours and the paper's alike; a
     point we did not run shows only the paper's value. ``n`` (paired seeds) is written under each point.
     """
-    tasks = list(dict.fromkeys(list(gains["task"]) + list(paper["task"])))
+    tasks = list(dict.fromkeys(list(paper["task"]) + list(gains["task"])))  # the caller's task order
     fig, axes = plt.subplots(1, max(1, len(tasks)), figsize=(4.6 * max(1, len(tasks)), 3.6), squeeze=False)
     for ax, task in zip(axes[0], tasks):
         ours = gains[gains["task"] == task].sort_values(x)
