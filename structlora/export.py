@@ -198,8 +198,11 @@ def load_training_state(model: nn.Module, save_directory: str | os.PathLike) -> 
     read_training_config(path)  # fail clearly on a folded export or a foreign folder
     device = model.families[0].A(0).device
     result = set_peft_model_state_dict(model.peft_model, load_peft_weights(str(path), device=str(device)))
-    if result.unexpected_keys:
-        raise ValueError(f"{path}: adapter weights this model does not have: {result.unexpected_keys[:5]}")
+    # bias="all" makes peft save every bias, also the raw ".modules_to_save." / ".original_module." copies of a
+    # head's bias beside its canonical key (which is what loads it): those duplicates are not foreign weights
+    unexpected = [k for k in result.unexpected_keys if ".modules_to_save." not in k and ".original_module." not in k]
+    if unexpected:
+        raise ValueError(f"{path}: adapter weights this model does not have: {unexpected[:5]}")
     state = load_file(str(path / STATE_FILE))
     capture = {k: state.pop(k) for k in list(state) if k.startswith("capture.")}
     missing, unexpected = model.load_state_dict(state, strict=False)

@@ -173,3 +173,25 @@ def test_report_lists_every_module():
     assert len(report) == 8 and set(report["family"].str.rsplit(".", n=1).str[-1]) == {"query", "value"}
     assert (report["kept"] <= report["r"]).all() and (report["kept"] < report["r"]).any()
     _ = frob_inner  # exported name used by notebooks
+
+
+def test_bias_all_with_a_classification_head_saves_a_state_that_loads_back(tmp_path):
+    """bias="all": peft saves a head's bias under its canonical key and as raw wrapper copies; the training
+    state loads back (from_pretrained, resume) and gives the same eval outputs."""
+    from dist_train import toy_bert
+
+    from structlora import StructLoraConfig, StructLoraModel, get_structlora_model
+
+    torch.manual_seed(0)
+    cfg = StructLoraConfig(r=2, lora_alpha=4, target_modules=["query", "value"], task_type="SEQ_CLS", bias="all")
+    sm = get_structlora_model(toy_bert(lora=False), cfg)
+    with torch.no_grad():
+        for n, p in sm.named_parameters():
+            if p.requires_grad:
+                p.add_(0.05 * torch.randn_like(p))      # trained-looking factors, biases and head
+    sm.save_training_state(tmp_path)
+    back = StructLoraModel.from_pretrained(toy_bert(lora=False), tmp_path, is_trainable=True)
+    batch = {"input_ids": torch.randint(0, 16, (3, 7)), "attention_mask": torch.ones(3, 7, dtype=torch.long)}
+    sm.eval(), back.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(back(**batch).logits, sm(**batch).logits)
