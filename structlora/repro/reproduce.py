@@ -390,9 +390,13 @@ def priority(spec: Any, plan: Any = None) -> tuple[int, int, int, str]:
     return (len(PRIMARY_RUNS) + 1, spec.seed, 0, spec.key())
 
 
-def train_pending(tier: str, n_jobs: int = 2, root: Path | None = None) -> int:
+def train_pending(tier: str, n_jobs: int = 2, root: Path | None = None, executor: str = "pool",
+                  executor_options: dict[str, Any] | None = None) -> int:
     """Train the runs ``--records-only`` listed (`priority` order), ``n_jobs`` at a time; the models a
-    notebook probes also keep their weights (``run_grid(keep_weights=...)``, as ``train_spec`` does)."""
+    notebook probes also keep their weights (``run_grid(keep_weights=...)``, as ``train_spec`` does).
+
+    ``executor="submitit"``: one cluster job per run instead (`structlora.repro.executors`), with the
+    resources of ``params/<tier>/cluster.yml`` and ``executor_options`` (the command line's) over them."""
     from .grid import run_grid
 
     from .plan import load_plan
@@ -404,14 +408,22 @@ def train_pending(tier: str, n_jobs: int = 2, root: Path | None = None) -> int:
     if not items:
         print(f"nothing pending in {path} (run python -m structlora reproduce --tier {tier} --records-only first)")
         return 0
-    print(f"training {len(items)} pending run(s) of tier {tier} from {path.relative_to(root)}, {n_jobs} at a time",
-          flush=True)
+    options = None
+    if executor == "submitit":
+        from .executors import load_cluster_options
+
+        options = load_cluster_options(tier, root).override(executor_options or {})
+        how = f"as submitit jobs ({options.default.cluster or 'SLURM where available, else local'})"
+    else:
+        how = f"{n_jobs} at a time"
+    print(f"training {len(items)} pending run(s) of tier {tier} from {path.relative_to(root)}, {how}", flush=True)
     os.chdir(root)  # the notebooks' RESULTS_DIR are relative to the repository
     with sigterm_interrupts():  # `kill PID` stops the workers too (grid.stop_pool), not only this driver
         for folder in dict.fromkeys(folder for _, folder, _ in items):
             specs = [spec for spec, f, _ in items if f == folder]
             keep = [spec for spec, f, weights in items if f == folder and weights]
-            df = run_grid(specs, results_dir=folder, n_jobs=n_jobs, progress=True, keep_weights=keep)
+            df = run_grid(specs, results_dir=folder, n_jobs=n_jobs, progress=True, keep_weights=keep,
+                          executor=executor, executor_options=options)
             print(f"{folder}: {', '.join(f'{k} {v}' for k, v in df['status'].value_counts().items())}", flush=True)
     return 0
 
@@ -537,9 +549,38 @@ def add_arguments(p) -> None:
                    help="train the runs the last --records-only job listed, the pre-registered primary family "
                         "first (resumable: stop any time, finished runs keep their records); then rerun the job")
     p.add_argument("--jobs", type=int, default=2, help="--train-pending: runs side by side (1 torch thread each)")
+    add_executor_arguments(p)
     p.add_argument("--update-notebooks", action="store_true",
                    help="(cpu tier, with --records-only) also write the executed notebooks, without volatile "
                         "metadata, over notebooks/<nb>.ipynb: how the committed cpu-tier outputs are refreshed")
+
+
+# --train-pending --executor submitit: the command line's resources, over params/<tier>/cluster.yml
+_EXECUTOR_FLAGS = (("--cluster", "cluster", str, "slurm, local or debug (default: SLURM where sbatch exists, else local)"),
+                   ("--partition", "partition", str, "SLURM partition"),
+                   ("--timeout-min", "timeout_min", int, "wall-clock limit of each job, minutes"),
+                   ("--gpus", "gpus_per_node", int, "GPUs per job"),
+                   ("--cpus-per-task", "cpus_per_task", int, "CPU cores per job (its torch threads)"),
+                   ("--mem-gb", "mem_gb", float, "memory per job, GB"),
+                   ("--array-parallelism", "array_parallelism", int, "jobs of one array running at once"),
+                   ("--max-retries", "max_retries", int, "resubmissions of a job that died without a result"),
+                   ("--submitit-folder", "folder", str, "submitit's pickles and logs (default results/submitit)"))
+
+
+def add_executor_arguments(p) -> None:
+    """``--executor`` and the submitit resource flags of ``--train-pending``."""
+    p.add_argument("--executor", choices=("pool", "submitit"), default="pool",
+                   help="--train-pending: this machine's process pool (--jobs), or one cluster job per run through "
+                        "submitit (SLURM job arrays; resources from params/<tier>/cluster.yml and the flags below)")
+    for flag, dest, kind, text in _EXECUTOR_FLAGS:
+        p.add_argument(flag, dest=f"submitit_{dest}", type=kind, default=None, help=f"--executor submitit: {text}",
+                       metavar={int: "N", float: "GB"}.get(kind, "NAME"),
+                       **({"choices": ("slurm", "local", "debug")} if dest == "cluster" else {}))
+
+
+def executor_options(args) -> dict[str, Any]:
+    """The submitit options the command line set (None: not set, the tier's cluster.yml decides)."""
+    return {dest: getattr(args, f"submitit_{dest}", None) for _, dest, _, _ in _EXECUTOR_FLAGS}
 
 
 def main(args) -> int:
@@ -547,7 +588,10 @@ def main(args) -> int:
         raise SystemExit("--update-notebooks: the committed notebooks carry the cpu tier executed from the records "
                          "(use --tier cpu --records-only)")
     if args.train_pending:
-        return train_pending(args.tier, n_jobs=args.jobs)
+        return train_pending(args.tier, n_jobs=args.jobs, executor=args.executor,
+                             executor_options=executor_options(args))
+    if args.executor != "pool":
+        raise SystemExit("--executor: only --train-pending trains runs outside the notebooks")
     return run_all(tier=args.tier, only=args.only, force=args.force, keep_going=args.keep_going,
                    ledger=not args.no_ledger, log_output=args.log_output, update_notebooks=args.update_notebooks,
                    retrain=args.retrain, records_only=args.records_only)
