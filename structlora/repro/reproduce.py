@@ -390,6 +390,31 @@ def priority(spec: Any, plan: Any = None) -> tuple[int, int, int, str]:
     return (len(PRIMARY_RUNS) + 1, spec.seed, 0, spec.key())
 
 
+NOTEBOOKS_NOT_YET = ("paper",)  # tiers whose models the notebooks cannot take from the tier's budget yet
+
+
+def list_pending(tier: str, root: Path | None = None) -> int:
+    """Write `pending_path` from the tier's params (`tierspecs.tier_specs`): every run without a valid
+    record under its notebook's ``RESULTS_DIR``, for ``--train-pending``."""
+    from .grid import read_record, record_path
+    from .notebook import tier_params
+    from .tierspecs import tier_specs
+
+    root = root or repo_root()
+    lines = {}
+    for stem, specs in tier_specs(tier, root).items():
+        folder = str((tier_params(stem, tier, root) or {}).get("RESULTS_DIR", "results/runs"))
+        for spec in specs:
+            if read_record(root / record_path(spec, folder), spec, warn=False) is None:
+                lines[(spec.key(), folder)] = json.dumps({"spec": spec.to_dict(), "results_dir": folder,
+                                                          "weights": False}, sort_keys=True)
+    path = pending_path(tier, root)
+    atomic_write(path, "".join(line + "\n" for line in lines.values()))
+    print(f"{len(lines)} run(s) of tier {tier} have no record: listed in {path.relative_to(root)}; train them with\n"
+          f"  python -m structlora reproduce --tier {tier} --train-pending [--executor submitit]")
+    return 0
+
+
 def train_pending(tier: str, n_jobs: int = 2, root: Path | None = None, executor: str = "pool",
                   executor_options: dict[str, Any] | None = None) -> int:
     """Train the runs ``--records-only`` listed (`priority` order), ``n_jobs`` at a time; the models a
@@ -549,6 +574,13 @@ def add_arguments(p) -> None:
                    help="train the runs the last --records-only job listed, the pre-registered primary family "
                         "first (resumable: stop any time, finished runs keep their records); then rerun the job")
     p.add_argument("--jobs", type=int, default=2, help="--train-pending: runs side by side (1 torch thread each)")
+    p.add_argument("--dry-run", action="store_true",
+                   help="run nothing at scale: build every kind of run of the tier (one per model, method and method "
+                        "keywords) on a tiny random model of the same architecture and synthetic data of the same "
+                        "schema, train 2 steps and write a record to a temporary folder (offline, ~1 min on a CPU)")
+    p.add_argument("--list-pending", action="store_true",
+                   help="write results/pending.<tier>.jsonl from the tier's params alone (structlora.repro.tierspecs), "
+                        "without executing the notebooks: every run without a record, for --train-pending")
     add_executor_arguments(p)
     p.add_argument("--update-notebooks", action="store_true",
                    help="(cpu tier, with --records-only) also write the executed notebooks, without volatile "
@@ -587,11 +619,21 @@ def main(args) -> int:
     if args.update_notebooks and (args.tier != OWN_CELL_TIER or not args.records_only):
         raise SystemExit("--update-notebooks: the committed notebooks carry the cpu tier executed from the records "
                          "(use --tier cpu --records-only)")
+    if args.dry_run:
+        from .dryrun import main as dry_run_main
+
+        return dry_run_main(args.tier)
+    if args.list_pending:
+        return list_pending(args.tier)
     if args.train_pending:
         return train_pending(args.tier, n_jobs=args.jobs, executor=args.executor,
                              executor_options=executor_options(args))
     if args.executor != "pool":
         raise SystemExit("--executor: only --train-pending trains runs outside the notebooks")
+    if args.tier in NOTEBOOKS_NOT_YET:
+        raise SystemExit(f"tier {args.tier}: the notebooks still take each task's model from notebook.TASK_MODEL (the "
+                         f"offline stand-ins), not from params/{args.tier}/budget.yml's task_model; check the tier with "
+                         f"--dry-run, then --list-pending and --train-pending [--executor submitit] train its runs")
     return run_all(tier=args.tier, only=args.only, force=args.force, keep_going=args.keep_going,
                    ledger=not args.no_ledger, log_output=args.log_output, update_notebooks=args.update_notebooks,
                    retrain=args.retrain, records_only=args.records_only)
