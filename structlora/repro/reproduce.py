@@ -556,7 +556,8 @@ def add_arguments(p) -> None:
     p.add_argument("--tier", choices=TIERS, default="cpu",
                    help="smoke: seconds-long budgets (params/smoke/budget.yml); cpu: the 2-core collection "
                         "(protocol 2: ~11 h on 2 cores when no run record is committed; minutes from the records); "
-                        "gpu: the larger budgets (see docs/notebooks.md)")
+                        "gpu: the larger budgets (see docs/notebooks.md); paper: the paper's hub models "
+                        "(params/paper; --dry-run, --list-pending, --train-pending only, see the README)")
     p.add_argument("--only", action="append", metavar="NB",
                    help="run only notebooks whose name starts with NB (e.g. 02 or 02_rank_sweep); repeatable, "
                         "comma-separated lists accepted")
