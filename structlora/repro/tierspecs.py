@@ -5,7 +5,8 @@ The notebooks build the same specs in their spec cells (01: tasks x methods x se
 applies to the model's kind; 02/03: `sweeps.sweep_specs`; 04: `ablations.variants` of each task's groups;
 05: the filters at the tier's keep ratio and their LoRA reference; 06 reuses 01's runs), with the model of
 each task from the tier's budget (``Budget.task_model``: the offline stand-ins, or the paper tier's hub ids).
-`tests/test_dryrun.py` checks that, for the offline tiers, these are the specs the notebooks list.
+This mirrors the notebooks' spec cells (a second copy of that logic: keep them in step);
+`tests/test_dryrun.py` checks the smoke tier's counts against what its notebooks print.
 """
 from __future__ import annotations
 
