@@ -251,6 +251,36 @@ def toy_diagnostics(model: nn.Module) -> dict[str, float]:
     return {"lora_norm": float(sum(p.detach().norm() for n, p in model.named_parameters() if "lora_B" in n))}
 
 
+HOOK_ENV = "STRUCTLORA_TEST_HOOK"
+"""JSON of `hooked_build_method`'s test hooks, read in the training process (a submitit job inherits
+the submitter's environment): ``log`` (a file: one line per run built for training), ``hang_at`` + ``marker``
+(at that step, the first process to get there writes its pid to ``marker`` and sleeps until killed),
+``sleep_at`` + ``sleep_s`` (a pause at that step, so that two processes overlap)."""
+
+
+def hooked_build_method(name: str, loaded: ToyLoaded, rank: int = 8, seed: int = 0, total_steps: int | None = None,
+                        **kwargs: Any) -> ToyHandle:
+    """``toy_build_method`` with the test hooks of ``$STRUCTLORA_TEST_HOOK`` (none when it is unset)."""
+    import json
+    import time
+
+    handle = toy_build_method(name, loaded, rank=rank, seed=seed, total_steps=total_steps, **kwargs)
+    hooks = json.loads(os.environ.get(HOOK_ENV) or "{}")
+    if hooks.get("log"):
+        with open(hooks["log"], "a", encoding="utf-8") as f:
+            f.write(f"{name} seed={seed} pid={os.getpid()}\n")
+
+    def on_step(step: int, total: int) -> None:
+        if step == hooks.get("hang_at") and not os.path.exists(hooks["marker"]):
+            Path(hooks["marker"]).write_text(str(os.getpid()))
+            time.sleep(600)
+        if step == hooks.get("sleep_at"):
+            time.sleep(float(hooks.get("sleep_s", 1.0)))
+
+    handle.on_step = on_step
+    return handle
+
+
 TOY_LOADERS = {"load_task": toy_load_task, "load_model": toy_load_model, "encode": toy_encode,
                "build_method": toy_build_method, "list_methods": toy_list_methods,
                "update_diagnostics": toy_diagnostics}

@@ -93,7 +93,7 @@ def test_parameters_cell_is_the_cpu_tier_from_records(stem):
     assert not (PARAMS / "cpu" / f"{stem}.yml").exists(), f"{stem}: the cpu tier lives in the cell only"
 
 
-@pytest.mark.parametrize("tier", ["smoke", "gpu"])
+@pytest.mark.parametrize("tier", ["smoke", "gpu", "paper"])
 @pytest.mark.parametrize("stem", STEMS)
 def test_tier_params(stem, tier):
     import yaml
@@ -132,7 +132,7 @@ def test_committed_ipynb_is_cpu_and_clean(stem):
         bad = [k for k in _VOLATILE_CELL_META if k in c.get("metadata", {})]
         assert not bad, f"{stem}.ipynb cell {i}: volatile metadata {bad}"
     text = path.read_text(encoding="utf-8")
-    for tier in ("smoke", "gpu"):
+    for tier in ("smoke", "gpu", "paper"):
         assert f"TIER = \"{tier}\"" not in text and f"TIER = '{tier}'" not in text, \
             f"{stem}.ipynb was executed with tier {tier}; commit the cpu tier's outputs only"
     assert nb.get("metadata", {}).get("structlora", {}).get("status") == "records-only", \
@@ -343,7 +343,7 @@ def test_a_mistyped_or_missing_parameter_fails_before_any_run(tmp_path):
 def test_every_committed_params_file_matches_its_notebook():
     from structlora.repro.reproduce import plan
 
-    for tier in ("smoke", "cpu", "gpu"):
+    for tier in ("smoke", "cpu", "gpu", "paper"):
         assert len(plan(tier, root=ROOT)) == len(STEMS)  # raises SystemExit on an unknown / missing key
 
 

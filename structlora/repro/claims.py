@@ -72,7 +72,7 @@ SAME_COMPARISON = {
     "T3.fmnist-transfer.r8.structlora>lora": "T1.fmnist-transfer.structlora>lora",
     "T4.fmnist-transfer.f100.structlora>lora": "T1.fmnist-transfer.structlora>lora",
 }
-TIERS = ("smoke", "cpu", "gpu")
+TIERS = ("smoke", "cpu", "gpu", "paper")
 
 def _num(x) -> float | None:
     """float or None (NaN/inf/None -> None), so JSON stays valid."""

@@ -860,7 +860,7 @@ def _run_in_worker(spec: RunSpec, results_dir: str, force: bool, blocking: bool 
 
 def run_grid(specs: Sequence[RunSpec], results_dir: str | Path = "results/runs", n_jobs: int = 1,
              progress: bool = True, force: bool = False, keep_weights: Sequence[RunSpec] = (),
-             train: bool = True) -> pandas.DataFrame:
+             train: bool = True, executor: str = "pool", executor_options: Any = None) -> pandas.DataFrame:
     """Run every spec (duplicates once), reading back finished ones; one DataFrame row per spec.
 
     ``n_jobs > 1`` runs specs in that many spawned processes, each with
@@ -875,9 +875,16 @@ def run_grid(specs: Sequence[RunSpec], results_dir: str | Path = "results/runs",
     The runs in ``keep_weights`` also write their trained weights, as ``train_spec`` does (the models
     a notebook probes, trained side by side with the rest). ``train=False`` trains nothing: runs
     without a record come back as ``"pending"`` rows (records-only; a notebook's ``TRAIN`` parameter).
+
+    ``executor="submitit"`` trains the runs without a record as cluster jobs instead (one job per run,
+    SLURM job arrays, or submitit's local executor), with ``executor_options`` (a mapping of
+    `executors.SubmititOptions` fields, or `executors.ClusterOptions`); ``n_jobs`` is then unused.
+    See `structlora.repro.executors`.
     """
     from tqdm.auto import tqdm
 
+    if executor not in ("pool", "submitit"):
+        raise ValueError(f"executor must be 'pool' or 'submitit', got {executor!r}")
     specs = list(dict.fromkeys(specs))
     keep = {spec.key() for spec in keep_weights}
     for spec in specs:
@@ -902,7 +909,11 @@ def run_grid(specs: Sequence[RunSpec], results_dir: str | Path = "results/runs",
     bar = tqdm(total=len(specs), initial=len(specs) - len(todo), desc="runs", disable=not progress,
                dynamic_ncols=True)
     try:
-        if n_jobs <= 1 or len(todo) <= 1:
+        if executor == "submitit" and todo:
+            from .executors import run_submitit
+
+            records.update(run_submitit(todo, results_dir, executor_options, force, keep, lambda: bar.update(1)))
+        elif n_jobs <= 1 or len(todo) <= 1:
             for blocking in (False, True):          # first the free runs, then wait for the busy ones
                 busy = []
                 for spec in todo:

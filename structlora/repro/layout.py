@@ -10,7 +10,7 @@ from typing import Any
 
 __all__ = ["OWN_CELL_TIER", "TIERS", "notebook_parameters", "params_path", "repo_root"]
 
-TIERS = ("smoke", "cpu", "gpu")
+TIERS = ("smoke", "cpu", "gpu", "paper")
 OWN_CELL_TIER = "cpu"  # the tier of the notebooks' own parameters cell (and of their committed outputs)
 
 

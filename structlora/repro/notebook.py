@@ -45,8 +45,13 @@ class Budget(Mapping[str, dict]):
     lr: dict[str, dict[str, float]] = field(default_factory=dict)
     seed_cap: int = 3
     source: str = ""
+    task_model: dict[str, str] = field(default_factory=lambda: dict(TASK_MODEL))
 
     def __post_init__(self) -> None:
+        if self.task_model != TASK_MODEL:   # a tier's own models (the paper tier's hub ids) need budgets
+            missing = sorted({m for m in self.task_model.values() if m not in self.models})
+            if missing:
+                raise ValueError(f"{self.source}: task_model names model(s) {missing} without a budget in models")
         for model, b in self.models.items():
             missing = [k for k in BUDGET_KEYS if k not in b]
             unknown = [k for k in b if k not in BUDGET_KEYS]
@@ -84,17 +89,19 @@ class Budget(Mapping[str, dict]):
 
 
 def load_budget(tier: str, root: str | Path | None = None) -> Budget:
-    """Read ``params/<tier>/budget.yml`` (keys ``models``, ``lr``, ``seed_cap``; nothing else)."""
+    """Read ``params/<tier>/budget.yml`` (keys ``models``, ``lr``, ``seed_cap`` and, for a tier on other
+    models than the offline ones, ``task_model``: the model each task trains, default `TASK_MODEL`)."""
     import yaml
 
     path = budget_path(tier, root)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: every tier needs one budget file")
     data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    unknown = sorted(set(data) - {"models", "lr", "seed_cap"})
+    unknown = sorted(set(data) - {"models", "lr", "seed_cap", "task_model"})
     if unknown:
-        raise ValueError(f"{path}: unknown keys {unknown} (expected models, lr, seed_cap)")
-    return Budget(tier, data.get("models") or {}, data.get("lr") or {}, data.get("seed_cap", 3), str(path))
+        raise ValueError(f"{path}: unknown keys {unknown} (expected models, lr, seed_cap, task_model)")
+    return Budget(tier, data.get("models") or {}, data.get("lr") or {}, data.get("seed_cap", 3), str(path),
+                  dict(data.get("task_model") or TASK_MODEL))
 
 
 def run_summary(df: "Any") -> str:

@@ -390,9 +390,38 @@ def priority(spec: Any, plan: Any = None) -> tuple[int, int, int, str]:
     return (len(PRIMARY_RUNS) + 1, spec.seed, 0, spec.key())
 
 
-def train_pending(tier: str, n_jobs: int = 2, root: Path | None = None) -> int:
+NOTEBOOKS_NOT_YET = ("paper",)  # tiers whose models the notebooks cannot take from the tier's budget yet
+
+
+def list_pending(tier: str, root: Path | None = None) -> int:
+    """Write `pending_path` from the tier's params (`tierspecs.tier_specs`): every run without a valid
+    record under its notebook's ``RESULTS_DIR``, for ``--train-pending``."""
+    from .grid import read_record, record_path
+    from .notebook import tier_params
+    from .tierspecs import tier_specs
+
+    root = root or repo_root()
+    lines = {}
+    for stem, specs in tier_specs(tier, root).items():
+        folder = str((tier_params(stem, tier, root) or {}).get("RESULTS_DIR", "results/runs"))
+        for spec in specs:
+            if read_record(root / record_path(spec, folder), spec, warn=False) is None:
+                lines[(spec.key(), folder)] = json.dumps({"spec": spec.to_dict(), "results_dir": folder,
+                                                          "weights": False}, sort_keys=True)
+    path = pending_path(tier, root)
+    atomic_write(path, "".join(line + "\n" for line in lines.values()))
+    print(f"{len(lines)} run(s) of tier {tier} have no record: listed in {path.relative_to(root)}; train them with\n"
+          f"  python -m structlora reproduce --tier {tier} --train-pending [--executor submitit]")
+    return 0
+
+
+def train_pending(tier: str, n_jobs: int = 2, root: Path | None = None, executor: str = "pool",
+                  executor_options: dict[str, Any] | None = None) -> int:
     """Train the runs ``--records-only`` listed (`priority` order), ``n_jobs`` at a time; the models a
-    notebook probes also keep their weights (``run_grid(keep_weights=...)``, as ``train_spec`` does)."""
+    notebook probes also keep their weights (``run_grid(keep_weights=...)``, as ``train_spec`` does).
+
+    ``executor="submitit"``: one cluster job per run instead (`structlora.repro.executors`), with the
+    resources of ``params/<tier>/cluster.yml`` and ``executor_options`` (the command line's) over them."""
     from .grid import run_grid
 
     from .plan import load_plan
@@ -404,14 +433,22 @@ def train_pending(tier: str, n_jobs: int = 2, root: Path | None = None) -> int:
     if not items:
         print(f"nothing pending in {path} (run python -m structlora reproduce --tier {tier} --records-only first)")
         return 0
-    print(f"training {len(items)} pending run(s) of tier {tier} from {path.relative_to(root)}, {n_jobs} at a time",
-          flush=True)
+    options = None
+    if executor == "submitit":
+        from .executors import load_cluster_options
+
+        options = load_cluster_options(tier, root).override(executor_options or {})
+        how = f"as submitit jobs ({options.default.cluster or 'SLURM where available, else local'})"
+    else:
+        how = f"{n_jobs} at a time"
+    print(f"training {len(items)} pending run(s) of tier {tier} from {path.relative_to(root)}, {how}", flush=True)
     os.chdir(root)  # the notebooks' RESULTS_DIR are relative to the repository
     with sigterm_interrupts():  # `kill PID` stops the workers too (grid.stop_pool), not only this driver
         for folder in dict.fromkeys(folder for _, folder, _ in items):
             specs = [spec for spec, f, _ in items if f == folder]
             keep = [spec for spec, f, weights in items if f == folder and weights]
-            df = run_grid(specs, results_dir=folder, n_jobs=n_jobs, progress=True, keep_weights=keep)
+            df = run_grid(specs, results_dir=folder, n_jobs=n_jobs, progress=True, keep_weights=keep,
+                          executor=executor, executor_options=options)
             print(f"{folder}: {', '.join(f'{k} {v}' for k, v in df['status'].value_counts().items())}", flush=True)
     return 0
 
@@ -519,7 +556,8 @@ def add_arguments(p) -> None:
     p.add_argument("--tier", choices=TIERS, default="cpu",
                    help="smoke: seconds-long budgets (params/smoke/budget.yml); cpu: the 2-core collection "
                         "(protocol 2: ~11 h on 2 cores when no run record is committed; minutes from the records); "
-                        "gpu: the larger budgets (see docs/notebooks.md)")
+                        "gpu: the larger budgets (see docs/notebooks.md); paper: the paper's hub models "
+                        "(params/paper; --dry-run, --list-pending, --train-pending only, see the README)")
     p.add_argument("--only", action="append", metavar="NB",
                    help="run only notebooks whose name starts with NB (e.g. 02 or 02_rank_sweep); repeatable, "
                         "comma-separated lists accepted")
@@ -537,17 +575,66 @@ def add_arguments(p) -> None:
                    help="train the runs the last --records-only job listed, the pre-registered primary family "
                         "first (resumable: stop any time, finished runs keep their records); then rerun the job")
     p.add_argument("--jobs", type=int, default=2, help="--train-pending: runs side by side (1 torch thread each)")
+    p.add_argument("--dry-run", action="store_true",
+                   help="run nothing at scale: build every kind of run of the tier (one per model, method and method "
+                        "keywords) on a tiny random model of the same architecture and synthetic data of the same "
+                        "schema, train 2 steps and write a record to a temporary folder (offline, ~1 min on a CPU)")
+    p.add_argument("--list-pending", action="store_true",
+                   help="write results/pending.<tier>.jsonl from the tier's params alone (structlora.repro.tierspecs), "
+                        "without executing the notebooks: every run without a record, for --train-pending")
+    add_executor_arguments(p)
     p.add_argument("--update-notebooks", action="store_true",
                    help="(cpu tier, with --records-only) also write the executed notebooks, without volatile "
                         "metadata, over notebooks/<nb>.ipynb: how the committed cpu-tier outputs are refreshed")
+
+
+# --train-pending --executor submitit: the command line's resources, over params/<tier>/cluster.yml
+_EXECUTOR_FLAGS = (("--cluster", "cluster", str, "slurm, local or debug (default: SLURM where sbatch exists, else local)"),
+                   ("--partition", "partition", str, "SLURM partition"),
+                   ("--timeout-min", "timeout_min", int, "wall-clock limit of each job, minutes"),
+                   ("--gpus", "gpus_per_node", int, "GPUs per job"),
+                   ("--cpus-per-task", "cpus_per_task", int, "CPU cores per job (its torch threads)"),
+                   ("--mem-gb", "mem_gb", float, "memory per job, GB"),
+                   ("--array-parallelism", "array_parallelism", int, "jobs of one array running at once"),
+                   ("--max-retries", "max_retries", int, "resubmissions of a job that died without a result"),
+                   ("--submitit-folder", "folder", str, "submitit's pickles and logs (default results/submitit)"))
+
+
+def add_executor_arguments(p) -> None:
+    """``--executor`` and the submitit resource flags of ``--train-pending``."""
+    p.add_argument("--executor", choices=("pool", "submitit"), default="pool",
+                   help="--train-pending: this machine's process pool (--jobs), or one cluster job per run through "
+                        "submitit (SLURM job arrays; resources from params/<tier>/cluster.yml and the flags below)")
+    for flag, dest, kind, text in _EXECUTOR_FLAGS:
+        p.add_argument(flag, dest=f"submitit_{dest}", type=kind, default=None, help=f"--executor submitit: {text}",
+                       metavar={int: "N", float: "GB"}.get(kind, "NAME"),
+                       **({"choices": ("slurm", "local", "debug")} if dest == "cluster" else {}))
+
+
+def executor_options(args) -> dict[str, Any]:
+    """The submitit options the command line set (None: not set, the tier's cluster.yml decides)."""
+    return {dest: getattr(args, f"submitit_{dest}", None) for _, dest, _, _ in _EXECUTOR_FLAGS}
 
 
 def main(args) -> int:
     if args.update_notebooks and (args.tier != OWN_CELL_TIER or not args.records_only):
         raise SystemExit("--update-notebooks: the committed notebooks carry the cpu tier executed from the records "
                          "(use --tier cpu --records-only)")
+    if args.dry_run:
+        from .dryrun import main as dry_run_main
+
+        return dry_run_main(args.tier)
+    if args.list_pending:
+        return list_pending(args.tier)
     if args.train_pending:
-        return train_pending(args.tier, n_jobs=args.jobs)
+        return train_pending(args.tier, n_jobs=args.jobs, executor=args.executor,
+                             executor_options=executor_options(args))
+    if args.executor != "pool":
+        raise SystemExit("--executor: only --train-pending trains runs outside the notebooks")
+    if args.tier in NOTEBOOKS_NOT_YET:
+        raise SystemExit(f"tier {args.tier}: the notebooks still take each task's model from notebook.TASK_MODEL (the "
+                         f"offline stand-ins), not from params/{args.tier}/budget.yml's task_model; check the tier with "
+                         f"--dry-run, then --list-pending and --train-pending [--executor submitit] train its runs")
     return run_all(tier=args.tier, only=args.only, force=args.force, keep_going=args.keep_going,
                    ledger=not args.no_ledger, log_output=args.log_output, update_notebooks=args.update_notebooks,
                    retrain=args.retrain, records_only=args.records_only)

@@ -73,7 +73,7 @@ def sweep_specs(sweep: Sweep, tasks: Sequence[str], values: Sequence[float], bud
     ``seeds``; the tier's budget and learning rates (``budget``)."""
     out = []
     for t in tasks:
-        model = TASK_MODEL[t]
+        model = budget.task_model.get(t, TASK_MODEL.get(t, ""))  # the tier's model (the paper tier's hub ids)
         for v in values:
             point = {**sweep.fixed, sweep.axis: v}
             for m in methods:

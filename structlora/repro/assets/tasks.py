@@ -36,6 +36,7 @@ from ..cache import cache_dir
 __all__ = [
     "TaskData",
     "MissingAssetError",
+    "HUB_TASKS",
     "list_tasks",
     "load_task",
     "NUM_CLASSES",
@@ -381,13 +382,14 @@ def _fmnist_reader() -> tuple[Callable[[str], tuple[np.ndarray, np.ndarray]], fl
 
 
 def _image_dataset(images: np.ndarray, labels: np.ndarray, index: np.ndarray, mean: float, std: float,
-                   names: list[str]) -> datasets.Dataset:
-    """Build the arrow table directly (50x faster than from_dict for nested arrays), torch-formatted."""
+                   names: list[str], shape: tuple[int, int, int] = (1, 28, 28)) -> datasets.Dataset:
+    """Build the arrow table directly (50x faster than from_dict for nested arrays), torch-formatted;
+    ``images`` hold uint8 pixels in ``shape`` (channels first) per image."""
     x = ((images.astype(np.float32) / 255.0 - mean) / std).reshape(-1)
     arr = pa.array(x)
-    for size in (28, 28, 1):
+    for size in reversed(shape):
         arr = pa.FixedSizeListArray.from_arrays(arr, size)
-    feature = datasets.Array3D((1, 28, 28), "float32")
+    feature = datasets.Array3D(tuple(shape), "float32")
     ext = datasets.features.features.Array3DExtensionType(feature.shape, feature.dtype)
     pixels = pa.ExtensionArray.from_storage(ext, arr.cast(ext.storage_type))
     table = pa.table({"pixel_values": pixels, "label": pa.array(labels.astype(np.int64)),
@@ -415,6 +417,41 @@ def _build_fmnist_transfer() -> tuple[dict[str, datasets.Dataset], str, dict[str
               "classes; test = all 5000 test-split images of those classes; pixels normalised with "
               f"mean {mean} / std {std}")
     return splits, source, {"train_pool": len(pool)}
+
+
+CIFAR100_HUB = "uoft-cs/cifar100"
+
+
+def _build_cifar100() -> tuple[dict[str, datasets.Dataset], str, list[str]]:
+    """CIFAR-100 from the Hugging Face hub (online only; the paper tier's ViT-B/16 task): the 100 fine
+    classes, 3x32x32 pixels scaled to [-1, 1] (mean = std = 0.5, the normalisation of timm's
+    ``vit_base_patch16_224``; the classifier resizes to the backbone's 224 on the device); validation =
+    a stratified 5,000 of the 50,000 train images (seed 0), test = the 10,000 test images."""
+    if _is_offline():
+        raise RuntimeError(f"task 'cifar100' needs the Hugging Face hub ({CIFAR100_HUB}), but HF_HUB_OFFLINE/"
+                           f"HF_DATASETS_OFFLINE is set; the tasks that work offline are: {', '.join(list_tasks())}")
+    raw = datasets.load_dataset(CIFAR100_HUB)
+    names = list(raw["train"].features["fine_label"].names)
+
+    def arrays(ds: datasets.Dataset) -> tuple[np.ndarray, np.ndarray]:
+        pixels = np.stack([np.asarray(im.convert("RGB"), dtype=np.uint8) for im in ds["img"]])
+        return pixels.transpose(0, 3, 1, 2), column(ds, "fine_label")
+
+    x_tr, y_tr = arrays(raw["train"])
+    parts = _split_indices(y_tr, None, {"validation": 5000})
+    splits = {s: _image_dataset(x_tr[parts[s]], y_tr[parts[s]], parts[s], 0.5, 0.5, names, (3, 32, 32))
+              for s in ("train", "validation")}
+    x_te, y_te = arrays(raw["test"])
+    splits["test"] = _image_dataset(x_te, y_te, np.arange(len(y_te)), 0.5, 0.5, names, (3, 32, 32))
+    source = (f"Hugging Face hub {CIFAR100_HUB!r} (fine labels): train 45,000 / validation 5,000 drawn stratified "
+              "(seed 0) from its train split; test = its 10,000 test images; pixels scaled to [-1, 1]")
+    return splits, source, names
+
+
+# Tasks that only load online, by name (not ``list_tasks()``: those load offline).
+HUB_TASKS: dict[str, tuple[tuple[str, str], Callable[[], tuple[dict, str, list[str]]]]] = {
+    "cifar100": (("image-cls", "image-cls"), _build_cifar100),
+}
 
 
 # ---------------------------------------------------------------------------------------- registry
@@ -523,6 +560,10 @@ def load_task(name: str, fraction: float = 1.0, seed: int = 0) -> TaskData:
         splits, source, stats = _build_registered(name)
         if labels is None:
             labels = list(splits["train"].features["label"].names)
+    elif name in HUB_TASKS:
+        (kind, model_kind), build = HUB_TASKS[name]
+        splits, source, labels = build()
+        stats = {}
     elif re.fullmatch(r"[\w.-]+/[\w.-]+", name):
         kind, model_kind, stats = "seq-cls", "seq-cls", {}
         splits, source, labels = _build_hub(name)

@@ -143,6 +143,9 @@ class ImageClassifier(nn.Module):
 
     def forward(self, pixel_values: torch.Tensor, labels: torch.Tensor | None = None):
         from transformers.modeling_outputs import SequenceClassifierOutput
+        size = getattr(getattr(self.backbone, "patch_embed", None), "img_size", None)
+        if size is not None and tuple(pixel_values.shape[-2:]) != tuple(size):  # e.g. CIFAR's 32 px for a 224 px ViT
+            pixel_values = F.interpolate(pixel_values, size=tuple(size), mode="bilinear", align_corners=False)
         logits = self.head(self.backbone(pixel_values))
         loss = F.cross_entropy(logits, labels) if labels is not None else None
         return SequenceClassifierOutput(loss=loss, logits=logits)
