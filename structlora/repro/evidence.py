@@ -13,7 +13,8 @@ Every record written since the headline plan (``params/cpu/plan.yml``) carries, 
 
 Spectra and cosines are kept only where dW is the low-rank product the library reads
 (`structlora.diagnostics.factors_by_family`: StructLoRA and plain peft LoRA layers); DoRA's magnitude
-vector and AdaLoRA's SVD triplets change dW, so those records (and non-LoRA methods) carry ``None``.
+vector, AdaLoRA's SVD triplets and VeRA's scaled shared matrices change dW, so those records (and
+non-LoRA methods) carry ``None``.
 """
 from __future__ import annotations
 
@@ -50,7 +51,7 @@ def decode_predictions(stored: str | list | None) -> list | None:
 def _exact_low_rank(model: nn.Module) -> bool:
     """True when every adapted layer applies dW = B A as `factors_by_family` reads it."""
     for module in model.modules():
-        if hasattr(module, "lora_E"):                              # AdaLoRA: B E A
+        if hasattr(module, "lora_E") or hasattr(module, "vera_lambda_b"):   # AdaLoRA: B E A; VeRA: shared A, B
             return False
         if any(bool(v) for v in (getattr(module, "use_dora", None) or {}).values()):  # DoRA: magnitude
             return False
