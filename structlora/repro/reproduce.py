@@ -231,6 +231,9 @@ _VOLATILE_CELL_META = ("papermill", "execution", "ExecuteTime")
 _WIDGET = "application/vnd.jupyter.widget-view+json"
 _WARNING = re.compile(r"^\S+:\d+: \w*Warning: ")
 _PROGRESS = re.compile(r"\r|\d+%\|")
+# timings of this execution (wall time, load average): shown live, not kept in the committed copies,
+# so re-executing from the same records rewrites the same bytes
+_TIMING_LINE = re.compile(r"^(notebook wall time|probe time|benchmark time)\b.*\n?", re.M)
 
 
 def strip_noise(text: str) -> str:
@@ -276,7 +279,7 @@ def _clean_outputs(outputs: list, root: Path) -> list:
             text = out.get("text", "")
             if out.get("name") == "stderr":
                 text = strip_noise(text)
-            out["text"] = rel(text)
+            out["text"] = rel(_TIMING_LINE.sub("", text))
             if not out["text"].strip():
                 continue
         elif "data" in out:
@@ -303,9 +306,9 @@ def clean_executed(src: Path, dst: Path, root: Path | None = None, marker: dict[
     nb = nbformat.read(src, as_version=4)
     pm_meta = nb.metadata.pop("papermill", {}) or {}
     nb.metadata.pop("widgets", None)
-    nb.metadata.pop("structlora", None)  # the committed notebooks/ copies carry no run marker
+    nb.metadata.pop("structlora", None)  # replaced by ``marker`` (how this copy was executed), if given
     if marker is not None:
-        nb.metadata["structlora"] = {**marker, "parameters": pm_meta.get("parameters", {})}
+        nb.metadata["structlora"] = {**marker, "parameters": pm_meta.get("parameters", marker.get("parameters", {}))}
     for i, cell in enumerate(nb.cells):
         cell["id"] = f"cell-{i:03d}"
         for k in _VOLATILE_CELL_META:
@@ -517,7 +520,8 @@ def run_all(tier: str = "cpu", only: Sequence[str] | None = None, force: bool = 
             tqdm.write(f"[ok]   {job.stem}: {job.wall_s / 60:.1f} min -> {job.output.relative_to(root)}")
             if update_notebooks:
                 dst = root / "notebooks" / f"{job.stem}.ipynb"
-                clean_executed(job.output, dst, root)
+                kept = json.loads(job.output.read_text(encoding="utf-8")).get("metadata", {}).get("structlora")
+                clean_executed(job.output, dst, root, marker=kept)  # the marker says how it was executed
                 tqdm.write(f"       updated {dst.relative_to(root)} with the {tier}-tier outputs")
         else:
             failed = True
