@@ -294,12 +294,14 @@ def _clean_outputs(outputs: list, root: Path) -> list:
     return kept
 
 
-def clean_executed(src: Path, dst: Path, root: Path | None = None, marker: dict[str, Any] | None = None) -> None:
+def clean_executed(src: Path, dst: Path, root: Path | None = None, marker: dict[str, Any] | None = None,
+                   drop_injected: bool = False) -> None:
     """Copy an executed notebook to ``dst`` without volatile content: papermill timings and paths,
     execution timestamps, widget state, library warnings and progress bars on stderr, the machine's
     absolute paths (made relative to the repository), empty tag lists. ``marker`` is stored as
     ``metadata.structlora`` (what `up_to_date` reads). A re-run from the same records and sources thus
-    writes the same bytes."""
+    writes the same bytes. ``drop_injected`` removes papermill's injected-parameters cell (the committed
+    notebooks: they were executed with their own parameters cell's values, so they pair with the .py)."""
     import nbformat
 
     root = root or repo_root()
@@ -309,6 +311,8 @@ def clean_executed(src: Path, dst: Path, root: Path | None = None, marker: dict[
     nb.metadata.pop("structlora", None)  # replaced by ``marker`` (how this copy was executed), if given
     if marker is not None:
         nb.metadata["structlora"] = {**marker, "parameters": pm_meta.get("parameters", marker.get("parameters", {}))}
+    if drop_injected:
+        nb.cells = [c for c in nb.cells if "injected-parameters" not in c.metadata.get("tags", [])]
     for i, cell in enumerate(nb.cells):
         cell["id"] = f"cell-{i:03d}"
         for k in _VOLATILE_CELL_META:
@@ -521,7 +525,7 @@ def run_all(tier: str = "cpu", only: Sequence[str] | None = None, force: bool = 
             if update_notebooks:
                 dst = root / "notebooks" / f"{job.stem}.ipynb"
                 kept = json.loads(job.output.read_text(encoding="utf-8")).get("metadata", {}).get("structlora")
-                clean_executed(job.output, dst, root, marker=kept)  # the marker says how it was executed
+                clean_executed(job.output, dst, root, marker=kept, drop_injected=True)  # marker: how it was executed
                 tqdm.write(f"       updated {dst.relative_to(root)} with the {tier}-tier outputs")
         else:
             failed = True
