@@ -9,3 +9,4 @@
 
 Arrows point down only: notebooks -> structlora.repro -> structlora (the method never imports this).
 """
+from . import executors  # noqa: E402,F401  registers run_grid(executor="submitit") (the grid never imports it)

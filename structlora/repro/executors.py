@@ -315,3 +315,11 @@ def run_submitit(specs: Sequence["RunSpec"], results_dir: str | Path, options: A
         todo, force = lost, False  # a retry resumes; it never starts a forced run from scratch again
     return records
 
+
+def _register() -> None:
+    from .grid import EXECUTOR_BACKENDS
+
+    EXECUTOR_BACKENDS["submitit"] = run_submitit
+
+
+_register()

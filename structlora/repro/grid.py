@@ -858,6 +858,12 @@ def _run_in_worker(spec: RunSpec, results_dir: str, force: bool, blocking: bool 
     return _try_run(spec, results_dir, False, force, blocking, keep_weights)
 
 
+# Executors other than this machine's process pool register here (`structlora.repro.executors` adds
+# "submitit" when the package is imported), so the grid never imports them: name -> function(todo,
+# results_dir, options, force, keep_keys, tick) returning the records by run key.
+EXECUTOR_BACKENDS: dict[str, Callable[..., dict[str, dict[str, Any]]]] = {}
+
+
 def run_grid(specs: Sequence[RunSpec], results_dir: str | Path = "results/runs", n_jobs: int = 1,
              progress: bool = True, force: bool = False, keep_weights: Sequence[RunSpec] = (),
              train: bool = True, executor: str = "pool", executor_options: Any = None) -> pandas.DataFrame:
@@ -883,8 +889,8 @@ def run_grid(specs: Sequence[RunSpec], results_dir: str | Path = "results/runs",
     """
     from tqdm.auto import tqdm
 
-    if executor not in ("pool", "submitit"):
-        raise ValueError(f"executor must be 'pool' or 'submitit', got {executor!r}")
+    if executor != "pool" and executor not in EXECUTOR_BACKENDS:
+        raise ValueError(f"executor must be one of {['pool', *EXECUTOR_BACKENDS]}, got {executor!r}")
     specs = list(dict.fromkeys(specs))
     keep = {spec.key() for spec in keep_weights}
     for spec in specs:
@@ -909,10 +915,9 @@ def run_grid(specs: Sequence[RunSpec], results_dir: str | Path = "results/runs",
     bar = tqdm(total=len(specs), initial=len(specs) - len(todo), desc="runs", disable=not progress,
                dynamic_ncols=True)
     try:
-        if executor == "submitit" and todo:
-            from .executors import run_submitit
-
-            records.update(run_submitit(todo, results_dir, executor_options, force, keep, lambda: bar.update(1)))
+        if executor != "pool" and todo:
+            backend = EXECUTOR_BACKENDS[executor]
+            records.update(backend(todo, results_dir, executor_options, force, keep, lambda: bar.update(1)))
         elif n_jobs <= 1 or len(todo) <= 1:
             for blocking in (False, True):          # first the free runs, then wait for the busy ones
                 busy = []
