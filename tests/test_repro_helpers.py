@@ -299,10 +299,13 @@ def test_tier_params_reads_the_tier_file_and_wall_time_reports_the_load(tmp_path
 
     from structlora.repro.notebook import tier_params, wall_time
 
-    (tmp_path / "params" / "cpu").mkdir(parents=True)
-    (tmp_path / "params" / "cpu" / "nb.yml").write_text("SEEDS: [0, 1]\nSEEDS_BY_VARIANT: {full: [0, 1, 2]}\n")
-    assert tier_params("nb", "cpu", tmp_path) == {"SEEDS": [0, 1], "SEEDS_BY_VARIANT": {"full": [0, 1, 2]}}
-    assert tier_params("nb", "gpu", tmp_path) is None
+    (tmp_path / "params" / "gpu").mkdir(parents=True)
+    (tmp_path / "params" / "gpu" / "nb.yml").write_text("SEEDS: [0, 1]\nSEEDS_BY_VARIANT: {full: [0, 1, 2]}\n")
+    assert tier_params("nb", "gpu", tmp_path) == {"SEEDS": [0, 1], "SEEDS_BY_VARIANT": {"full": [0, 1, 2]}}
+    assert tier_params("nb", "smoke", tmp_path) is None
+    (tmp_path / "notebooks").mkdir()                   # the cpu tier is the notebook's own parameters cell
+    (tmp_path / "notebooks" / "nb.py").write_text('# %% tags=["parameters"]\nTIER = "cpu"\nSEEDS = [0, 1, 2]\n')
+    assert tier_params("nb", "cpu", tmp_path) == {"TIER": "cpu", "SEEDS": [0, 1, 2]}
     t0 = time.perf_counter() - 90
     assert wall_time(t0).startswith("notebook wall time: 1.5 min")
     assert "load average" in wall_time(t0, time.process_time())
@@ -452,7 +455,10 @@ def test_main_results_grid_and_coverage_say_what_each_tier_runs():
     assert main_results.grid_of(sized)[-1] == {"task": "fmnist-transfer", "method": "lora", "seeds": 7}
     gpu = {**cpu, "TASKS": ["boolq"], "METHODS": ["lora", "structlora"], "TASK_METHODS": {}}
     table, line = main_results.coverage({"cpu": cpu, "gpu": gpu}, "cpu")
-    assert table.loc["lora", "sst2"] == "cpu:10" and table.loc["lora", "boolq"] == "gpu:3"
+    # coverage reads each tier's registered plan: the cpu plan gives T2's arms (LoRA, StructLoRA on sst2)
+    # its own seeds (the pilot's 3 until the seeds rule runs); the other methods keep TASK_SEEDS
+    assert table.loc["lora", "sst2"] == "cpu:3" and table.loc["dora", "sst2"] == "cpu:10"
+    assert table.loc["lora", "boolq"] == "gpu:3"
     assert table.loc["prefix", "fmnist-transfer"] == "n/a" and table.loc["structlora", "sst2"] == ""
     n_applicable = len(main_results.in_scope()) * 6 - 1
     assert line.startswith(f"this tier (cpu) leaves out {n_applicable - 3} of the {n_applicable} applicable")
