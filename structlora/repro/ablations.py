@@ -3,6 +3,7 @@ tables (accuracy per variant and its paired difference to a reference variant), 
 CosAdj table, the cost table, the tier coverage and the claims, one per distinct comparison."""
 from __future__ import annotations
 
+import warnings
 from collections import Counter
 from functools import partial
 from typing import Any, Callable, Mapping, Sequence
@@ -15,19 +16,17 @@ from structlora.repro.claims import Claim, claim_line, claim_from_test
 from structlora.repro.notebook import TASK_MODEL
 from structlora.repro.stats import paired_test as _paired_test
 
+__all__ = ["GROUPS", "LABELS", "ORDER", "variants", "t5_paper_delta", "t6_paper_delta", "delta_table", "paired",
+           "paper_str", "n_range", "coverage", "t9_table", "cost_table", "ablation_claims", "summary_markdown"]
+
 
 def paired_test(*args, **kwargs):
     """`stats.paired_test` without its unpaired-seed warning: the ablation arms run different numbers of
     seeds by design (each sized by its own power analysis), so seeds without a partner are expected and
     dropped silently; ``n`` says how many pairs were compared."""
-    import warnings
-
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="paired_test: seeds")
         return _paired_test(*args, **kwargs)
-
-__all__ = ["GROUPS", "LABELS", "ORDER", "variants", "t5_paper_delta", "t6_paper_delta", "delta_table", "paired",
-           "paper_str", "n_range", "coverage", "t9_table", "cost_table", "ablation_claims", "summary_markdown"]
 
 # variant -> method name (the kwargs are in `variants`); "full" is the default StructLoRA (T=1, hybrid graph)
 _METHOD = {"full": "structlora", "no_gate": "structlora_no_gate", "no_coord": "structlora_no_coord", "lora": "lora",
