@@ -144,8 +144,9 @@ PLAN = load_plan(TIER)      # params/<tier>/plan.yml: LoRA and StructLoRA run it
 IN_SCOPE = main_results.in_scope()  # Tables 1-2's methods the registry has; applies(): can it adapt the model?
 THIS = {k: globals()[k] for k in main_results.GRID_KEYS}
 assert set(TASKS) <= set(TASK_MODEL), f"unknown task in {TASKS}"
+# the tier's budget at the method's frozen learning rate, at the plan's budget on its tasks (PLAN.run)
 specs = [RunSpec(task=t, model=TASK_MODEL[t], method=m, rank=RANK, seed=s, fraction=1.0,
-                 **BUDGET.run(TASK_MODEL[t], m))  # the tier's budget at the method's frozen learning rate
+                 **(PLAN.run(t, BUDGET.run(TASK_MODEL[t], m)) if PLAN else BUDGET.run(TASK_MODEL[t], m)))
          for t in TASKS for m in TASK_METHODS.get(t, METHODS) for s in main_results.seeds_of(THIS, t, m, PLAN)
          if main_results.applies(t, m)]
 print(f"tier {TIER}: {len(specs)} runs over {len(TASKS)} task(s); results cached in {RESULTS_DIR}")

@@ -109,7 +109,7 @@ def plan_specs(plan, claim: str, seeds: list[int]) -> list[RunSpec]:
     c, budget = plan.comparison(claim), load_budget("cpu")
     model = TASK_MODEL[c.task]
     return [RunSpec(task=c.task, model=model, method=m, rank=c.rank, fraction=c.fraction, seed=s,
-                    **budget.run(model, m)) for m in ("lora", "structlora") for s in seeds]
+                    **plan.run(c.task, budget.run(model, m))) for m in ("lora", "structlora") for s in seeds]
 
 
 def plan_seeds(write: bool = False) -> pd.DataFrame:

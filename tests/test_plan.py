@@ -76,3 +76,28 @@ def test_seeds_rule_funds_the_cheapest_claims_within_the_budget():
     assert len(unfunded) and (unfunded["seeds"] == 3).all()        # the budget cannot buy them
     tight = seeds_from_pilot(plan, diffs, {"t1": 0.5, "t2": 0.01}, spent_core_hours=9.99).set_index("claim")
     assert not tight.loc[["A", "B"], "funded"].any() and (tight.loc[["A", "B"], "seeds"] == 3).all()
+
+
+def test_budget_check_raises_the_steps_of_its_task_only_and_is_validated():
+    plan = _plan(budget_check={"factor": 2, "result": {"t1": {"raise": True}, "t2": {"raise": False}}})
+    assert plan.steps_factor("t1") == 2 and plan.steps_factor("t2") == 1 and _plan().steps_factor("t1") == 1
+    base = {"max_steps": 350, "lr": 0.002, "batch_size": 32}
+    assert plan.run("t1", base) == {**base, "max_steps": 700} and plan.run("t2", base) == base
+    with pytest.raises(ValueError, match="factor"):
+        _plan(budget_check={"factor": 0})
+    with pytest.raises(ValueError, match="outside the plan"):
+        _plan(budget_check={"factor": 2, "result": {"zz": {"raise": True}}})
+
+
+def test_the_committed_plan_trains_sst2_at_twice_the_tiers_steps_in_notebooks_01_to_03():
+    from structlora.repro.notebook import load_budget
+    from structlora.repro.tierspecs import tier_specs
+
+    plan, budget = load_plan("cpu"), load_budget("cpu")
+    assert plan.steps_factor("sst2") == 2          # the budget check's recorded outcome (plan.yml)
+    specs = tier_specs("cpu")
+    for stem in ("01_main_results", "02_rank_sweep", "03_few_shot"):
+        sst2 = {s.max_steps for s in specs[stem] if s.task == "sst2"}
+        assert sst2 == {2 * budget["minilm-l6"]["max_steps"]}, stem
+    for stem in ("04_ablations", "05_filter_strategies"):   # the mechanism family keeps the tier's budget
+        assert {s.max_steps for s in specs[stem] if s.task == "sst2"} == {budget["minilm-l6"]["max_steps"]}

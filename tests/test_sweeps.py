@@ -37,6 +37,9 @@ def test_primary_points_run_the_plans_seeds_and_the_others_the_notebooks():
     assert seeds[(8, "structlora")] == [0, 1, 2, 3]              # r = 8, all data: T2's seeds
     assert seeds[(16, "lora")] == [0, 1, 2]                      # exploratory
     assert {s.fraction for s in specs} == {1.0} and {s.lr for s in specs if s.method == "lora"} == {0.002}
+    assert {s.max_steps for s in specs} == {load_budget("cpu")["minilm-l6"]["max_steps"]}   # no budget raise
+    raised = _plan(budget_check={"factor": 2, "result": {"sst2": {"raise": True}}})
+    assert {s.max_steps for s in sweep_specs(RANK, ["sst2"], [2], load_budget("cpu"), [0], raised)} == {700}
     few = sweep_specs(FRACTION, ["sst2"], [0.1, 1.0], load_budget("cpu"), [0, 1], None)
     assert {s.rank for s in few} == {8} and len(few) == 2 * 2 * 2
 

@@ -78,6 +78,13 @@ class Plan:
         small = {k: v for k, v in self.seeds.items() if v < len(self.pilot_seeds)}
         if small:
             raise ValueError(f"{self.source}: a claim runs at least its pilot seeds, got {small}")
+        factor = self.budget_check.get("factor", 1)
+        if not isinstance(factor, int) or factor < 1:
+            raise ValueError(f"{self.source}: budget_check.factor must be an int >= 1, got {factor!r}")
+        tasks = {c.task for c in self.primary}
+        stray = sorted(set(self.budget_check.get("result") or {}) - tasks)
+        if stray:
+            raise ValueError(f"{self.source}: budget_check.result names tasks outside the plan: {stray}")
 
     @property
     def m(self) -> int:
@@ -100,6 +107,18 @@ class Plan:
         if self.comparison(claim) is None or claim not in self.needed:
             return {}
         return {"seeds_required": self.needed[claim], "seeds_cap": len(self.seeds_of(claim))}
+
+    def steps_factor(self, task: str) -> int:
+        """How many times the tier's ``max_steps`` the plan's notebooks (01-03) train ``task``: the budget
+        check's ``factor`` where its recorded ``result`` raised the task's budget, else 1."""
+        result = (self.budget_check.get("result") or {}).get(task) or {}
+        return int(self.budget_check.get("factor", 1)) if result.get("raise") else 1
+
+    def run(self, task: str, kwargs: Mapping[str, Any]) -> dict[str, Any]:
+        """RunSpec keyword arguments of ``task`` at the plan's budget: the tier's (``kwargs``, from
+        `notebook.Budget.run`) with ``max_steps`` times `steps_factor`, for every method of the plan's
+        notebooks on that task (one budget per table, so competitors train as long as the arms)."""
+        return {**kwargs, "max_steps": int(kwargs["max_steps"]) * self.steps_factor(task)}
 
     def arm_seeds(self, task: str, rank: int, fraction: float) -> list[int] | None:
         """The seeds of both arms of the primary comparison at (task, rank, fraction), if there is one."""

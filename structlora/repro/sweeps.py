@@ -70,14 +70,16 @@ def sweep_specs(sweep: Sweep, tasks: Sequence[str], values: Sequence[float], bud
                 seeds: Sequence[int], plan: Plan | None = None,
                 methods: Sequence[str] = ("lora", "structlora")) -> list[RunSpec]:
     """Every run of the sweep: per task, value and method, the plan's seeds for a primary point, else
-    ``seeds``; the tier's budget and learning rates (``budget``)."""
+    ``seeds``; the tier's budget and learning rates (``budget``), at the plan's budget on its tasks
+    (`Plan.run`: the budget check may have raised a task's steps)."""
     out = []
     for t in tasks:
         model = budget.task_model.get(t, TASK_MODEL.get(t, ""))  # the tier's model (the paper tier's hub ids)
         for v in values:
             point = {**sweep.fixed, sweep.axis: v}
             for m in methods:
-                out += [RunSpec(task=t, model=model, method=m, seed=s, **point, **budget.run(model, m))
+                kw = plan.run(t, budget.run(model, m)) if plan is not None else budget.run(model, m)
+                out += [RunSpec(task=t, model=model, method=m, seed=s, **point, **kw)
                         for s in _seeds(sweep, t, v, plan, seeds)]
     return out
 

@@ -40,8 +40,9 @@ def _main_results(p: Mapping[str, Any], budget: Any, plan: Any) -> list[RunSpec]
         model = budget.task_model[t]
         for m in p["TASK_METHODS"].get(t, p["METHODS"]):
             if m in scope and task_kind(t) in kinds[m]:
-                out += [RunSpec(task=t, model=model, method=m, rank=p["RANK"], seed=s, fraction=1.0,
-                                **budget.run(model, m)) for s in seeds_of(p, t, m, plan)]
+                kw = plan.run(t, budget.run(model, m)) if plan is not None else budget.run(model, m)
+                out += [RunSpec(task=t, model=model, method=m, rank=p["RANK"], seed=s, fraction=1.0, **kw)
+                        for s in seeds_of(p, t, m, plan)]
     return out
 
 
