@@ -10,7 +10,10 @@
     python scripts/pilot.py budget --task sst2
                                      # issue 20 (params/cpu/plan.yml): LoRA and StructLoRA at 2x the tier's
                                      # steps, seeds 0-1, against the same seeds at 1x (results/runs)
-    python scripts/pilot.py seeds [--write]
+    python scripts/pilot.py plan --task fmnist-transfer
+                                     # issue 20: train the plan's comparisons on one task at their seeds
+                                     # (the pilot seeds until `seeds --write`), seed by seed
+    python scripts/pilot.py seeds [--write] [--task T]
                                      # issue 20: the plan's seeds rule from its internal pilot (pooled
                                      # sigma_d per task, family-wise power, core-hour budget); --write
                                      # records them in params/cpu/plan.yml (before the confirmatory runs)
@@ -112,7 +115,21 @@ def plan_specs(plan, claim: str, seeds: list[int]) -> list[RunSpec]:
                     **plan.run(c.task, budget.run(model, m))) for m in ("lora", "structlora") for s in seeds]
 
 
-def plan_seeds(write: bool = False) -> pd.DataFrame:
+def plan_runs(task: str) -> list[RunSpec]:
+    """Every run of the plan's primary comparisons on ``task`` at their seeds (the pilot seeds until
+    ``seeds --write`` set them), seed by seed and in the plan's order, so a stop leaves whole pairs."""
+    from structlora.repro.plan import load_plan
+
+    plan = load_plan("cpu")
+    comps = [c for c in plan.primary if c.task == task]
+    specs = {s: [] for s in range(max(len(plan.seeds_of(c.claim)) for c in comps) + 10)}
+    for c in comps:
+        for s in plan.seeds_of(c.claim):
+            specs[s] += plan_specs(plan, c.claim, [s])
+    return [sp for s in sorted(specs) for sp in specs[s]]
+
+
+def plan_seeds(write: bool = False, task: str | None = None) -> pd.DataFrame:
     """The plan's seeds rule applied to its internal pilot (`plan.seeds_from_pilot`): per claim the paired
     differences at the pilot seeds, pooled sigma_d per task, the seeds needed and those the budget buys.
     Spent so far: every record of results/runs and results/pilot written since the plan (its commit
@@ -126,6 +143,8 @@ def plan_seeds(write: bool = False) -> pd.DataFrame:
     plan = load_plan("cpu")
     diffs, cost = {}, {}
     for c in plan.primary:
+        if task is not None and c.task != task:
+            continue
         df = load_records("results/runs", plan_specs(plan, c.claim, plan.pilot_seeds))
         ok = df[df["status"] == "ok"].pivot_table(index="seed", columns="method", values="test_accuracy")
         if not {"lora", "structlora"} <= set(ok.columns) or ok.dropna().shape[0] < len(plan.pilot_seeds):
@@ -133,8 +152,9 @@ def plan_seeds(write: bool = False) -> pd.DataFrame:
                              f"{len(plan.pilot_seeds)} paired seeds); train it first")
         diffs[c.claim] = list(100 * (ok["structlora"] - ok["lora"]).dropna())
         cost.setdefault(c.task, []).extend(df["wall_time_s"].dropna().tolist())
-    since = subprocess.run(["git", "log", "-1", "--format=%cI", "--", str(plan_path("cpu"))], capture_output=True,
-                           text=True).stdout.strip()
+    # the plan's registration: the commit that added the plan file (later commits only annotate it)
+    since = subprocess.run(["git", "log", "--diff-filter=A", "--format=%cI", "--", str(plan_path("cpu"))],
+                           capture_output=True, text=True).stdout.strip().splitlines()[-1]
     spent_s = 0.0
     for folder in ("results/runs", "results/pilot"):
         for path in Path(folder).rglob("*.json"):
@@ -143,15 +163,24 @@ def plan_seeds(write: bool = False) -> pd.DataFrame:
                 spent_s += rec["wall_time_s"]
     vit = json.loads(open("structlora/repro/assets/vit-tiny-fmnist/meta.json").read())
     spent = (spent_s + vit["seconds"] * vit.get("num_threads", 1)) / 3600
-    table = seeds_from_pilot(plan, diffs, {t: float(pd.Series(v).median()) / 3600 for t, v in cost.items()}, spent)
+    run_cost = {t: float(pd.Series(v).median()) / 3600 for t, v in cost.items()}
+    table = seeds_from_pilot(plan, diffs, {t: run_cost.get(t, float("inf")) for t in {c.task for c in plan.primary}},
+                             spent)
+    if task is not None:        # a task whose pilot finished first is funded first, from the budget left
+        table = table[table["task"] == task].reset_index(drop=True)
     print(f"spent so far: {spent:.2f} core-hours of {plan.budget_core_hours} (runs since the plan + ViT pretraining)")
     if write:
-        text = plan_path("cpu").read_text()
-        block = ("seeds:\n" + "".join(f"  {r.claim}: {r.seeds}\n" for r in table.itertuples())
-                 + "needed:\n" + "".join(f"  {r.claim}: {r.needed}\n" for r in table.itertuples()))
-        text, n = re.subn(r"(?m)^seeds: \{\}\n", block, text)
+        done = sorted(set(table["claim"]) & (set(plan.seeds) | set(plan.needed)))
+        if done:
+            raise SystemExit(f"params/cpu/plan.yml: seeds already set for {done} (the rule applies once)")
+        seeds = {**plan.seeds, **{r.claim: int(r.seeds) for r in table.itertuples()}}
+        needed = {**plan.needed, **{r.claim: int(r.needed) for r in table.itertuples()}}
+        order = [c.claim for c in plan.primary]
+        block = ("seeds:\n" + "".join(f"  {c}: {seeds[c]}\n" for c in order if c in seeds)
+                 + "needed:\n" + "".join(f"  {c}: {needed[c]}\n" for c in order if c in needed))
+        text, n = re.subn(r"(?m)^seeds:( \{\})?\n(  .*\n)*(needed:\n(  .*\n)*)?", block, plan_path("cpu").read_text())
         if n != 1:
-            raise SystemExit("params/cpu/plan.yml: its seeds are already set (the rule applies once)")
+            raise SystemExit("params/cpu/plan.yml: no seeds block to write into")
         plan_path("cpu").write_text(text)
         print("wrote seeds and needed into params/cpu/plan.yml: commit it before the confirmatory runs")
     return table
@@ -208,18 +237,21 @@ def power(df: pd.DataFrame, chosen: pd.DataFrame, paper_effect: float = 1.5, cap
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("which", choices=["stages", "lr", "gates", "budget", "seeds"])
+    p.add_argument("which", choices=["stages", "lr", "gates", "budget", "seeds", "plan"])
     p.add_argument("--write", action="store_true", help="seeds: record them in params/cpu/plan.yml")
     p.add_argument("--jobs", type=int, default=2)
     p.add_argument("--task", choices=sorted(TASK_MODEL), default="sst2", help="lr only: sst2 or fmnist-transfer")
     p.add_argument("--show", action="store_true", help="only print the table of the finished records")
     p.add_argument("--methods", nargs="+", default=None, help="lr on fmnist-transfer: only these methods")
     a = p.parse_args(argv)
-    if a.task != "sst2" and a.which not in ("lr", "budget"):
-        p.error("--task applies to the lr and budget pilots only")
+    if a.task != "sst2" and a.which not in ("lr", "budget", "seeds", "plan"):
+        p.error("--task applies to the lr, budget, seeds and plan commands only")
     if a.which == "seeds":
         with pd.option_context("display.width", 200):
-            print(plan_seeds(a.write).to_string(index=False))
+            print(plan_seeds(a.write, a.task if "--task" in (argv or sys.argv) else None).to_string(index=False))
+        return 0
+    if a.which == "plan":
+        run_grid(plan_runs(a.task), results_dir="results/runs", n_jobs=a.jobs, progress=True)
         return 0
     if a.which == "budget":
         if not a.show:
