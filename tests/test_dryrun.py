@@ -97,3 +97,38 @@ def test_list_pending_writes_the_tiers_runs_for_train_pending(tmp_path):
     assert {spec for spec, _, _ in items} == specs and {folder for _, folder, _ in items} == {"results/runs"}
     assert all(isinstance(spec, RunSpec) for spec, _, _ in items)
     json.loads(pending_path("paper", tmp_path).read_text().splitlines()[0])
+
+
+@pytest.mark.parametrize("model, checkpointed", [("FacebookAI/roberta-base", True), ("TinyLlama/TinyLlama_v1.1", True),
+                                                 ("vit_base_patch16_224", False)])
+def test_a_paper_tier_spec_trains_with_bf16_autocast_and_checkpointing(tmp_path, monkeypatch, model, checkpointed):
+    """A paper-tier run asking for bf16 and gradient checkpointing (``RunSpec.precision`` /
+    ``gradient_checkpointing``) trains its 2 dry-run steps on CPU under bf16 autocast, with checkpointing
+    where the model has transformers' switch (timm's ViT has not), and its record says what it used."""
+    import dataclasses
+
+    import torch
+
+    from structlora.repro import engine
+    from structlora.repro.grid import train_spec
+
+    spec = next(s for s in dryrun.families([s for g in tier_specs("paper", ROOT).values() for s in g])
+                if s.model == model and s.method == "structlora" and not s.method_kwargs)
+    small = dryrun._two_steps(dataclasses.replace(spec, precision="bf16", gradient_checkpointing=True))
+    assert small.key() != dryrun._two_steps(spec).key()
+    dtypes, real = [], engine._autocast
+
+    def spy(device, dtype):
+        dtypes.append(dtype)
+        return real(device, dtype)
+
+    monkeypatch.setattr(engine, "_autocast", spy)
+    with dryrun._swapped(dryrun.dry_run_loaders()):
+        out = train_spec(small, tmp_path, progress=False)
+    rec = out.record
+    assert rec["status"] == "ok" and rec["train_steps"] == 2, rec.get("error")
+    assert dtypes == [torch.bfloat16] * 2                              # every training forward, 2 steps
+    assert rec["regime"]["precision"] == "bf16" and rec["regime"]["gradient_checkpointing"] is checkpointed
+    assert rec["train_config"]["precision"] == "bf16" and rec["spec"]["precision"] == "bf16"
+    on = any(getattr(m, "gradient_checkpointing", False) is True for m in out.handle.model.modules())
+    assert on is checkpointed
