@@ -70,7 +70,7 @@ def test_retrain_injects_its_start_time_or_retrains_from_the_tiers_specs(tmp_pat
     root = _repo(tmp_path, {"01_a": "PENDING_FILE = None\nRETRAIN_SINCE = None\n", "02_b": ""})
     retrained = []
     monkeypatch.setattr(reproduce, "retrain_runs",
-                        lambda tier, stems, since, root_, n_jobs=1: retrained.append((tier, list(stems), since)))
+                        lambda tier, stems, since, root_, n_jobs=2: retrained.append((tier, list(stems), since)))
     assert reproduce.run_all("cpu", root=root, ledger=False, retrain=True) == 0
     since = jobs_seen["01_a"]["RETRAIN_SINCE"]
     assert isinstance(since, float) and jobs_seen["01_a"]["TRAIN"] is True and "PENDING_FILE" not in jobs_seen["01_a"]

@@ -452,7 +452,7 @@ def _pending_lines(tier: str, root: Path, stems: Sequence[str] | None = None) ->
     return list(lines.values())
 
 
-def retrain_runs(tier: str, stems: Sequence[str], since: float, root: Path, n_jobs: int = 1) -> None:
+def retrain_runs(tier: str, stems: Sequence[str], since: float, root: Path, n_jobs: int = 2) -> None:
     """``--retrain`` for notebooks that do not declare ``RETRAIN_SINCE``: train again, before they run,
     every run of theirs (from the tier's specs) whose record is older than ``since``; a run whose
     weights file exists (a probed model) writes new weights too."""
