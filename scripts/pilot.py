@@ -34,7 +34,7 @@ from pathlib import Path
 import pandas as pd
 
 from structlora.repro.grid import RunSpec, load_records, run_grid
-from structlora.repro.notebook import load_budget
+from structlora.repro.notebook import TASK_MODEL, load_budget
 
 BUDGET = dict(max_steps=350, batch_size=32, max_length=64, eval_every=50)
 # StructLoRA closes half of its directions (the keep ratio of Fig. 2) through the Lagrangian; its gate
@@ -67,7 +67,7 @@ def gate_specs() -> list[RunSpec]:
 # authors use rates 10-100x LoRA's, hence its higher grid
 VIT_LR_GRID = {"lora": (2e-3, 5e-4, 8e-3), "structlora": (4e-3, 1e-3, 1.6e-2), "vera": (8e-3, 3.2e-2, 1.28e-1)}
 # (VeRA's 1.28e-1: its best rate was 3.2e-2, the top of its first grid)
-TASK_MODEL = {"sst2": "minilm-l6", "fmnist-transfer": "vit-tiny-fmnist"}
+PILOT_TASKS = ("sst2", "fmnist-transfer")   # the cpu tier's two tasks (their models: notebook.TASK_MODEL)
 PAPER_T1 = 3.6  # StructLoRA - LoRA, Table 1 (CIFAR-100, for which fmnist-transfer stands in)
 
 
@@ -241,7 +241,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("which", choices=["stages", "lr", "gates", "budget", "seeds", "plan"])
     p.add_argument("--write", action="store_true", help="seeds: record them in params/cpu/plan.yml")
     p.add_argument("--jobs", type=int, default=2)
-    p.add_argument("--task", choices=sorted(TASK_MODEL), default="sst2", help="lr only: sst2 or fmnist-transfer")
+    p.add_argument("--task", choices=sorted(PILOT_TASKS), default="sst2", help="lr only: sst2 or fmnist-transfer")
     p.add_argument("--sweeps", action="store_true", help="plan: then every other point of notebooks 02-03 on --task")
     p.add_argument("--show", action="store_true", help="only print the table of the finished records")
     p.add_argument("--methods", nargs="+", default=None, help="lr on fmnist-transfer: only these methods")
