@@ -12,7 +12,8 @@
                                      # steps, seeds 0-1, against the same seeds at 1x (results/runs)
     python scripts/pilot.py plan --task fmnist-transfer
                                      # issue 20: train the plan's comparisons on one task at their seeds
-                                     # (the pilot seeds until `seeds --write`), seed by seed
+                                     # (the pilot seeds until `seeds --write`), seed by seed; --sweeps
+                                     # then the exploratory points of notebooks 02-03 on that task
     python scripts/pilot.py seeds [--write] [--task T]
                                      # issue 20: the plan's seeds rule from its internal pilot (pooled
                                      # sigma_d per task, family-wise power, core-hour budget); --write
@@ -33,7 +34,7 @@ from pathlib import Path
 import pandas as pd
 
 from structlora.repro.grid import RunSpec, load_records, run_grid
-from structlora.repro.notebook import load_budget
+from structlora.repro.notebook import TASK_MODEL, load_budget
 
 BUDGET = dict(max_steps=350, batch_size=32, max_length=64, eval_every=50)
 # StructLoRA closes half of its directions (the keep ratio of Fig. 2) through the Lagrangian; its gate
@@ -66,7 +67,7 @@ def gate_specs() -> list[RunSpec]:
 # authors use rates 10-100x LoRA's, hence its higher grid
 VIT_LR_GRID = {"lora": (2e-3, 5e-4, 8e-3), "structlora": (4e-3, 1e-3, 1.6e-2), "vera": (8e-3, 3.2e-2, 1.28e-1)}
 # (VeRA's 1.28e-1: its best rate was 3.2e-2, the top of its first grid)
-TASK_MODEL = {"sst2": "minilm-l6", "fmnist-transfer": "vit-tiny-fmnist"}
+PILOT_TASKS = ("sst2", "fmnist-transfer")   # the cpu tier's two tasks (their models: notebook.TASK_MODEL)
 PAPER_T1 = 3.6  # StructLoRA - LoRA, Table 1 (CIFAR-100, for which fmnist-transfer stands in)
 
 
@@ -240,7 +241,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("which", choices=["stages", "lr", "gates", "budget", "seeds", "plan"])
     p.add_argument("--write", action="store_true", help="seeds: record them in params/cpu/plan.yml")
     p.add_argument("--jobs", type=int, default=2)
-    p.add_argument("--task", choices=sorted(TASK_MODEL), default="sst2", help="lr only: sst2 or fmnist-transfer")
+    p.add_argument("--task", choices=sorted(PILOT_TASKS), default="sst2", help="lr only: sst2 or fmnist-transfer")
+    p.add_argument("--sweeps", action="store_true", help="plan: then every other point of notebooks 02-03 on --task")
     p.add_argument("--show", action="store_true", help="only print the table of the finished records")
     p.add_argument("--methods", nargs="+", default=None, help="lr on fmnist-transfer: only these methods")
     a = p.parse_args(argv)
@@ -251,7 +253,14 @@ def main(argv: list[str] | None = None) -> int:
             print(plan_seeds(a.write, a.task if "--task" in (argv or sys.argv) else None).to_string(index=False))
         return 0
     if a.which == "plan":
-        run_grid(plan_runs(a.task), results_dir="results/runs", n_jobs=a.jobs, progress=True)
+        specs = plan_runs(a.task)
+        if a.sweeps:   # then the exploratory points of notebooks 02-03 on the task, seed by seed
+            from structlora.repro.tierspecs import tier_specs
+
+            tier = tier_specs("cpu")
+            rest = [s for nb in ("02_rank_sweep", "03_few_shot") for s in tier[nb] if s.task == a.task]
+            specs += sorted(dict.fromkeys(s for s in rest if s not in set(specs)), key=lambda s: s.seed)
+        run_grid(specs, results_dir="results/runs", n_jobs=a.jobs, progress=True)
         return 0
     if a.which == "budget":
         if not a.show:

@@ -6,6 +6,7 @@ synthetic task and checks held-out accuracy beats chance.
 """
 from __future__ import annotations
 
+import re
 import warnings
 from unittest import mock
 
@@ -13,7 +14,9 @@ import pytest
 import torch
 from torch import nn
 
+from structlora.repro.catalogue import get_method, method_specs
 from structlora.repro.methods import (
+    BuildContext,
     MethodHandle,
     MethodSkipped,
     build_method,
@@ -105,7 +108,15 @@ def _vit_batch(n: int = 4, seed: int = 0) -> dict[str, torch.Tensor]:
 
 
 def _kwargs(name: str, batch: dict[str, torch.Tensor]) -> dict:
-    return {"calibration_batches": [batch]} if name == "sensitivity_lora" else {}
+    """What the method's spec says its build needs beyond the model (calibration batches)."""
+    return {"calibration_batches": [batch]} if "calibration_batches" in get_method(name).needs else {}
+
+
+def _may_skip(name: str, kind: str) -> bool:
+    """Whether the catalogue allows ``name`` to be skipped on ``kind`` (never runs there, or needs a
+    library that may not load here)."""
+    spec = get_method(name)
+    return kind in spec.skipped or "bitsandbytes" in spec.needs
 
 
 def _train(handle: MethodHandle, batches: list[dict], lr: float = 1e-2) -> list[float]:
@@ -125,16 +136,14 @@ def _train(handle: MethodHandle, batches: list[dict], lr: float = 1e-2) -> list[
 
 
 # ---------------------------------------------------------------------------------- registry basics
-def test_registry_lists_every_method():
-    expected = {"lora", "dora", "vera", "adalora", "lora_fa", "prefix", "qlora", "dylora", "lora_dropout",
-                "sensitivity_lora", "loraprune", "adapter", "adapterfusion", "full_ft", "linear_probe",
-                "structlora", "structlora_no_gate", "structlora_no_coord", "lora_cos", "lora_lap",
-                "filter_ib", "filter_random", "filter_topk_norm",
-                "qlora+structlora", "lorafa+structlora", "vera+structlora"}
-    assert set(list_methods()) == expected
+def test_registry_lists_every_method_of_the_catalogue_once():
+    names = list_methods()
+    assert names == [s.name for s in method_specs()] and len(set(names)) == len(names)
     table = describe_methods()
-    assert list(table["method"]) == list_methods()
+    assert list(table["method"]) == names
     assert set(table["source"]) <= {"peft", "own", "structlora", "skipped"}
+    for spec in method_specs():   # every builder has the catalogue's one typed signature
+        assert spec.builder.__annotations__.get("ctx") in ("BuildContext", BuildContext), spec.name
 
 
 @pytest.mark.parametrize("fixture,batch_fn", [("encoder", lambda: _toy_task(8, 0)), ("causal_lm", _lm_batch),
@@ -144,14 +153,17 @@ def test_every_method_builds_and_budgets_match(fixture, batch_fn, request):
     batch = batch_fn()
     handles: dict[str, MethodHandle] = {}
     for name in list_methods():
+        spec = get_method(name)
+        if loaded.kind not in spec.kinds:   # the catalogue says it cannot adapt this kind: refused up front
+            with pytest.raises(ValueError, match=re.escape(spec.unsupported) or "cannot apply"):
+                build_method(name, loaded, rank=RANK, seed=0, total_steps=10, **_kwargs(name, batch))
+            continue
         try:
             handle = build_method(name, loaded, rank=RANK, seed=0, total_steps=10, **_kwargs(name, batch))
         except MethodSkipped as exc:
-            assert exc.reason and name in ("qlora", "qlora+structlora", "adapterfusion", "linear_probe"), (name, exc.reason)
+            assert exc.reason and _may_skip(name, loaded.kind), (name, exc.reason)
             continue
-        except ValueError as exc:
-            assert (name, loaded.kind) == ("prefix", "image-cls"), (name, exc)
-            continue
+        assert loaded.kind not in spec.skipped, f"{name} should have been skipped on {loaded.kind}"
         assert handle.name == name
         assert handle.trainable_params == count_trainable(handle.model) > 0
         out = handle.model(**batch)
@@ -165,9 +177,8 @@ def test_every_method_builds_and_budgets_match(fixture, batch_fn, request):
         assert "linear_probe" not in counts or counts["linear_probe"] == 0
     else:                             # LoRA = its adapter + the head that the linear probe trains alone
         assert counts["lora"] - lora_adapter == counts["linear_probe"] > 0
-    for name in ("adapter", "prefix"):
-        if name in counts:
-            assert abs(counts[name] / counts["lora"] - 1) <= 0.1
+    for name in (n for n in counts if get_method(n).budget == "matched"):   # adapter, prefix (Table 12)
+        assert abs(counts[name] / counts["lora"] - 1) <= 0.1
     assert table.set_index("method").loc["full_ft", "status"].startswith("exempt")
     assert loaded.model is not handles["lora"].model  # built on a copy: the fixture stays un-adapted
     assert not any(type(m).__module__.startswith("peft") for m in loaded.model.modules())
@@ -182,7 +193,7 @@ def test_method_beats_chance_on_learnable_toy_task(name, encoder):
         handle = build_method(name, encoder, rank=RANK, seed=0, total_steps=len(train), **_kwargs(name, train[0]))
     except MethodSkipped as exc:
         assert exc.reason.strip(), name
-        assert name in ("qlora", "qlora+structlora", "adapterfusion"), f"{name} unexpectedly skipped: {exc.reason}"
+        assert _may_skip(name, encoder.kind), f"{name} unexpectedly skipped: {exc.reason}"
         pytest.skip(exc.reason)
     before = {n: p.detach().clone() for n, p in handle.model.named_parameters()
               if p.requires_grad and "classifier" not in n}

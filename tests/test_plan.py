@@ -89,15 +89,16 @@ def test_budget_check_raises_the_steps_of_its_task_only_and_is_validated():
         _plan(budget_check={"factor": 2, "result": {"zz": {"raise": True}}})
 
 
-def test_the_committed_plan_trains_sst2_at_twice_the_tiers_steps_in_notebooks_01_to_03():
+def test_the_committed_plan_trains_both_tasks_at_twice_the_tiers_steps_in_notebooks_01_to_03():
     from structlora.repro.notebook import load_budget
     from structlora.repro.tierspecs import tier_specs
 
     plan, budget = load_plan("cpu"), load_budget("cpu")
-    assert plan.steps_factor("sst2") == 2          # the budget check's recorded outcome (plan.yml)
+    assert plan.steps_factor("sst2") == plan.steps_factor("fmnist-transfer") == 2   # the recorded outcomes
     specs = tier_specs("cpu")
     for stem in ("01_main_results", "02_rank_sweep", "03_few_shot"):
-        sst2 = {s.max_steps for s in specs[stem] if s.task == "sst2"}
-        assert sst2 == {2 * budget["minilm-l6"]["max_steps"]}, stem
+        for task, model in (("sst2", "minilm-l6"), ("fmnist-transfer", "vit-tiny-fmnist")):
+            steps = {s.max_steps for s in specs[stem] if s.task == task}
+            assert steps == {2 * budget[model]["max_steps"]}, (stem, task)
     for stem in ("04_ablations", "05_filter_strategies"):   # the mechanism family keeps the tier's budget
         assert {s.max_steps for s in specs[stem] if s.task == "sst2"} == {budget["minilm-l6"]["max_steps"]}

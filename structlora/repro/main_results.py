@@ -8,9 +8,9 @@ from typing import Any
 
 import pandas as pd
 
-from structlora.repro import paper
+from structlora.repro import paper  # (importing paper registers every method and task in the catalogue)
 from structlora.repro.claims import Claim, claim_line, claim_from_test, collapse_status
-from structlora.repro.methods import describe_methods, list_methods
+from structlora.repro.catalogue import LiveMap, LiveSeq, method_specs, task_specs
 from structlora.repro.notebook import TASK_MODEL
 from structlora.repro.plan import Plan
 from structlora.repro.stats import compare_to_paper, paired_test
@@ -18,22 +18,21 @@ from structlora.repro.stats import compare_to_paper, paired_test
 __all__ = ["PAPER_METHODS", "NOT_PEFT", "MODEL_KIND", "GRID_KEYS", "in_scope", "applies", "not_applicable",
            "seeds_of", "grid_of", "coverage", "side_by_side", "peft_ranks", "main_claims", "summary_markdown"]
 
-# Tables 1 and 2's rows, in the paper's order
-PAPER_METHODS = ("full_ft", "linear_probe", "adapter", "prefix", "adapterfusion", "lora", "qlora", "dora", "vera",
-                 "lora_fa", "adalora", "dylora", "sensitivity_lora", "lora_dropout", "loraprune", "structlora")
+# Tables 1 and 2's rows, in the paper's order (MethodSpec.paper_row; a live view of the catalogue)
+PAPER_METHODS: Sequence[str] = LiveSeq(lambda: tuple(s.name for s in method_specs() if s.paper_row))
 NOT_PEFT = frozenset({"full_ft", "linear_probe"})  # the paper's upper / lower bounds
-MODEL_KIND = {"minilm-l6": "seq-cls", "smollm2-135m": "causal-lm", "vit-tiny-fmnist": "image-cls"}
+# the kind of each notebook model (TaskSpec.model -> TaskSpec.model_kind; a live view of the catalogue)
+MODEL_KIND: Mapping[str, str] = LiveMap(lambda: {t.model: t.model_kind for t in task_specs() if t.model is not None})
 GRID_KEYS = ("TASKS", "METHODS", "TASK_METHODS", "SEEDS", "TASK_SEEDS", "RANK")
 
 
 def in_scope() -> list[str]:
-    """The paper's methods the registry has (`PAPER_METHODS` order)."""
-    registry = list_methods()
-    return [m for m in PAPER_METHODS if m in registry]
+    """The paper's methods (Tables 1-2's rows) the catalogue has, in `PAPER_METHODS` order."""
+    return list(PAPER_METHODS)
 
 
 def _kinds() -> dict[str, list[str]]:
-    return {r.method: r.kinds.split(",") for r in describe_methods().itertuples()}
+    return {s.name: list(s.kinds) for s in method_specs()}
 
 
 def applies(task: str, method: str) -> bool:

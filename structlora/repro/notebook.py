@@ -15,20 +15,30 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
+from . import methods as _methods  # noqa: F401  (registers every method in the catalogue)
+from .assets import tasks as _tasks  # noqa: F401  (registers every task in the catalogue)
+from .catalogue import LiveSeq, get_method, method_specs, task_view
 from .layout import OWN_CELL_TIER, notebook_parameters, params_path, repo_root
 
 __all__ = ["findings", "Budget", "load_budget", "budget_path", "tier_params", "wall_time", "run_summary", "STRUCTLORA_FAMILY", "BUDGET_KEYS", "TASK_MODEL"]
 
-# The offline model each task trains (its stand-in for the paper's model, docs/notebooks.md): one table
-# for every notebook.
-TASK_MODEL: dict[str, str] = {"sst2": "minilm-l6", "mrpc": "minilm-l6", "rte": "minilm-l6",
-                              "boolq": "smollm2-135m", "piqa": "smollm2-135m", "fmnist-transfer": "vit-tiny-fmnist"}
+# The offline model each task trains (its stand-in for the paper's model, docs/notebooks.md; TaskSpec.model):
+# one table for every notebook, a live view of the catalogue.
+TASK_MODEL: Mapping[str, str] = task_view(lambda t: t.model, keep=lambda t: t.model is not None)
 BUDGET_KEYS = ("max_steps", "batch_size", "max_length", "eval_every", "max_eval_examples")
 # methods that are StructLoRA with a stage removed, changed or replaced: they train at StructLoRA's rate
-STRUCTLORA_FAMILY = ("structlora_no_gate", "structlora_no_coord", "lora_cos", "lora_lap", "filter_ib",
-                     "filter_random", "filter_topk_norm")
+# (MethodSpec.lr_from), a live view of the catalogue
+STRUCTLORA_FAMILY: Sequence[str] = LiveSeq(lambda: tuple(s.name for s in method_specs() if s.lr_from == "structlora"))
+
+
+def _lr_from(method: str) -> str | None:
+    """The method whose learning rate ``method`` trains at (None: its own, or not a catalogue method)."""
+    try:
+        return get_method(method).lr_from
+    except ValueError:
+        return None
 
 
 def budget_path(tier: str, root: str | Path | None = None) -> Path:
@@ -48,7 +58,7 @@ class Budget(Mapping[str, dict]):
     task_model: dict[str, str] = field(default_factory=lambda: dict(TASK_MODEL))
 
     def __post_init__(self) -> None:
-        if self.task_model != TASK_MODEL:   # a tier's own models (the paper tier's hub ids) need budgets
+        if self.task_model != dict(TASK_MODEL):   # a tier's own models (the paper tier's hub ids) need budgets
             missing = sorted({m for m in self.task_model.values() if m not in self.models})
             if missing:
                 raise ValueError(f"{self.source}: task_model names model(s) {missing} without a budget in models")
@@ -75,12 +85,14 @@ class Budget(Mapping[str, dict]):
         return len(self.models)
 
     def lr_of(self, model: str, method: str) -> float:
-        """The method's frozen learning rate on ``model`` (StructLoRA's for its ablation variants)."""
+        """The method's frozen learning rate on ``model``, else that of the method it inherits its rate
+        from (`MethodSpec.lr_from`: StructLoRA's for its ablation variants), else the model's default."""
         table = self.lr.get(model, {})
         if method in table:
             return float(table[method])
-        if method in STRUCTLORA_FAMILY and "structlora" in table:
-            return float(table["structlora"])
+        inherit = _lr_from(method)
+        if inherit is not None and inherit in table:
+            return float(table[inherit])
         return float(table["default"])
 
     def run(self, model: str, method: str) -> dict[str, Any]:
@@ -101,7 +113,7 @@ def load_budget(tier: str, root: str | Path | None = None) -> Budget:
     if unknown:
         raise ValueError(f"{path}: unknown keys {unknown} (expected models, lr, seed_cap, task_model)")
     return Budget(tier, data.get("models") or {}, data.get("lr") or {}, data.get("seed_cap", 3), str(path),
-                  dict(data.get("task_model") or TASK_MODEL))
+                  dict(data.get("task_model") or dict(TASK_MODEL)))
 
 
 def run_summary(df: "Any") -> str:

@@ -1,7 +1,10 @@
 """The paper's reported numbers as data (Xiao et al., "Not All Directions Matter: StructLoRA").
 
-Transcribed by hand from ``/work/shared/paper/structlora-paper.txt``: Tables 1-7, 9 and 13. Nothing here
-is computed; the notebooks put these numbers beside ours. Method keys use the names of
+Transcribed by hand from ``/work/shared/paper/structlora-paper.txt``: Tables 3-7, 9 and 13 here; Tables 1
+and 2's rows are each method's `MethodSpec` (``structlora.repro.methods.specs``) and the task columns each
+task's `TaskSpec` (``structlora.repro.assets.tasks``), read here through live views of the catalogue
+(`TABLE1`, `TABLE2`, `TABLE1_TYPES`, `METHOD_LABELS`, `PAPER_TASK`, `MAIN_TABLE`, `ABLATION_COL`). Nothing is
+computed; the notebooks put these numbers beside ours. Method keys use the names of
 :func:`structlora.repro.methods.list_methods` (``"lora"``, ``"structlora"``, ``"sensitivity_lora"``, ...);
 column keys are lower-case dataset ids. Accuracy in %, CIDEr as printed.
 
@@ -11,9 +14,14 @@ Fashion-MNIST classes 0-4 and adapted to classes 5-9 for ViT-B/16 on CIFAR-100).
 """
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Final, TypedDict
 
 import pandas as pd
+
+from . import methods as _methods  # noqa: F401  (registers every method in the catalogue)
+from .assets import tasks as _tasks  # noqa: F401  (registers every task in the catalogue)
+from .catalogue import method_view, task_view
 
 __all__ = [
     "TABLE1", "TABLE1_TYPES", "TABLE1_COLUMNS", "TABLE2", "TABLE2_COLUMNS", "TABLE3", "TABLE3_PARAMS_PCT",
@@ -24,38 +32,19 @@ __all__ = [
 # ----------------------------------------------------------------------------------------------- Table 1
 # Main comparison (LLaMA-7B for BoolQ/PIQA, ViT-B/16 for CIFAR-100/ImageNet-1k, LLaVA-1.5-7B for COCO/VQAv2).
 TABLE1_COLUMNS: Final[tuple[str, ...]] = ("boolq", "piqa", "cifar100", "imagenet1k", "coco_caption", "vqav2")
-TABLE1: Final[dict[str, dict[str, float]]] = {
-    "full_ft":          {"boolq": 82.6, "piqa": 85.3, "cifar100": 85.9, "imagenet1k": 78.8, "coco_caption": 123.5, "vqav2": 76.2},
-    "linear_probe":     {"boolq": 71.1, "piqa": 74.8, "cifar100": 65.7, "imagenet1k": 68.4, "coco_caption": 105.3, "vqav2": 67.0},
-    "adapter":          {"boolq": 79.2, "piqa": 82.5, "cifar100": 81.3, "imagenet1k": 75.7, "coco_caption": 116.5, "vqav2": 73.0},
-    "prefix":           {"boolq": 79.6, "piqa": 82.8, "cifar100": 81.7, "imagenet1k": 76.1, "coco_caption": 117.0, "vqav2": 73.3},
-    "lora":             {"boolq": 79.1, "piqa": 82.4, "cifar100": 81.5, "imagenet1k": 76.2, "coco_caption": 116.2, "vqav2": 73.5},
-    "qlora":            {"boolq": 80.0, "piqa": 83.1, "cifar100": 82.7, "imagenet1k": 76.9, "coco_caption": 119.1, "vqav2": 74.2},
-    "dora":             {"boolq": 80.6, "piqa": 83.7, "cifar100": 83.2, "imagenet1k": 77.3, "coco_caption": 120.3, "vqav2": 75.0},
-    "vera":             {"boolq": 79.8, "piqa": 83.0, "cifar100": 82.3, "imagenet1k": 76.4, "coco_caption": 118.4, "vqav2": 74.1},
-    "dylora":           {"boolq": 80.1, "piqa": 83.5, "cifar100": 82.8, "imagenet1k": 77.0, "coco_caption": 119.5, "vqav2": 74.8},
-    "sensitivity_lora": {"boolq": 80.9, "piqa": 84.0, "cifar100": 83.5, "imagenet1k": 77.5, "coco_caption": 120.8, "vqav2": 75.2},
-    "lora_dropout":     {"boolq": 80.2, "piqa": 83.3, "cifar100": 82.5, "imagenet1k": 76.8, "coco_caption": 118.8, "vqav2": 74.5},
-    "loraprune":        {"boolq": 79.8, "piqa": 82.9, "cifar100": 82.1, "imagenet1k": 76.6, "coco_caption": 118.1, "vqav2": 74.0},
-    "structlora":       {"boolq": 82.1, "piqa": 84.9, "cifar100": 85.1, "imagenet1k": 78.6, "coco_caption": 122.9, "vqav2": 75.9},
-}
-TABLE1_TYPES: Final[dict[str, str]] = {
-    "full_ft": "—", "linear_probe": "—", "adapter": "Additive", "prefix": "Additive", "lora": "Reparam.",
-    "qlora": "Reparam.", "dora": "Reparam.", "vera": "Reparam.", "dylora": "Dynamic Rank",
-    "sensitivity_lora": "Dynamic Rank", "lora_dropout": "Sparsity", "loraprune": "Sparsity",
-    "structlora": "Filtering + Coordination",
-}
+TABLE1: Final[Mapping[str, dict[str, float]]] = method_view(
+    lambda m: dict(m.table1), keep=lambda m: m.table1 is not None,
+    doc="Table 1's rows, {method: {column: value}}, from each MethodSpec.table1 (a live view of the catalogue).")
+TABLE1_TYPES: Final[Mapping[str, str]] = method_view(
+    lambda m: m.table1_type, keep=lambda m: m.table1_type is not None,
+    doc="Table 1's Type column, from each MethodSpec.table1_type (a live view of the catalogue).")
 
 # ----------------------------------------------------------------------------------------------- Table 2
 # GLUE with RoBERTa-base (baselines from Zhang et al. 2025a).
 TABLE2_COLUMNS: Final[tuple[str, ...]] = ("mnli", "sst2", "mrpc", "cola", "qnli", "qqp", "rte", "stsb", "average")
-TABLE2: Final[dict[str, dict[str, float]]] = {
-    "lora":             {"mnli": 87.3, "sst2": 93.5, "mrpc": 87.1, "cola": 58.8, "qnli": 93.0, "qqp": 90.5, "rte": 79.4, "stsb": 91.0, "average": 85.1},
-    "adalora":          {"mnli": 87.3, "sst2": 93.6, "mrpc": 87.3, "cola": 59.0, "qnli": 93.1, "qqp": 90.6, "rte": 79.6, "stsb": 91.2, "average": 85.2},
-    "dylora":           {"mnli": 87.2, "sst2": 93.7, "mrpc": 87.3, "cola": 59.0, "qnli": 93.0, "qqp": 90.6, "rte": 79.6, "stsb": 91.2, "average": 85.2},
-    "sensitivity_lora": {"mnli": 87.6, "sst2": 94.6, "mrpc": 87.7, "cola": 60.2, "qnli": 93.6, "qqp": 90.7, "rte": 81.8, "stsb": 91.3, "average": 86.0},
-    "structlora":       {"mnli": 88.1, "sst2": 95.0, "mrpc": 88.5, "cola": 61.5, "qnli": 94.1, "qqp": 91.0, "rte": 82.3, "stsb": 91.5, "average": 86.5},
-}
+TABLE2: Final[Mapping[str, dict[str, float]]] = method_view(
+    lambda m: dict(m.table2), keep=lambda m: m.table2 is not None,
+    doc="Table 2's rows, {method: {column: value}}, from each MethodSpec.table2 (a live view of the catalogue).")
 
 # ----------------------------------------------------------------------------------------------- Table 3
 # Rank sweep: {dataset: {rank: {"lora": x, "structlora": y}}}; boolq = LLaMA-7B, cifar100 = ViT-B/16,
@@ -167,33 +156,18 @@ TABLE_CAPTIONS: Final[dict[int, str]] = {
     13: "Adjacent-layer cosine of update gradients (SST-2, BERT-base)",
 }
 
-METHOD_LABELS: Final[dict[str, str]] = {
-    "full_ft": "Full Fine-tuning", "linear_probe": "Linear Probing", "adapter": "Adapter", "prefix": "Prefix-Tuning",
-    "lora": "LoRA", "qlora": "QLoRA", "dora": "DoRA", "vera": "VeRA", "dylora": "DyLoRA", "adalora": "AdaLoRA",
-    "sensitivity_lora": "Sensitivity-LoRA", "lora_dropout": "LoRA-Dropout", "loraprune": "LoRAPrune",
-    "lora_fa": "LoRA-FA", "adapterfusion": "AdapterFusion", "structlora": "StructLoRA",
-    "structlora_no_gate": "StructLoRA w/o IB filter", "structlora_no_coord": "StructLoRA w/o GNN coordination",
-    "lora_cos": "LoRA+Cos", "lora_lap": "LoRA+Lap", "filter_ib": "IB filter", "filter_random": "Random masking",
-    "filter_topk_norm": "Top-k norm",
-}
+METHOD_LABELS: Final[Mapping[str, str]] = method_view(
+    lambda m: m.label, doc="Each method's display name (MethodSpec.label; a live view of the catalogue).")
 
-# Which paper (table, column) each of our tasks stands in for, per table.
-PAPER_TASK: Final[dict[str, dict[int, str]]] = {
-    "sst2": {2: "sst2"},
-    "mrpc": {2: "mrpc"},
-    "rte": {2: "rte"},
-    "boolq": {1: "boolq", 3: "boolq", 4: "boolq", 5: "boolq", 9: "boolq"},
-    "piqa": {1: "piqa"},
-    "fmnist-transfer": {1: "cifar100", 3: "cifar100", 4: "cifar100", 5: "cifar100", 9: "cifar100"},
-}
-
+# Which paper (table, column) each of our tasks stands in for, per table (TaskSpec.paper).
+PAPER_TASK: Final[Mapping[str, dict[int, str]]] = task_view(lambda t: dict(t.paper), keep=lambda t: bool(t.paper))
 # The main-results table each task's StructLoRA - LoRA difference is compared with (Table 1: LLaMA-7B
-# and ViT-B/16 tasks, Table 2: the GLUE tasks).
-MAIN_TABLE: Final[dict[str, int]] = {"sst2": 2, "mrpc": 2, "rte": 2, "boolq": 1, "piqa": 1, "fmnist-transfer": 1}
+# and ViT-B/16 tasks, Table 2: the GLUE tasks; TaskSpec.main_table).
+MAIN_TABLE: Final[Mapping[str, int]] = task_view(lambda t: t.main_table, keep=lambda t: t.main_table is not None)
 # The paper column a task's rank, few-shot and ablation differences are compared with: Tables 3-6 and 9
-# report BoolQ (LLaMA-7B) and CIFAR-100 (ViT-B/16) only, so the language tasks stand in for BoolQ.
-ABLATION_COL: Final[dict[str, str]] = {"sst2": "boolq", "mrpc": "boolq", "rte": "boolq", "boolq": "boolq",
-                                       "piqa": "boolq", "fmnist-transfer": "cifar100"}
+# report BoolQ (LLaMA-7B) and CIFAR-100 (ViT-B/16) only, so the language tasks stand in for BoolQ
+# (TaskSpec.ablation_col).
+ABLATION_COL: Final[Mapping[str, str]] = task_view(lambda t: t.ablation_col, keep=lambda t: t.ablation_col is not None)
 COLUMN_LABEL: Final[dict[str, str]] = {"boolq": "BoolQ/LLaMA-7B", "cifar100": "CIFAR-100/ViT-B/16"}
 
 _TABLES = {1: TABLE1, 2: TABLE2}
@@ -234,11 +208,11 @@ def paper_diff(table: int, task: str, method: str = "structlora", baseline: str 
 def table_frame(table: int) -> pd.DataFrame:
     """A paper table as a tidy DataFrame (one row per method/setting, paper ids as columns)."""
     if table == 1:
-        df = pd.DataFrame.from_dict(TABLE1, orient="index")[list(TABLE1_COLUMNS)]
-        df.insert(0, "type", pd.Series(TABLE1_TYPES))
+        df = pd.DataFrame.from_dict(dict(TABLE1), orient="index")[list(TABLE1_COLUMNS)]
+        df.insert(0, "type", pd.Series(dict(TABLE1_TYPES)))
         return df.rename_axis("method")
     if table == 2:
-        return pd.DataFrame.from_dict(TABLE2, orient="index")[list(TABLE2_COLUMNS)].rename_axis("method")
+        return pd.DataFrame.from_dict(dict(TABLE2), orient="index")[list(TABLE2_COLUMNS)].rename_axis("method")
     if table == 3:
         rows = [{"dataset": d, "rank": r, "params_pct": TABLE3_PARAMS_PCT[r], **v, "gain": round(v["structlora"] - v["lora"], 2)}
                 for d, by_r in TABLE3.items() for r, v in by_r.items()]

@@ -337,7 +337,7 @@ def holm(pvalues: Sequence[float]) -> list[float]:
 def decide(diff_mean: float, ci_low: float, ci_high: float, p: float, paper_diff: float | None, *,
            arms_identical: bool = False, alpha: float = 0.05, margin: float | None = None,
            seeds_required: int | None = None, seeds_cap: int | None = None) -> str:
-    """The one verdict rule of every notebook (issue 13's protocol), for a paired difference
+    """The one verdict rule of every notebook (README "How a claim is decided"), for a paired difference
     (method minus baseline) against the paper's difference ``paper_diff`` (same units).
 
     Checked in this order:

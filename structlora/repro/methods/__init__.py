@@ -1,4 +1,6 @@
-"""Every method the reproduction compares: `registry` (by name) and the baselines of the paper that peft does not provide, each built on top of a peft LoRA model (or, for
+"""Every method the reproduction compares: `specs` registers each once in the catalogue
+(`structlora.repro.catalogue`), `registry` builds them by name; `peft_methods` / `own_methods` hold the
+builders; and the baselines of the paper that peft does not provide, each built on top of a peft LoRA model (or, for
 adapters, on the plain model) so that peft's save / merge keep working. `registry` builds every
 compared method (peft's and these) by name.
 
@@ -8,7 +10,7 @@ compared method (peft's and these) by name.
 - :mod:`.loraprune` -- LoRAPrune (Zhang et al. 2023a), LoRA-gradient-guided structured pruning.
 - :mod:`.adapter` -- Houlsby bottleneck adapters (Houlsby et al. 2019), our own small implementation.
 """
-from . import registry
+from . import registry, specs  # noqa: F401  (specs registers every method in the catalogue)
 from .registry import *  # noqa: F401,F403  (re-exported: build_method, list_methods, ...)
 
 from .adapter import BottleneckAdapter, add_bottleneck_adapters, bottleneck_for_budget, find_adapter_sites
