@@ -73,7 +73,7 @@ os.chdir(repo_root())  # relative paths below are relative to the repository (pa
 from structlora.repro import main_results, paper, plots
 from structlora.repro.assets.tasks import NUM_CLASSES
 from structlora.repro.claims import write_claims
-from structlora.repro.grid import RunSpec, run_grid
+from structlora.repro.grid import pending_count, RunSpec, run_grid
 from structlora.repro.methods import list_methods
 from structlora.repro.notebook import wall_time
 from structlora.repro.stats import single_class_runs, single_class_table, summarize
@@ -258,7 +258,7 @@ fig;
 # %%
 # NBVAL_CHECK_OUTPUT
 # every verdict runs the power analysis against the tier's seed cap (stats.seeds_needed, stats.decide)
-claims = main_results.main_claims(ok, TASKS, NB, TIER, seeds_cap=BUDGET.seed_cap, plan=PLAN)
+claims = main_results.main_claims(ok, TASKS, NB, TIER, seeds_cap=BUDGET.seed_cap, plan=PLAN, pending=pending_count(df))
 ledger = pd.DataFrame([c.to_dict() for c in claims])
 display(ledger[["claim_id", "paper_value", "ours", "n", "verdict"]])
 

@@ -70,7 +70,7 @@ os.chdir(repo_root())
 from structlora.repro import paper, plots
 from structlora.repro.assets.tasks import NUM_CLASSES
 from structlora.repro.claims import claim_line, write_claims
-from structlora.repro.grid import run_grid
+from structlora.repro.grid import pending_count, run_grid
 from structlora.repro.notebook import TASK_MODEL, load_budget, run_summary
 from structlora.repro.plan import load_plan
 from structlora.repro.stats import single_class_runs, single_class_table, summarize
@@ -187,7 +187,7 @@ fig;
 
 # %%
 # NBVAL_CHECK_OUTPUT
-claims = sweep_claims(ok, SWEEP, TASKS, FRACTIONS, NB, TIER, PLAN, BUDGET.seed_cap)
+claims = sweep_claims(ok, SWEEP, TASKS, FRACTIONS, NB, TIER, PLAN, BUDGET.seed_cap, pending=pending_count(df))
 display(pd.DataFrame([c.to_dict() for c in claims])[["claim_id", "paper_value", "ours", "n", "verdict"]])
 
 # %%
