@@ -120,14 +120,11 @@ def plan_runs(task: str) -> list[RunSpec]:
     """Every run of the plan's primary comparisons on ``task`` at their seeds (the pilot seeds until
     ``seeds --write`` set them), seed by seed and in the plan's order, so a stop leaves whole pairs."""
     from structlora.repro.plan import load_plan
+    from structlora.repro.reproduce import priority
 
     plan = load_plan("cpu")
-    comps = [c for c in plan.primary if c.task == task]
-    specs = {s: [] for s in range(max(len(plan.seeds_of(c.claim)) for c in comps) + 10)}
-    for c in comps:
-        for s in plan.seeds_of(c.claim):
-            specs[s] += plan_specs(plan, c.claim, [s])
-    return [sp for s in sorted(specs) for sp in specs[s]]
+    specs = [sp for c in plan.primary if c.task == task for sp in plan_specs(plan, c.claim, plan.seeds_of(c.claim))]
+    return sorted(specs, key=lambda sp: priority(sp, plan))   # the order --train-pending trains the plan in
 
 
 def plan_seeds(write: bool = False, task: str | None = None) -> pd.DataFrame:
@@ -241,17 +238,19 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("which", choices=["stages", "lr", "gates", "budget", "seeds", "plan"])
     p.add_argument("--write", action="store_true", help="seeds: record them in params/cpu/plan.yml")
     p.add_argument("--jobs", type=int, default=2)
-    p.add_argument("--task", choices=sorted(PILOT_TASKS), default="sst2", help="lr only: sst2 or fmnist-transfer")
+    p.add_argument("--task", choices=sorted(PILOT_TASKS), default=None,
+                   help="the task of lr, budget, plan (default sst2) and seeds (default: every task)")
     p.add_argument("--sweeps", action="store_true", help="plan: then every other point of notebooks 02-03 on --task")
     p.add_argument("--show", action="store_true", help="only print the table of the finished records")
     p.add_argument("--methods", nargs="+", default=None, help="lr on fmnist-transfer: only these methods")
     a = p.parse_args(argv)
-    if a.task != "sst2" and a.which not in ("lr", "budget", "seeds", "plan"):
+    if a.task not in (None, "sst2") and a.which not in ("lr", "budget", "seeds", "plan"):
         p.error("--task applies to the lr, budget, seeds and plan commands only")
     if a.which == "seeds":
         with pd.option_context("display.width", 200):
-            print(plan_seeds(a.write, a.task if "--task" in (argv or sys.argv) else None).to_string(index=False))
+            print(plan_seeds(a.write, a.task).to_string(index=False))
         return 0
+    a.task = a.task or "sst2"
     if a.which == "plan":
         specs = plan_runs(a.task)
         if a.sweeps:   # then the exploratory points of notebooks 02-03 on the task, seed by seed
