@@ -100,8 +100,8 @@ display(paper.table_frame(3))
 # column) and sst2 (minilm-l6, for its BoolQ column). r = 2 and 4 are primary claims of the registered
 # plan (params/cpu/plan.yml) and run its seeds; r = 8 is T1/T2 (notebook 01's runs, the plan's seeds);
 # r = 16 and 32 are exploratory with SEEDS. Expected cost with nothing cached: ~30 fmnist-transfer runs
-# of ~2.5 min and ~30 sst2 runs of ~8 min at the pilot's 3 seeds (one torch thread each, two side by
-# side: ~2.5 h on 2 cores), plus whatever seeds the plan buys after its pilot.
+# of ~5.5 min (640 steps) and ~30 sst2 runs of ~15 min (700 steps) at the pilot's 3 seeds (one torch
+# thread each, two side by side: ~5 h on 2 cores), plus whatever seeds the plan buys after its pilot.
 TIER = "cpu"
 RESULTS_DIR = "results/runs"
 TASKS = ["fmnist-transfer", "sst2"]

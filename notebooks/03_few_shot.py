@@ -99,8 +99,8 @@ display(paper.table_frame(4))
 # (vit-tiny-fmnist, for the paper's CIFAR-100 column) and sst2 (minilm-l6, for its BoolQ column). 10% and
 # 25% are primary claims of the registered plan (params/cpu/plan.yml) and run its seeds; 100% is T1/T2
 # (notebook 01's runs); 50% is exploratory with SEEDS. Every fraction trains the tier's steps. Expected
-# cost with nothing cached: ~24 fmnist-transfer runs of ~2.5 min and ~24 sst2 runs of ~8 min at the
-# pilot's 3 seeds (~2 h on 2 cores), plus whatever seeds the plan buys after its pilot.
+# cost with nothing cached: ~24 fmnist-transfer runs of ~5.5 min (640 steps) and ~24 sst2 runs of
+# ~15 min (700 steps) at the pilot's 3 seeds (~4 h on 2 cores), plus whatever seeds the plan buys after its pilot.
 TIER = "cpu"
 RESULTS_DIR = "results/runs"
 TASKS = ["fmnist-transfer", "sst2"]

@@ -962,7 +962,10 @@ def training_regime(model: nn.Module, cfg: TrainConfig, device: torch.device) ->
     if cfg.gradient_checkpointing:
         enable = getattr(model, "gradient_checkpointing_enable", None)
         try:
-            if callable(enable):
+            if _prefix_as_cache(model):
+                notes.append("prefix tuning passes its prefix as past_key_values, which transformers drops "
+                             "while training under gradient checkpointing: not checkpointed")
+            elif callable(enable):
                 enable(gradient_checkpointing_kwargs={"use_reentrant": False})
                 used["gradient_checkpointing"] = True
             else:
@@ -981,6 +984,14 @@ def training_regime(model: nn.Module, cfg: TrainConfig, device: torch.device) ->
     if notes:
         used["notes"] = notes
     return used
+
+
+def _prefix_as_cache(model: nn.Module) -> bool:
+    """Whether ``model`` is a peft model whose adapter feeds the base its prefix as ``past_key_values``
+    (prefix tuning): transformers' decoder layers discard the cache while they train checkpointed."""
+    configs = getattr(model, "peft_config", None)
+    return isinstance(configs, Mapping) and any(
+        str(getattr(c, "peft_type", "")).endswith("PREFIX_TUNING") for c in configs.values())
 
 
 def _non_finite(t: torch.Tensor) -> bool:
