@@ -71,7 +71,7 @@ os.chdir(repo_root())
 from structlora.repro import paper, plots
 from structlora.repro.assets.tasks import NUM_CLASSES
 from structlora.repro.claims import claim_line, write_claims
-from structlora.repro.grid import run_grid
+from structlora.repro.grid import pending_count, run_grid
 from structlora.repro.notebook import TASK_MODEL, load_budget, run_summary
 from structlora.repro.plan import load_plan
 from structlora.repro.stats import single_class_runs, single_class_table, summarize
@@ -100,8 +100,8 @@ display(paper.table_frame(3))
 # column) and sst2 (minilm-l6, for its BoolQ column). r = 2 and 4 are primary claims of the registered
 # plan (params/cpu/plan.yml) and run its seeds; r = 8 is T1/T2 (notebook 01's runs, the plan's seeds);
 # r = 16 and 32 are exploratory with SEEDS. Expected cost with nothing cached: ~30 fmnist-transfer runs
-# of ~2.5 min and ~30 sst2 runs of ~8 min at the pilot's 3 seeds (one torch thread each, two side by
-# side: ~2.5 h on 2 cores), plus whatever seeds the plan buys after its pilot.
+# of ~5.5 min (640 steps) and ~30 sst2 runs of ~15 min (700 steps) at the pilot's 3 seeds (one torch
+# thread each, two side by side: ~5 h on 2 cores), plus whatever seeds the plan buys after its pilot.
 TIER = "cpu"
 RESULTS_DIR = "results/runs"
 TASKS = ["fmnist-transfer", "sst2"]
@@ -188,7 +188,7 @@ fig;
 
 # %%
 # NBVAL_CHECK_OUTPUT
-claims = sweep_claims(ok, SWEEP, TASKS, RANKS, NB, TIER, PLAN, BUDGET.seed_cap)
+claims = sweep_claims(ok, SWEEP, TASKS, RANKS, NB, TIER, PLAN, BUDGET.seed_cap, pending=pending_count(df))
 display(pd.DataFrame([c.to_dict() for c in claims])[["claim_id", "paper_value", "ours", "n", "verdict"]])
 
 # %%

@@ -84,7 +84,7 @@ os.chdir(repo_root())  # relative paths below are relative to the repository (pa
 from structlora.repro import ablations, paper, plots
 from structlora.repro.ablations import GROUPS, LABELS, ORDER
 from structlora.repro.claims import write_claims
-from structlora.repro.grid import RunSpec, run_grid
+from structlora.repro.grid import pending_count, RunSpec, run_grid
 from structlora.repro.notebook import wall_time
 from structlora.repro.stats import summarize
 
@@ -325,7 +325,7 @@ fig;
 # %%
 # NBVAL_CHECK_OUTPUT
 # every verdict runs the power analysis against the tier's seed cap (stats.seeds_needed, stats.decide)
-claims = ablations.ablation_claims(ok, TASKS, NB, TIER, seeds_cap=BUDGET.seed_cap)
+claims = ablations.ablation_claims(ok, TASKS, NB, TIER, seeds_cap=BUDGET.seed_cap, pending=pending_count(df))
 ledger = pd.DataFrame([c.to_dict() for c in claims])
 display(ledger[["claim_id", "paper_value", "n", "verdict"]] if len(ledger) else ledger)
 

@@ -77,7 +77,7 @@ os.chdir(repo_root())  # relative paths below are relative to the repository (pa
 
 from structlora.repro import filters, paper, plots
 from structlora.repro.claims import write_claims
-from structlora.repro.grid import RunSpec, run_grid, train_spec
+from structlora.repro.grid import pending_count, RunSpec, run_grid, train_spec
 from structlora.repro.notebook import wall_time
 from structlora.repro.probes import correlation_table, kept_table, removal_table
 from structlora.repro.stats import summarize
@@ -305,7 +305,8 @@ else:
 # "positive, size not given" (Fig. 2): the one verdict rule (stats.decide) with the paper's direction (+1)
 # and a margin of 0 (stats.DIRECTION_ONLY); no effect size to plan for, so the filters run to the seed cap,
 # where a comparison still not significant is "undecidable at this scale"
-claims = (filters.filter_claims(tests, TASKS, LABELS, KEEP_RATIO, NB, TIER, seeds_cap=BUDGET.seed_cap)
+claims = (filters.filter_claims(tests, TASKS, LABELS, KEEP_RATIO, NB, TIER, seeds_cap=BUDGET.seed_cap,
+                                pending=pending_count(df))
           + filters.relevance_claims(corr, PROBE_METHODS, LABELS, PROBE_TASK, PROBE_SEED, NB, TIER))
 ledger = pd.DataFrame([c.to_dict() for c in claims])
 display(ledger[["claim_id", "paper_value", "n"]])

@@ -97,3 +97,62 @@ def test_list_pending_writes_the_tiers_runs_for_train_pending(tmp_path):
     assert {spec for spec, _, _ in items} == specs and {folder for _, folder, _ in items} == {"results/runs"}
     assert all(isinstance(spec, RunSpec) for spec, _, _ in items)
     json.loads(pending_path("paper", tmp_path).read_text().splitlines()[0])
+
+
+@pytest.mark.parametrize("model, checkpointed", [("FacebookAI/roberta-base", True), ("TinyLlama/TinyLlama_v1.1", True),
+                                                 ("vit_base_patch16_224", False)])
+def test_a_paper_tier_spec_trains_with_bf16_autocast_and_checkpointing(tmp_path, monkeypatch, model, checkpointed):
+    """A paper-tier run asking for bf16 and gradient checkpointing (``RunSpec.precision`` /
+    ``gradient_checkpointing``) trains its 2 dry-run steps on CPU under bf16 autocast, with checkpointing
+    where the model has transformers' switch (timm's ViT has not), and its record says what it used."""
+    import dataclasses
+
+    import torch
+
+    from structlora.repro import engine
+    from structlora.repro.grid import train_spec
+
+    spec = next(s for s in dryrun.families([s for g in tier_specs("paper", ROOT).values() for s in g])
+                if s.model == model and s.method == "structlora" and not s.method_kwargs)
+    small = dryrun._two_steps(dataclasses.replace(spec, precision="bf16", gradient_checkpointing=True))
+    plain = dryrun._two_steps(dataclasses.replace(spec, precision="fp32", gradient_checkpointing=False))
+    assert small.key() != plain.key()
+    dtypes, real = [], engine._autocast
+
+    def spy(device, dtype):
+        dtypes.append(dtype)
+        return real(device, dtype)
+
+    monkeypatch.setattr(engine, "_autocast", spy)
+    with dryrun._swapped(dryrun.dry_run_loaders()):
+        out = train_spec(small, tmp_path, progress=False)
+    rec = out.record
+    assert rec["status"] == "ok" and rec["train_steps"] == 2, rec.get("error")
+    assert dtypes == [torch.bfloat16] * 2                              # every training forward, 2 steps
+    assert rec["regime"]["precision"] == "bf16" and rec["regime"]["gradient_checkpointing"] is checkpointed
+    assert rec["train_config"]["precision"] == "bf16" and rec["spec"]["precision"] == "bf16"
+    on = any(getattr(m, "gradient_checkpointing", False) is True for m in out.handle.model.modules())
+    assert on is checkpointed
+
+
+def test_the_paper_tier_asks_for_bf16_everywhere_and_checkpointing_on_the_llm():
+    """params/paper/budget.yml's regime keys reach every paper-tier spec (notebook.REGIME_KEYS)."""
+    specs = {s for g in tier_specs("paper", ROOT).values() for s in g}
+    assert specs and all(s.precision == "bf16" for s in specs)
+    assert {s.model for s in specs if s.gradient_checkpointing} == {"TinyLlama/TinyLlama_v1.1"}
+
+
+def test_prefix_tuning_on_the_llm_trains_unchecked_and_says_why(tmp_path):
+    """Prefix tuning hands its prefix to the base as ``past_key_values``, which transformers' decoder layers
+    drop while training checkpointed (the attention mask then no longer fits): the engine trains it without
+    checkpointing and the record's regime says so."""
+    from structlora.repro.grid import train_spec
+
+    spec = next(s for s in dryrun.families([s for g in tier_specs("paper", ROOT).values() for s in g])
+                if s.model == "TinyLlama/TinyLlama_v1.1" and s.method == "prefix")
+    assert spec.gradient_checkpointing
+    with dryrun._swapped(dryrun.dry_run_loaders()):
+        rec = train_spec(dryrun._two_steps(spec), tmp_path, progress=False).record
+    assert rec["status"] == "ok", rec.get("error")
+    assert rec["regime"]["gradient_checkpointing"] is False
+    assert any("past_key_values" in n for n in rec["regime"]["notes"])

@@ -189,7 +189,8 @@ def test_reproduce_train_pending_sends_the_pending_runs_to_submitit(tmp_path, mo
         json.dumps({"spec": s.to_dict(), "results_dir": "results/runs", "weights": False}) + "\n" for s in specs))
     seen = []
     real = executors.submit_runs
-    monkeypatch.setattr(executors, "submit_runs", lambda specs, d, opts, *a: seen.append(opts) or real(specs, d, opts, *a))
+    monkeypatch.setattr(executors, "submit_runs",
+                        lambda specs, d, opts, *a, **kw: seen.append(opts) or real(specs, d, opts, *a, **kw))
     monkeypatch.chdir(tmp_path)
     assert cli.main(["reproduce", "--tier", "smoke", "--train-pending", "--executor", "submitit", "--cluster", "debug",
                      "--submitit-folder", str(tmp_path / "sub"), "--max-retries", "0"]) == 0

@@ -17,7 +17,7 @@ from filelock import FileLock
 
 import dist_train
 from dist_train import CALLS, toy_bert, toy_handle, toy_seq_data
-from structlora.repro import grid
+from structlora.repro import grid, runner
 from structlora.repro.engine import DivergedError, TrainConfig, train
 from structlora.repro.grid import (RunSpec, cost_is_complete, load_records, read_record, record_path, run,
                                    run_grid)
@@ -288,7 +288,7 @@ def test_a_run_locked_by_another_process_is_left_to_it(tmp_path):
             while not record_path(b, tmp_path).exists() and time.time() < deadline:
                 time.sleep(0.05)
             order.append("B seen")
-            grid._read_or_train(a, tmp_path, False, False, False)      # it trains A under its lock
+            runner.read_or_train(a, tmp_path, False, False, False)     # it trains A under its lock
         finally:
             lock.release()
 

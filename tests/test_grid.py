@@ -1,6 +1,7 @@
 """structlora.repro.grid with toy loaders: records, resumption, corrupt records, skips, errors, parallel runs."""
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import time
@@ -34,13 +35,41 @@ def test_runspec_make_key_and_round_trip():
     assert s.key() != RunSpec.make("sst2", "minilm", "structlora", seed=2, lam=0.1, graph="adjacency",
                                    layers=[1, 2]).key()
     # the key is a pure function of the fields: pinned so that an accidental change is noticed
-    assert RunSpec("sst2", "minilm", "lora").key() == "sst2-minilm-lora-r8-s0-" + grid.hashlib.sha256(
-        json.dumps(grid.asdict(RunSpec("sst2", "minilm", "lora")), sort_keys=True).encode()).hexdigest()[:12]
+    assert RunSpec("sst2", "minilm", "lora").key() == "sst2-minilm-lora-r8-s0-ea5540c823dc"
+    assert RunSpec("a", "b", "lora", protocol=1, lr=1e-3, method_kwargs=(("x", [1, 2]),)).key() == \
+        "a-b-lora-r8-s0-398079488557"
     assert RunSpec("a", "b", "lora", fraction=1, lr=1).key() == RunSpec("a", "b", "lora", fraction=1.0, lr=1.0).key()
     with pytest.raises(ValueError, match="rank"):
         RunSpec("sst2", "minilm", "lora", rank=0)
     with pytest.raises(TypeError, match="dict"):
         RunSpec.make("sst2", "minilm", "lora", pattern={"a": 1})
+
+
+def test_precision_and_checkpointing_fields_leave_existing_keys_unchanged():
+    """``precision`` / ``gradient_checkpointing`` are hashed only away from their defaults: every spec
+    keeps the key (and the record's spec dict) it had before the fields existed."""
+    from dataclasses import asdict
+
+    from structlora.repro.spec import KEY_DEFAULTS
+
+    base = RunSpec.make("sst2", "minilm", "structlora", seed=1, lam=0.1)
+    old = asdict(base)
+    for name in KEY_DEFAULTS:
+        del old[name]
+    digest = hashlib.sha256(json.dumps(old, sort_keys=True, default=str).encode()).hexdigest()[:12]
+    assert base.key().endswith(digest) and set(base.to_dict()) == set(old)
+    assert RunSpec.make("sst2", "minilm", "structlora", seed=1, lam=0.1, precision="fp32",
+                        gradient_checkpointing=False).key() == base.key()
+    bf16 = RunSpec.make("sst2", "minilm", "structlora", seed=1, lam=0.1, precision="bf16")
+    ckpt = RunSpec.make("sst2", "minilm", "structlora", seed=1, lam=0.1, gradient_checkpointing=True)
+    assert len({base.key(), bf16.key(), ckpt.key()}) == 3
+    for s in (bf16, ckpt):
+        assert RunSpec.from_dict(json.loads(json.dumps(s.to_dict()))) == s
+    assert bf16.train_config().precision == "bf16" and ckpt.train_config().gradient_checkpointing
+    with pytest.raises(ValueError, match="precision"):
+        RunSpec("sst2", "minilm", "lora", precision="int8")
+    with pytest.raises(ValueError, match="gradient_checkpointing"):
+        RunSpec("sst2", "minilm", "lora", gradient_checkpointing=1)
 
 
 # ------------------------------------------------------------------------------------------ grid
@@ -166,23 +195,27 @@ def test_parallel_grid_matches_sequential(tmp_path):
     assert par["val_accuracy"].tolist() == pytest.approx(seq["val_accuracy"].tolist(), abs=0.07)
 
 
-def test_retrain_recomputes_records_older_than_the_job_once(tmp_path, monkeypatch):
-    """``reproduce --retrain`` sets STRUCTLORA_RETRAIN to its start time: older records are trained
-    again, a record written after it (another notebook's shared run) is read back."""
-    import os
-    import time
+def test_retrain_recomputes_records_older_than_the_job_once(tmp_path):
+    """``reproduce --retrain`` passes its start time to the notebooks (``RETRAIN_SINCE`` ->
+    ``run_grid(retrain_since=...)``): older records are trained again, a record written after it
+    (another notebook's shared run) is read back."""
+    from structlora.repro.grid import RunMode
 
-    from structlora.repro.grid import RETRAIN_ENV, retrain_pending
-
-    rec = tmp_path / "a.json"
-    rec.write_text("{}")
-    assert not retrain_pending(rec)
+    spec = _spec(seed=7)
+    run(spec, tmp_path, progress=False)
     old = time.time() - 100
-    os.utime(rec, (old, old))
-    monkeypatch.setenv(RETRAIN_ENV, repr(time.time()))
-    assert retrain_pending(rec)
-    rec.write_text("{}")  # rewritten during the job
-    assert not retrain_pending(rec)
+    os.utime(record_path(spec, tmp_path), (old, old))
+    assert not RunMode().stale(record_path(spec, tmp_path))
+    since = time.time()
+    assert RunMode(retrain_since=since).stale(record_path(spec, tmp_path))
+    CALLS["build_method"] = 0
+    run_grid([spec], tmp_path, progress=False, retrain_since=since)
+    assert CALLS["build_method"] == 1                               # trained again, once
+    assert not RunMode(retrain_since=since).stale(record_path(spec, tmp_path))
+    run_grid([spec], tmp_path, progress=False, retrain_since=since)
+    assert CALLS["build_method"] == 1                               # the new record is read back
+    with pytest.raises(ValueError, match="cannot retrain"):
+        RunMode(train=False, retrain_since=since)
 
 
 def test_records_carry_a_convergence_flag_and_a_prediction_fingerprint(tmp_path):
@@ -242,28 +275,51 @@ def test_train_spec_keeps_the_trained_model_and_rebuilds_it_without_training(tmp
 
 
 def test_records_only_mode_trains_nothing_and_lists_the_pending_runs(tmp_path, monkeypatch):
+    """Records-only is an explicit mode (``train=False``, the pending list as ``pending_file``), no
+    environment variable or global: nothing trains, the runs come back pending (as data: the frame's
+    rows), and an attempt to train in that mode raises ``TrainingForbidden``."""
+    from structlora.repro import engine
+
     done, missing, probed = _spec(seed=0), _spec(seed=1), _spec(seed=2)
     run(done, tmp_path, progress=False)
     pending_file = tmp_path / "pending.jsonl"
-    monkeypatch.setattr(grid, "_PENDING_SEEN", set())        # process-wide: restored after the test
-    monkeypatch.setenv(grid.RECORDS_ONLY_ENV, str(pending_file))
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("the engine was asked to train in records-only mode")
+
+    monkeypatch.setattr(engine, "train", no_training)   # the engine the runner calls
     CALLS["build_method"] = 0
-    df = run_grid([done, missing], tmp_path, progress=False)
+    ro = {"train": False, "pending_file": pending_file}
+    df = run_grid([done, missing], tmp_path, progress=False, **ro)
     assert list(df["status"]) == ["ok", "pending"] and CALLS["build_method"] == 0
-    assert run(missing, tmp_path, progress=False)["status"] == "pending"
-    out = grid.train_spec(probed, tmp_path, progress=False)
+    assert grid.pending_count(df) == 1
+    assert run(missing, tmp_path, progress=False, **ro)["status"] == "pending"
+    out = grid.train_spec(probed, tmp_path, progress=False, **ro)
     assert out.handle is None and out.record["status"] == "pending" and CALLS["build_method"] == 0
     assert not record_path(missing, tmp_path).exists() and not record_path(probed, tmp_path).exists()
     lines = [json.loads(x) for x in pending_file.read_text().splitlines()]
     assert [RunSpec.from_dict(x["spec"]) for x in lines] == [missing, missing, probed]
     assert [x["weights"] for x in lines] == [False, False, True]
     assert "pending" not in grid.STATUSES     # never a record status
-    # claims made in such a process say they are partial; one with nothing to test is pending, not skipped
+    # training directly in that mode raises, before anything is loaded or built
+    with pytest.raises(grid.TrainingForbidden, match="records-only"):
+        grid.train_run(missing, tmp_path, progress=False, mode=grid.RunMode(train=False))
+    with pytest.raises(grid.TrainingForbidden):
+        grid.train_run(missing, None, mode=grid.RunMode(train=False))
+    assert CALLS["build_method"] == 0 and not record_path(missing, tmp_path).exists()
+    # without a pending file nothing is written anywhere; a second records-only grid rewrites no byte
+    before = {p: p.read_bytes() for p in tmp_path.iterdir() if p.is_file()}
+    df2 = run_grid([done, missing, probed], tmp_path, progress=False, train=False)
+    assert list(df2["status"]) == ["ok", "pending", "pending"]
+    assert {p: p.read_bytes() for p in tmp_path.iterdir() if p.is_file()} == before
+    # claims made from such a frame say they are partial; one with nothing to test is pending, not skipped
     from structlora.repro.claims import claim_from_test
 
-    assert grid.pending_seen() == 2
-    c = claim_from_test("T2.x", "nb", "cpu", "beats LoRA", None, 1.5, note="arms not run")
+    c = claim_from_test("T2.x", "nb", "cpu", "beats LoRA", None, 1.5, note="arms not run",
+                        pending=grid.pending_count(df2))
     assert c.verdict == "pending" and c.note.startswith("partial: 2 run(s)")
+    c = claim_from_test("T2.x", "nb", "cpu", "beats LoRA", None, 1.5, note="arms not run")
+    assert c.verdict == "skipped" and c.note == "arms not run"
 
 
 def test_a_record_written_under_other_method_defaults_is_not_served(tmp_path, monkeypatch):
@@ -293,7 +349,9 @@ def test_records_name_the_commit_of_the_checkout():
     if not (root / ".git").exists():
         pytest.skip("not a git checkout")
     head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True).stdout.strip()
-    assert grid._git_commit() == head
+    from structlora.repro import records
+
+    assert records._git_commit() == head
 
 
 def _pid_state(pid: int) -> str | None:
@@ -427,8 +485,10 @@ def test_every_committed_record_loads_with_its_key(monkeypatch):
     backbones and sits under the key its spec still hashes to: refactors never orphan a record."""
     from pathlib import Path
 
+    from structlora.repro import loaders
+
     for name in grid.LOADERS:                          # the real loaders, not the toy ones of this module
-        monkeypatch.setitem(grid.LOADERS, name, getattr(grid, f"_{name}"))
+        monkeypatch.setitem(grid.LOADERS, name, getattr(loaders, f"_{name}"))
     root = Path(__file__).resolve().parents[1] / "results"
     paths = sorted(p for d in ("runs", "pilot") for p in (root / d).rglob("*.json")
                    if ".removal-" not in p.name)              # the analyses kept beside a record
@@ -437,4 +497,5 @@ def test_every_committed_record_loads_with_its_key(monkeypatch):
         record = json.loads(path.read_text())
         spec = RunSpec.from_dict(record["spec"])
         assert path.stem == spec.key() == record["key"], path
+        assert set(spec.to_dict()) - set(record["spec"]) <= {"protocol"}, path   # new fields at defaults add nothing
         assert read_record(path, spec) is not None, path

@@ -469,18 +469,23 @@ def test_smoke_tier_trains_every_notebook():
         assert nb["metadata"]["structlora"]["tier"] == "smoke" and nb["metadata"]["structlora"]["status"] == "ok"
 
 
-def test_records_only_reexecution_rewrites_no_committed_byte(monkeypatch):
+def test_records_only_reexecution_rewrites_no_committed_byte():
     """`make reproduce`'s notebook step, on one notebook: re-executed from the committed records with
     TRAIN = False (run_grid trains nothing: a run without a record comes back pending), the committed
     notebook and its claims come out byte for byte as committed."""
     pytest.importorskip("papermill")
-    from structlora.repro.grid import RECORDS_ONLY_ENV
     from structlora.repro.reproduce import run_all
 
-    monkeypatch.setenv(RECORDS_ONLY_ENV, "")          # run_all sets it for its kernels; restored afterwards
     paths = [NB_DIR / "03_few_shot.ipynb", ROOT / "results" / "claims" / "03_few_shot.cpu.json"]
-    before = {p: p.read_bytes() for p in paths}
-    assert run_all("cpu", only=["03"], root=ROOT, ledger=False, force=True, records_only=True,
-                   update_notebooks=True) == 0
-    for p in paths:
-        assert p.read_bytes() == before[p], f"{p.relative_to(ROOT)} changed on a records-only re-execution"
+    touched = [p for d in (NB_DIR, *(ROOT / "results" / k for k in ("claims", "executed", "figures")))
+               for p in d.glob("03_*") if p.is_file()]
+    before = {p: p.read_bytes() for p in touched}
+    try:
+        assert run_all("cpu", only=["03"], root=ROOT, ledger=False, force=True, records_only=True,
+                       update_notebooks=True) == 0
+        changed = [p for p in paths if p.read_bytes() != before[p]]
+    finally:  # a failing check leaves the checkout as it was
+        for p, data in before.items():
+            if p.read_bytes() != data:
+                p.write_bytes(data)
+    assert not changed, f"{[str(p.relative_to(ROOT)) for p in changed]} changed on a records-only re-execution"

@@ -73,3 +73,12 @@ def test_gain_panels_label_every_x_position_ours_and_the_papers():
     ax = fig.axes[0]
     assert [t.get_text() for t in ax.get_xticklabels()] == ["2", "4", "8", "16", "32"]
     assert ax.get_title() == "sst2"
+
+
+def test_sweep_claims_say_pending_when_the_notebook_has_runs_without_records():
+    ok = _runs({2: [0.1, -0.2, 0.3]})
+    got = {c.claim_id: c for c in sweep_claims(ok, RANK, ["sst2"], [2, 4], "02", "cpu", None, 10, pending=6)}
+    assert got["T3.sst2.r4.structlora>lora"].verdict == "pending"           # nothing ran, runs pending
+    assert all(c.note.startswith("partial: 6 run(s)") for c in got.values())
+    none = {c.claim_id: c for c in sweep_claims(ok, RANK, ["sst2"], [2, 4], "02", "cpu", None, 10)}
+    assert none["T3.sst2.r4.structlora>lora"].verdict == "skipped"

@@ -208,7 +208,7 @@ def _relative_energy(ok: pd.DataFrame, task: str, v: str) -> pd.Series | None:
 
 
 def ablation_claims(ok: pd.DataFrame, tasks: Mapping[str, Sequence[str]], notebook: str, tier: str,
-                    seeds_cap: int | None = None) -> list[Claim]:
+                    seeds_cap: int | None = None, pending: int = 0) -> list[Claim]:
     """The ablation claims of the groups each task runs, every one a paired test over seeds judged by
     `claim_from_test` against the paper's difference in the column the task stands in for:
     Table 5 (full − w/o IB filter / w/o GNN / LoRA; T5), Table 6 (T=1 vs T=2, 3; hybrid vs adjacency /
@@ -217,7 +217,7 @@ def ablation_claims(ok: pd.DataFrame, tasks: Mapping[str, Sequence[str]], notebo
     runs with ``variant``, ``seed``, ``acc`` (%) and the ``diag_*`` columns."""
     okv = ok.assign(method=ok["variant"])  # paired tests compare variants (several share a method name)
     test = partial(paired, okv)
-    claim = partial(claim_from_test, notebook=notebook, tier=tier, seeds_cap=seeds_cap)
+    claim = partial(claim_from_test, notebook=notebook, tier=tier, seeds_cap=seeds_cap, pending=pending)
     claims = []
     for t in tasks:
         colname = paper.COLUMN_LABEL[paper.ABLATION_COL[t]]

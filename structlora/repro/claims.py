@@ -176,7 +176,8 @@ def _get(row, key, default=None):
 def claim_from_test(claim_id: str, notebook: str, tier: str, claim: str, test, paper_diff: float | None,
                     paper_value: str | None = None, note: str = "", digits: int = 1,
                     degenerate: str = "", arms_identical: bool = False, seeds_required: int | None = None,
-                    seeds_cap: int | None = None, margin: float | None = None, same_as: str = "") -> Claim:
+                    seeds_cap: int | None = None, margin: float | None = None, same_as: str = "",
+                    pending: int = 0) -> Claim:
     """A :class:`Claim` from one row of :func:`structlora.repro.stats.paired_test` (a dict / Series / namedtuple
     with ``diff_mean``, ``ci_low``, ``ci_high``, ``p``, ``n`` and optionally ``diff_std``).
 
@@ -189,8 +190,8 @@ def claim_from_test(claim_id: str, notebook: str, tier: str, claim: str, test, p
     difference of the observed size needs for its 95% interval to exclude 0, so a difference that stays
     non-significant at the cap is *undecidable at this scale* too);
     ``test=None`` (nothing ran) gives verdict ``"skipped"`` with ``note`` saying why, or ``"pending"``
-    when the process met runs without a record (records-only mode, `grid.pending_seen`); a claim made
-    while runs are pending says so in its note (its seeds may be partial). A non-empty
+    when ``pending`` runs of the notebook have no record (records-only mode: `grid.pending_count` of its
+    grid's frame); a claim made while runs are pending says so in its note (its seeds may be partial). A non-empty
     ``degenerate`` (why the comparison tests nothing, e.g. every run of both methods collapsed to one
     class, see :func:`structlora.repro.stats.single_class_runs`) makes the verdict ``"inconclusive"`` whatever
     the numbers say, and is prepended to the note.
@@ -199,14 +200,12 @@ def claim_from_test(claim_id: str, notebook: str, tier: str, claim: str, test, p
 
     pv = paper_value if paper_value is not None else (format_diff(paper_diff, digits=digits)
                                                       if paper_diff is not None else "n/a")
-    from .grid import pending_seen
-
-    if pending_seen():
-        note = (f"partial: {pending_seen()} run(s) of this notebook have no record yet "
+    if pending:
+        note = (f"partial: {pending} run(s) of this notebook have no record yet "
                 "(python -m structlora reproduce --train-pending); " + note).rstrip("; ")
     if test is None:
         return Claim(claim_id, notebook, claim, pv, "not run", None, None, None, 0, tier,
-                     "pending" if pending_seen() else "skipped", note)
+                     "pending" if pending else "skipped", note)
     d, lo, hi, p = (_num(_get(test, k)) for k in ("diff_mean", "ci_low", "ci_high", "p"))
     n = _get(test, "n", 0)
     std = _num(_get(test, "diff_std", _get(test, "std")))

@@ -101,6 +101,11 @@ _MC_KIND = "multiple-choice"
 _CKPT_NAME = "state.pt"
 _CKPT_FORMAT = 2  # 2: run_id, cumulative cost, similarity-capture state
 # Fields that must agree between a checkpoint and the run resuming from it.
+AUTOCAST_DTYPES: dict[str, torch.dtype | None] = {"fp32": None, "bf16": torch.bfloat16}
+"""``TrainConfig.precision``: the dtype of the training forward's ``torch.autocast`` (fp32: none). bf16
+only: fp16 autocast would need a gradient scaler."""
+# fields added after records were written: left out of the stored configuration at their default
+_NEW_DEFAULTS: dict[str, Any] = {"precision": "fp32", "gradient_checkpointing": False}
 _RESUME_KEYS = ("lr", "batch_size", "max_steps", "eval_every", "warmup_ratio", "weight_decay", "seed",
                 "grad_accum", "max_grad_norm", "betas")
 
@@ -160,8 +165,14 @@ class TrainConfig:
     max_eval_examples: int | None = None
     max_grad_norm: float | None = 1.0
     betas: tuple[float, float] = (0.9, 0.999)
+    precision: str = "fp32"
+    gradient_checkpointing: bool = False
 
     def __post_init__(self) -> None:
+        if self.precision not in AUTOCAST_DTYPES:
+            raise ValueError(f"TrainConfig.precision must be one of {tuple(AUTOCAST_DTYPES)}, got {self.precision!r}")
+        if not isinstance(self.gradient_checkpointing, bool):
+            raise ValueError(f"TrainConfig.gradient_checkpointing must be a bool, got {self.gradient_checkpointing!r}")
         for name in ("lr", "warmup_ratio", "weight_decay"):
             _check_real(name, getattr(self, name))
         if self.lr <= 0:
@@ -222,6 +233,7 @@ class TrainResult:
     world_size: int = 1
     metric: str = ""
     config: dict[str, Any] = field(default_factory=dict)
+    regime: dict[str, Any] = field(default_factory=dict)   # what training used (`training_regime`)
     test_predictions_sha256: str | None = None   # the manipulation check: equal hashes = same predictions
     test_predictions: list[int] | None = None    # class index per test example, in test order (later analyses)
 
@@ -762,6 +774,8 @@ def train(handle: Any, task: Any, encoded: Mapping[str, Any], cfg: TrainConfig, 
     model: nn.Module = handle.model
     _move(model, dist.device)
     model.train()
+    regime = training_regime(model, cfg, dist.device)
+    autocast_dtype = AUTOCAST_DTYPES[regime["precision"]]
     pad_id = pad_token_id(tokenizer, model)
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     if not named:
@@ -828,7 +842,8 @@ def train(handle: Any, task: Any, encoded: Mapping[str, Any], cfg: TrainConfig, 
             for chunk in mine:
                 batch = {k: v.to(dist.device) for k, v in
                          collate(kind, _columns(train_ds, rows[chunk]), pad_id).items()}
-                loss = _task_loss(model, batch)
+                with _autocast(dist.device, autocast_dtype):
+                    loss = _task_loss(model, batch).float()
                 if extra is not None:
                     loss = loss + extra()
                 weight = len(chunk) * dist.world / len(rows)
@@ -905,6 +920,7 @@ def train(handle: Any, task: Any, encoded: Mapping[str, Any], cfg: TrainConfig, 
         resumed_from=resumed_from, train_steps=total_steps, sessions=int(prior["sessions"]) + 1,
         cost_partial=bool(prior["cost_partial"]) or total_steps != step,
         world_size=dist.world, metric=metric, config=_config_dict(cfg),
+        regime=regime if cfg.precision != "fp32" or cfg.gradient_checkpointing else {},
         test_predictions_sha256=fingerprint.get("sha256"), test_predictions=fingerprint.get("predictions"))
 
 
@@ -919,7 +935,63 @@ def _controller(handle: Any) -> Any:
 def _config_dict(cfg: TrainConfig) -> dict[str, Any]:
     d = asdict(cfg)
     d["betas"] = list(d["betas"])
+    for name, default in _NEW_DEFAULTS.items():   # records and checkpoints of earlier runs stay comparable
+        if d[name] == default:
+            del d[name]
     return d
+
+
+def _autocast(device: torch.device, dtype: torch.dtype | None) -> Any:
+    """``torch.autocast`` to ``dtype`` on ``device``'s type; nothing at all for fp32 (None)."""
+    import contextlib
+
+    return contextlib.nullcontext() if dtype is None else torch.autocast(device.type, dtype=dtype)
+
+
+def training_regime(model: nn.Module, cfg: TrainConfig, device: torch.device) -> dict[str, Any]:
+    """Turn on what ``cfg`` asks for where the model and the device support it, and say what is used:
+    ``{"precision": "bf16" | "fp32", "gradient_checkpointing": bool}`` (the training forward's autocast
+    dtype and whether activation checkpointing is on; reasons in ``"notes"`` when a request was dropped).
+
+    Checkpointing: ``model.gradient_checkpointing_enable`` (transformers models, through peft and
+    StructLoRA; non-reentrant, so frozen inputs need no gradient); a model without it (timm's ViT, whose
+    checkpointing StructLoRA's gate noise does not know) trains without. bf16 autocast: on CUDA where
+    the device supports bf16, on CPU always (torch's CPU autocast)."""
+    used: dict[str, Any] = {"precision": "fp32", "gradient_checkpointing": False}
+    notes = []
+    if cfg.gradient_checkpointing:
+        enable = getattr(model, "gradient_checkpointing_enable", None)
+        try:
+            if _prefix_as_cache(model):
+                notes.append("prefix tuning passes its prefix as past_key_values, which transformers drops "
+                             "while training under gradient checkpointing: not checkpointed")
+            elif callable(enable):
+                enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+                used["gradient_checkpointing"] = True
+            else:
+                notes.append(f"{type(model).__name__} has no gradient_checkpointing_enable: not checkpointed")
+        except (ValueError, TypeError, NotImplementedError, AttributeError) as exc:
+            notes.append(f"gradient checkpointing not supported: {exc}")
+    if cfg.precision != "fp32":
+        if device.type == "cuda" and not torch.cuda.is_bf16_supported():
+            notes.append(f"{cfg.precision} autocast not supported on {torch.cuda.get_device_name(device)}: fp32")
+        elif device.type not in ("cuda", "cpu"):
+            notes.append(f"{cfg.precision} autocast not used on device {device.type}: fp32")
+        else:
+            used["precision"] = cfg.precision
+    for note in notes:
+        log.warning("training regime: %s", note)
+    if notes:
+        used["notes"] = notes
+    return used
+
+
+def _prefix_as_cache(model: nn.Module) -> bool:
+    """Whether ``model`` is a peft model whose adapter feeds the base its prefix as ``past_key_values``
+    (prefix tuning): transformers' decoder layers discard the cache while they train checkpointed."""
+    configs = getattr(model, "peft_config", None)
+    return isinstance(configs, Mapping) and any(
+        str(getattr(c, "peft_type", "")).endswith("PREFIX_TUNING") for c in configs.values())
 
 
 def _non_finite(t: torch.Tensor) -> bool:

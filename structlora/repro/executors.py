@@ -8,7 +8,7 @@
   (``cluster="local"`` forces the local one: real separate processes on this machine, what the tests
   use; ``"debug"`` runs in this process). The runs without a record go out as **job arrays**, one
   array per group of runs that share their resources (`ClusterOptions.for_model`); each job trains
-  **one** run with ``grid._try_run`` under the run's lock, so it writes the record exactly as the pool
+  **one** run with ``runner.try_run`` under the run's lock, so it writes the record exactly as the pool
   does (same key, same atomic write, same ``<record>.lock``) and returns it.
 * Two arrays over the same runs (two submitters, or a submitter started again while its old jobs
   still run) never train a run twice: a job that finds the run's lock held waits for it and then reads
@@ -170,26 +170,32 @@ class TrainJob:
     """One job: train one run (or read back the record another process wrote) and return its record.
 
     Runs in the job's own process: it installs the submitter's loaders (``grid.LOADERS``, as the pool's
-    workers do), takes the run's lock (waiting when another job holds it) and calls ``grid._try_run``.
+    workers do), takes the run's lock (waiting when another job holds it) and calls ``runner.try_run``.
+    ``retrain_since`` is the job's `RunMode.retrain_since` (``reproduce --retrain``): a record older than
+    it is trained again.
     ``checkpoint`` is submitit's requeue hook (timeout, preemption): the same job is submitted again and
     resumes from the run's checkpoint.
     """
 
     def __init__(self, results_dir: str, force: bool, loaders: Mapping[str, Callable[..., Any]],
-                 threads: int = 1) -> None:
+                 threads: int = 1, retrain_since: float | None = None) -> None:
         self.results_dir = results_dir
         self.force = force
         self.loaders = dict(loaders)
         self.threads = threads
+        self.retrain_since = retrain_since
 
     def __call__(self, spec: "RunSpec", keep_weights: bool = False) -> dict[str, Any]:
         import torch
 
-        from . import grid
+        from .loaders import LOADERS
+        from .modes import RunMode
+        from .runner import try_run
 
         torch.set_num_threads(self.threads)
-        grid.LOADERS.update(self.loaders)
-        record = grid._try_run(spec, self.results_dir, False, self.force, True, keep_weights)
+        LOADERS.update(self.loaders)
+        mode = RunMode(retrain_since=self.retrain_since)
+        record = try_run(spec, self.results_dir, False, self.force, True, keep_weights, mode=mode)
         assert record is not None  # blocking: the lock was taken
         return record
 
@@ -198,7 +204,7 @@ class TrainJob:
         requeued job must not retrain from scratch, so ``force`` is dropped."""
         from submitit.helpers import DelayedSubmission
 
-        again = TrainJob(self.results_dir, False, self.loaders, self.threads)
+        again = TrainJob(self.results_dir, False, self.loaders, self.threads, self.retrain_since)
         return DelayedSubmission(again, *args, **kwargs)
 
 
@@ -212,20 +218,21 @@ def _groups(specs: Sequence["RunSpec"], options: ClusterOptions) -> dict[Submiti
 
 def submit_runs(specs: Sequence["RunSpec"], results_dir: str | Path, options: Any = None, force: bool = False,
                 keep_weights: Iterable[str] = (), loaders: Mapping[str, Callable[..., Any]] | None = None,
-                ) -> list[tuple["RunSpec", Any]]:
+                retrain_since: float | None = None) -> list[tuple["RunSpec", Any]]:
     """Submit one job per spec (one job array per resource group) and return ``(spec, job)`` pairs.
 
     Nothing is checked here (finished runs, locks): each job does that itself, under the run's lock.
-    ``keep_weights``: the keys of the runs that also write their trained weights.
+    ``keep_weights``: the keys of the runs that also write their trained weights; ``retrain_since``:
+    records older than this time are trained again (`RunMode.retrain_since`).
     """
-    from . import grid
+    from .loaders import LOADERS
 
     opts = as_cluster_options(options)
     keep = set(keep_weights)
-    loaders = dict(grid.LOADERS if loaders is None else loaders)
+    loaders = dict(LOADERS if loaders is None else loaders)
     submitted: list[tuple[RunSpec, Any]] = []
     for group, members in _groups(specs, opts).items():
-        job = TrainJob(str(Path(results_dir).resolve()), force, loaders, group.cpus_per_task)
+        job = TrainJob(str(Path(results_dir).resolve()), force, loaders, group.cpus_per_task, retrain_since)
         jobs = group.executor().map_array(job, members, [s.key() in keep for s in members])
         if group.cluster == "local" or (jobs and type(jobs[0]).__name__ == "LocalJob"):
             for j in jobs:  # local files appear at once: do not wait 15 s for the result of a killed job
@@ -276,7 +283,7 @@ def _cancel(submitted: Sequence[tuple["RunSpec", Any]]) -> None:
 
 def run_submitit(specs: Sequence["RunSpec"], results_dir: str | Path, options: Any = None, force: bool = False,
                  keep_weights: Iterable[str] = (), progress: Callable[[], None] | None = None,
-                 ) -> dict[str, dict[str, Any]]:
+                 retrain_since: float | None = None) -> dict[str, dict[str, Any]]:
     """Train ``specs`` as submitit jobs and return their records by key (what ``run_grid`` calls).
 
     A job that died without a result is resubmitted (it resumes the run's checkpoint) up to its
@@ -291,7 +298,7 @@ def run_submitit(specs: Sequence["RunSpec"], results_dir: str | Path, options: A
     records: dict[str, dict[str, Any]] = {}
     todo, tries = list(specs), 0
     while todo:
-        submitted = submit_runs(todo, results_dir, opts, force, keep)
+        submitted = submit_runs(todo, results_dir, opts, force, keep, retrain_since=retrain_since)
         try:
             done, failures = wait_runs(submitted, min(o.poll_s for o in _groups(todo, opts)), progress)
         except BaseException:

@@ -34,7 +34,7 @@ def pair_tests(ok: pd.DataFrame, labels: Mapping[str, str], pairs: Sequence[tupl
 
 def filter_claims(tests: pd.DataFrame, tasks: Sequence[str], labels: Mapping[str, str], keep_ratio: float,
                   notebook: str, tier: str, pairs: Sequence[tuple[str, str]] = PAIRS,
-                  seeds_cap: int | None = None) -> list[Claim]:
+                  seeds_cap: int | None = None, pending: int = 0) -> list[Claim]:
     """One direction-only claim per (task, pair) of Fig. 2 from ``pair_tests``; ``"skipped"`` when a pair
     has no paired runs. With ``seeds_cap``, a comparison still not significant at the cap is *undecidable
     at this scale* (`claims.claim_from_test`)."""
@@ -48,7 +48,7 @@ def filter_claims(tests: pd.DataFrame, tasks: Sequence[str], labels: Mapping[str
                 f"{labels[a]} {what} {labels[b]} at keep ratio {keep_ratio} on {t} ({TASK_MODEL[t]})",
                 row.iloc[0] if len(row) else None, DIRECTION_ONLY["paper_diff"], margin=DIRECTION_ONLY["margin"],
                 seeds_cap=seeds_cap, paper_value="> 0 (Fig. 2; bar heights not given in the text)",
-                note="" if len(row) else "not run"))
+                note="" if len(row) else "not run", pending=pending))
     return claims
 
 

@@ -3,6 +3,8 @@ accuracy beside Tables 1 and 2, the ranks of the PEFT methods, and the claims (S
 the strongest other PEFT method, chosen on validation)."""
 from __future__ import annotations
 
+from functools import partial
+
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -124,13 +126,15 @@ def peft_ranks(summ: pd.DataFrame, tasks: Sequence[str]) -> pd.DataFrame:
 
 
 def main_claims(ok: pd.DataFrame, tasks: Sequence[str], notebook: str, tier: str,
-                seeds_cap: int | None = None, plan: Plan | None = None) -> list[Claim]:
+                seeds_cap: int | None = None, plan: Plan | None = None, pending: int = 0) -> list[Claim]:
     """Per task: StructLoRA − LoRA (Table 1 or 2), and StructLoRA − the strongest other PEFT method, the
     competitor chosen by mean *validation* accuracy (never test), against the paper's margin over its own
     strongest competitor. When that competitor is LoRA the second claim points to the first
     (``same_as``) instead of counting the comparison twice. Comparisons where every run of both arms
     predicts one class are inconclusive (`collapse_status`). StructLoRA − LoRA takes its power analysis
-    from the registered ``plan`` once its pilot set the seeds (T1, T2), else from ``seeds_cap``."""
+    from the registered ``plan`` once its pilot set the seeds (T1, T2), else from ``seeds_cap``. ``pending``:
+    the notebook's runs without a record (`grid.pending_count`), said in every claim."""
+    cft = partial(claim_from_test, pending=pending)
     claims = []
     tests = {r["task"]: r for r in paired_test(ok, method="structlora", baseline="lora", metric="acc",
                                                by=("task",)).to_dict("records")}
@@ -140,7 +144,7 @@ def main_claims(ok: pd.DataFrame, tasks: Sequence[str], notebook: str, tier: str
         degenerate, note = collapse_status(ok[(ok["task"] == t) & ok["method"].isin(["structlora", "lora"])])
         cid = f"T{table_no}.{t}.structlora>lora"
         power = (plan.power(cid) if plan is not None else {}) or {"seeds_cap": seeds_cap}
-        claims.append(claim_from_test(
+        claims.append(cft(
             cid, notebook, tier,
             f"StructLoRA beats LoRA on {t} ({TASK_MODEL[t]}; paper: {col}, Table {table_no})", tests.get(t), pdiff,
             paper_value=f"{pdiff:+.1f} (Table {table_no}, {col})", **power, degenerate=degenerate,
@@ -151,7 +155,7 @@ def main_claims(ok: pd.DataFrame, tasks: Sequence[str], notebook: str, tier: str
         others_ok = ok[(ok["task"] == t) & ~ok["method"].isin(NOT_PEFT | {"structlora"})]
         means = others_ok.groupby("method")["val_accuracy"].mean().dropna()
         if "structlora" not in set(ok.loc[ok["task"] == t, "method"]) or means.empty:
-            claims.append(claim_from_test(cid, notebook, tier, f"StructLoRA is the best PEFT method on {t}", None, None,
+            claims.append(cft(cid, notebook, tier, f"StructLoRA is the best PEFT method on {t}", None, None,
                                           note="fewer than two PEFT methods ran on this task in this tier"))
             continue
         best = means.idxmax()
@@ -162,7 +166,7 @@ def main_claims(ok: pd.DataFrame, tasks: Sequence[str], notebook: str, tier: str
         sub = ok[(ok["task"] == t) & ok["method"].isin(["structlora", best])]
         bt = paired_test(sub, method="structlora", baseline=best, metric="acc", by=("task",))
         degenerate, note = collapse_status(sub)
-        claims.append(claim_from_test(
+        claims.append(cft(
             cid, notebook, tier,
             f"StructLoRA is the best PEFT method on {t}: vs the strongest other PEFT method here on validation ({best})",
             bt.iloc[0] if len(bt) else None, pdiff,

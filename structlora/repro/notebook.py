@@ -28,6 +28,9 @@ __all__ = ["findings", "Budget", "load_budget", "budget_path", "tier_params", "w
 # one table for every notebook, a live view of the catalogue.
 TASK_MODEL: Mapping[str, str] = task_view(lambda t: t.model, keep=lambda t: t.model is not None)
 BUDGET_KEYS = ("max_steps", "batch_size", "max_length", "eval_every", "max_eval_examples")
+# optional per-model regime keys (RunSpec fields whose defaults stay out of the run key): the paper tier's
+# hub models train under bf16 autocast with gradient checkpointing
+REGIME_KEYS = ("precision", "gradient_checkpointing")
 # methods that are StructLoRA with a stage removed, changed or replaced: they train at StructLoRA's rate
 # (MethodSpec.lr_from), a live view of the catalogue
 STRUCTLORA_FAMILY: Sequence[str] = LiveSeq(lambda: tuple(s.name for s in method_specs() if s.lr_from == "structlora"))
@@ -64,7 +67,7 @@ class Budget(Mapping[str, dict]):
                 raise ValueError(f"{self.source}: task_model names model(s) {missing} without a budget in models")
         for model, b in self.models.items():
             missing = [k for k in BUDGET_KEYS if k not in b]
-            unknown = [k for k in b if k not in BUDGET_KEYS]
+            unknown = [k for k in b if k not in BUDGET_KEYS + REGIME_KEYS]
             if missing or unknown:
                 raise ValueError(f"{self.source}: model {model!r}: missing {missing}, unknown {unknown} "
                                  f"(a model's budget has exactly {list(BUDGET_KEYS)})")

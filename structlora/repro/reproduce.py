@@ -15,6 +15,12 @@ parameters cell: the committed notebooks carry the cpu tier), into ``results/exe
   notebooks from them in minutes (``--retrain`` recomputes every run instead). A notebook whose executed
   copy finished without error from the same source, parameters file and parameters (sha256) is
   skipped unless ``--force``.
+* Modes are parameters, never environment variables: ``TRAIN`` (``--records-only`` injects False), and
+  for a notebook whose parameters cell declares them, ``PENDING_FILE`` (``--records-only``: where its
+  ``run_grid`` / ``train_spec`` list the runs without a record) and ``RETRAIN_SINCE`` (``--retrain``: the
+  job's start time; older records train again). For a notebook that does not declare them the job does
+  the same from the tier's specs (`structlora.repro.tierspecs`): it lists the runs without a record
+  after the notebooks ran, and retrains the runs before they run.
 * Executed copies are deterministic: fixed cell ids, no timestamps or absolute paths, no library
   warnings or progress bars (those stay live-only), so a re-run from the same records rewrites
   nothing that is committed.
@@ -42,7 +48,12 @@ from typing import Any, Iterator, Sequence
 
 from .._io import atomic_write
 
-__all__ = ["TIERS", "NotebookJob", "discover", "plan", "run_all", "main"]
+__all__ = ["TIERS", "JOB_PARAMETERS", "NotebookJob", "discover", "plan", "run_all", "main"]
+
+JOB_PARAMETERS = ("PENDING_FILE", "RETRAIN_SINCE")
+"""Parameters the job injects (records-only's pending list, retrain's start time) into a notebook that
+declares them: a tier's params file need not set them, and they are not part of an executed copy's
+``sources_sha256`` or metadata (a path or a time of one execution)."""
 
 from .layout import OWN_CELL_TIER, TIERS, notebook_parameters, repo_root  # noqa: F401 (re-exported)
 
@@ -83,7 +94,7 @@ def _select(found: list[tuple[str, Path]], only: Sequence[str] | None) -> list[t
 def check_params(stem: str, params_file: Path, params: dict[str, Any], names: dict[str, Any]) -> None:
     """Fail before any run when ``params`` has a key the notebook does not define, or lacks one it does."""
     unknown = [k for k in params if k not in names]
-    missing = [k for k in names if k not in params and k != "TIER"]
+    missing = [k for k in names if k not in params and k != "TIER" and k not in JOB_PARAMETERS]
     problems = []
     for k in unknown:
         close = difflib.get_close_matches(k, list(names), n=1)
@@ -144,8 +155,13 @@ def sources_sha256(job: NotebookJob) -> str:
     h = hashlib.sha256()
     for p in _sources(job):
         h.update(p.read_bytes())
-    h.update(json.dumps(job.parameters, sort_keys=True, default=str).encode())
+    h.update(json.dumps(_kept_parameters(job.parameters), sort_keys=True, default=str).encode())
     return h.hexdigest()
+
+
+def _kept_parameters(parameters: dict[str, Any]) -> dict[str, Any]:
+    """The parameters that decide an executed copy's outputs (without `JOB_PARAMETERS`)."""
+    return {k: v for k, v in parameters.items() if k not in JOB_PARAMETERS}
 
 
 def up_to_date(job: NotebookJob) -> bool:
@@ -212,11 +228,9 @@ def run_job(job: NotebookJob, root: Path, cell_progress: bool = True, log_output
                 extra_arguments=["--IPKernelApp.log_level=ERROR"],
             )
             job.status = "ok"
-            from .grid import records_only
-
             # a records-only copy is never "up to date" for a job that trains (its pending runs are missing)
             clean_executed(job.output, job.output, root,
-                           marker={"status": "ok" if not records_only() else "records-only",
+                           marker={"status": "ok" if job.parameters.get("TRAIN") is not False else "records-only",
                                    "tier": job.parameters.get("TIER", "smoke"), "sources_sha256": sources_sha256(job)})
         except BaseException as err:  # noqa: BLE001 - reported, then re-raised as a job failure
             job.status = "failed"
@@ -310,7 +324,8 @@ def clean_executed(src: Path, dst: Path, root: Path | None = None, marker: dict[
     nb.metadata.pop("widgets", None)
     nb.metadata.pop("structlora", None)  # replaced by ``marker`` (how this copy was executed), if given
     if marker is not None:
-        nb.metadata["structlora"] = {**marker, "parameters": pm_meta.get("parameters", marker.get("parameters", {}))}
+        kept = _kept_parameters(pm_meta.get("parameters", marker.get("parameters", {})) or {})
+        nb.metadata["structlora"] = {**marker, "parameters": kept}
     if drop_injected:
         nb.cells = [c for c in nb.cells if "injected-parameters" not in c.metadata.get("tags", [])]
     for i, cell in enumerate(nb.cells):
@@ -403,23 +418,51 @@ NOTEBOOKS_NOT_YET = ("paper",)  # tiers whose models the notebooks cannot take f
 def list_pending(tier: str, root: Path | None = None) -> int:
     """Write `pending_path` from the tier's params (`tierspecs.tier_specs`): every run without a valid
     record under its notebook's ``RESULTS_DIR``, for ``--train-pending``."""
-    from .grid import read_record, record_path
-    from .notebook import tier_params
-    from .tierspecs import tier_specs
-
     root = root or repo_root()
-    lines = {}
-    for stem, specs in tier_specs(tier, root).items():
-        folder = str((tier_params(stem, tier, root) or {}).get("RESULTS_DIR", "results/runs"))
-        for spec in specs:
-            if read_record(root / record_path(spec, folder), spec, warn=False) is None:
-                lines[(spec.key(), folder)] = json.dumps({"spec": spec.to_dict(), "results_dir": folder,
-                                                          "weights": False}, sort_keys=True)
     path = pending_path(tier, root)
-    atomic_write(path, "".join(line + "\n" for line in lines.values()))
+    lines = _pending_lines(tier, root)
+    atomic_write(path, "".join(line + "\n" for line in lines))
     print(f"{len(lines)} run(s) of tier {tier} have no record: listed in {path.relative_to(root)}; train them with\n"
           f"  python -m structlora reproduce --tier {tier} --train-pending [--executor submitit]")
     return 0
+
+
+def _tier_runs(tier: str, root: Path, stems: Sequence[str] | None = None) -> list[tuple[Any, str]]:
+    """``(RunSpec, RESULTS_DIR)`` of every run the tier's params ask for (of ``stems`` only, when given)."""
+    from .notebook import tier_params
+    from .tierspecs import tier_specs
+
+    out = []
+    for stem, specs in tier_specs(tier, root).items():
+        if stems is None or stem in stems:
+            folder = str((tier_params(stem, tier, root) or {}).get("RESULTS_DIR", "results/runs"))
+            out += [(spec, folder) for spec in specs]
+    return out
+
+
+def _pending_lines(tier: str, root: Path, stems: Sequence[str] | None = None) -> list[str]:
+    """The pending list's lines (``{"spec", "results_dir", "weights"}``) of the runs without a valid record."""
+    from .grid import read_record, record_path
+
+    lines = {}
+    for spec, folder in _tier_runs(tier, root, stems):
+        if read_record(root / record_path(spec, folder), spec, warn=False) is None:
+            lines[(spec.key(), folder)] = json.dumps({"spec": spec.to_dict(), "results_dir": folder,
+                                                      "weights": False}, sort_keys=True)
+    return list(lines.values())
+
+
+def retrain_runs(tier: str, stems: Sequence[str], since: float, root: Path, n_jobs: int = 2) -> None:
+    """``--retrain`` for notebooks that do not declare ``RETRAIN_SINCE``: train again, before they run,
+    every run of theirs (from the tier's specs) whose record is older than ``since``; a run whose
+    weights file exists (a probed model) writes new weights too."""
+    from .grid import run_grid, weights_path
+
+    runs = _tier_runs(tier, root, stems)
+    for folder in dict.fromkeys(folder for _, folder in runs):
+        specs = [spec for spec, f in runs if f == folder]
+        keep = [spec for spec in specs if weights_path(spec, root / folder).is_file()]
+        run_grid(specs, root / folder, n_jobs=n_jobs, progress=True, keep_weights=keep, retrain_since=since)
 
 
 def train_pending(tier: str, n_jobs: int = 2, root: Path | None = None, executor: str = "pool",
@@ -493,19 +536,25 @@ def run_all(tier: str = "cpu", only: Sequence[str] | None = None, force: bool = 
     for job in jobs:  # TRAIN: records-only trains nothing; otherwise what has no record trains
         job.parameters["TRAIN"] = not records_only
     print(announce(tier, jobs, root, retrain), flush=True)
+    declared = {job.stem: notebook_parameters(job.source) for job in jobs}
     if records_only:
-        from .grid import RECORDS_ONLY_ENV
-
         if retrain:
             raise SystemExit("--records-only and --retrain contradict each other")
         pending = pending_path(tier, root)
+        pending.parent.mkdir(parents=True, exist_ok=True)
         pending.unlink(missing_ok=True)
-        os.environ[RECORDS_ONLY_ENV] = str(pending)
+        for job in jobs:
+            if "PENDING_FILE" in declared[job.stem]:
+                job.parameters["PENDING_FILE"] = str(pending)
         force = True  # cheap (nothing trains), and the copies must show the records as they are now
     if retrain:
-        from .grid import RETRAIN_ENV
-
-        os.environ[RETRAIN_ENV] = repr(time.time())  # grid.retrain_pending: records older than this retrain
+        since = time.time()  # records older than this train again (once: a run shared by two notebooks)
+        for job in jobs:
+            if "RETRAIN_SINCE" in declared[job.stem]:
+                job.parameters["RETRAIN_SINCE"] = since
+        undeclared = [job.stem for job in jobs if "RETRAIN_SINCE" not in declared[job.stem]]
+        if undeclared:
+            retrain_runs(tier, undeclared, since, root)
         force = True
     t_all = time.perf_counter()
     failed = False
@@ -547,6 +596,10 @@ def run_all(tier: str = "cpu", only: Sequence[str] | None = None, force: bool = 
         print(f"  {j.stem:<28} {j.status:<11} {t}")
     print(f"  total wall time: {(time.perf_counter() - t_all) / 60:.1f} min")
     if records_only:
+        undeclared = [job.stem for job in jobs if "PENDING_FILE" not in declared[job.stem]]
+        if undeclared:  # their runs without a record, from the tier's specs (the notebooks did not list them)
+            with open(pending_path(tier, root), "a", encoding="utf-8") as f:
+                f.writelines(line + "\n" for line in _pending_lines(tier, root, undeclared))
         items = read_pending(pending_path(tier, root))
         print(f"\nrecords-only: {len(items)} run(s) have no record yet and are shown as pending "
               f"({sum(w for *_, w in items)} of them probed models); train them, primary family first, with\n"

@@ -109,12 +109,13 @@ def contrast_test(ok: pd.DataFrame, sweep: Sweep, task: str, low: Sequence[float
 
 
 def sweep_claims(ok: pd.DataFrame, sweep: Sweep, tasks: Sequence[str], values: Sequence[float],
-                 notebook: str, tier: str, plan: Plan | None, seed_cap: int) -> list[Claim]:
+                 notebook: str, tier: str, plan: Plan | None, seed_cap: int, pending: int = 0) -> list[Claim]:
     """One claim per (task, value), then per task the contrast of the gain at low against high values.
 
     A point the plan names uses the plan's power analysis (``plan.needed`` against the seeds the
     budget bought); a point that repeats another claim (r = 8 at all the data is T1 / T2) points to it;
-    the others are exploratory with the tier's ``seed_cap``."""
+    the others are exploratory with the tier's ``seed_cap``. ``pending``: the notebook's runs without a
+    record (`grid.pending_count`), said in every claim."""
     tests = point_tests(ok, sweep)
     claims = []
     for t in tasks:
@@ -127,17 +128,17 @@ def sweep_claims(ok: pd.DataFrame, sweep: Sweep, tasks: Sequence[str], values: S
             power = (plan.power(cid) if plan is not None else {}) or {"seeds_cap": seed_cap}
             label = f"r={int(v)}" if sweep.axis == "rank" else f"{v:.0%} of the data"
             claims.append(claim_from_test(
-                cid, notebook, tier, f"StructLoRA beats LoRA at {label} on {t}",
-                row.iloc[0] if len(row) else None, gain,
+                cid, notebook, tier, pending=pending, claim=f"StructLoRA beats LoRA at {label} on {t}",
+                test=row.iloc[0] if len(row) else None, paper_diff=gain,
                 paper_value=f"{gain:+.1f} (Table {sweep.table}, {col}, {label})" if gain is not None else "n/a",
                 note=note if len(row) else "not run", degenerate=degenerate,
                 same_as=pid if pid != cid else "", **power))
-        claims.append(_contrast_claim(ok, sweep, t, values, notebook, tier, seed_cap))
+        claims.append(_contrast_claim(ok, sweep, t, values, notebook, tier, seed_cap, pending))
     return claims
 
 
 def _contrast_claim(ok: pd.DataFrame, sweep: Sweep, task: str, values: Sequence[float], notebook: str,
-                    tier: str, seed_cap: int) -> Claim:
+                    tier: str, seed_cap: int, pending: int = 0) -> Claim:
     if sweep.axis == "rank":
         low, high = [v for v in values if v <= 8], [v for v in values if v > 8]
         cid, words = f"T3.{task}.gain_largest_low_rank", "the gain is larger at r<=8 than at r>8"
@@ -146,7 +147,7 @@ def _contrast_claim(ok: pd.DataFrame, sweep: Sweep, task: str, values: Sequence[
         cid, words = f"T4.{task}.gain_grows_as_data_shrinks", "the gain is larger with the least data than with all"
     if not low or not high or low == high:
         return claim_from_test(cid, notebook, tier, f"{words} on {task}", None, None,
-                               note="needs values on both sides in this tier")
+                               note="needs values on both sides in this tier", pending=pending)
     paper_gain = {v: sweep.paper_gain(task, v) for v in list(low) + list(high)}
     p_contrast = (round(float(np.mean([paper_gain[v] for v in low]) - np.mean([paper_gain[v] for v in high])), 2)
                   if all(g is not None for g in paper_gain.values()) else None)
@@ -157,7 +158,7 @@ def _contrast_claim(ok: pd.DataFrame, sweep: Sweep, task: str, values: Sequence[
         cid, notebook, tier, f"{words} on {task} (mean gain over {sweep.axis} {low} minus over {high})",
         test, p_contrast, paper_value=(f"{p_contrast:+.1f} (Table {sweep.table}, {ABLATION_COL[task]})"
                                        if p_contrast is not None else "n/a"),
-        note=note, degenerate=degenerate, seeds_cap=seed_cap)
+        note=note, degenerate=degenerate, seeds_cap=seed_cap, pending=pending)
 
 
 def gain_frame(tests: pd.DataFrame, sweep: Sweep, tasks: Sequence[str], plan: Plan | None) -> pd.DataFrame:
