@@ -134,7 +134,7 @@ from structlora.repro.notebook import findings
 display(Markdown(findings(NB, TIER)))
 
 # %%
-from structlora.repro.notebook import TASK_MODEL, load_budget, run_summary, tier_params
+from structlora.repro.notebook import load_budget, peer_tiers, run_summary, tier_params
 from structlora.repro.plan import load_plan
 
 BUDGET = load_budget(TIER)  # params/<tier>/budget.yml: the tier's one budget, shared by every notebook
@@ -144,10 +144,11 @@ PLAN = load_plan(TIER)      # params/<tier>/plan.yml: LoRA and StructLoRA run it
 # %%
 IN_SCOPE = main_results.in_scope()  # Tables 1-2's methods the registry has; applies(): can it adapt the model?
 THIS = {k: globals()[k] for k in main_results.GRID_KEYS}
-assert set(TASKS) <= set(TASK_MODEL), f"unknown task in {TASKS}"
+MODELS = BUDGET.task_model  # the model each task trains in this tier (the paper tier: its hub models)
+assert set(TASKS) <= set(MODELS), f"unknown task in {TASKS}"
 # the tier's budget at the method's frozen learning rate, at the plan's budget on its tasks (PLAN.run)
-specs = [RunSpec(task=t, model=TASK_MODEL[t], method=m, rank=RANK, seed=s, fraction=1.0,
-                 **(PLAN.run(t, BUDGET.run(TASK_MODEL[t], m)) if PLAN else BUDGET.run(TASK_MODEL[t], m)))
+specs = [RunSpec(task=t, model=MODELS[t], method=m, rank=RANK, seed=s, fraction=1.0,
+                 **(PLAN.run(t, BUDGET.run(MODELS[t], m)) if PLAN else BUDGET.run(MODELS[t], m)))
          for t in TASKS for m in TASK_METHODS.get(t, METHODS) for s in main_results.seeds_of(THIS, t, m, PLAN)
          if main_results.applies(t, m)]
 print(f"tier {TIER}: {len(specs)} runs over {len(TASKS)} task(s); results cached in {RESULTS_DIR}")
@@ -165,8 +166,8 @@ print("registry methods covered by notebooks 04-06 instead:", ", ".join(m for m 
 # %%
 # NBVAL_CHECK_OUTPUT
 params = {TIER: THIS}
-params.update({tier: tier_params(NB, tier) for tier in ("cpu", "gpu") if tier != TIER})
-coverage, left_out = main_results.coverage(params, TIER)
+params.update({tier: tier_params(NB, tier) for tier in peer_tiers(TIER)})  # the tiers on the same models
+coverage, left_out = main_results.coverage(params, TIER, tasks=list(MODELS))
 display(coverage)
 print(left_out)
 
@@ -200,7 +201,7 @@ if len(collapsed):  # comparisons where every run of both methods predicts one c
     display(collapsed)
 else:
     print("every run predicts more than one class")
-print("not applicable (never run in any tier):", *main_results.not_applicable(), sep="\n  ")
+print("not applicable (never run in any tier):", *main_results.not_applicable(MODELS), sep="\n  ")
 
 # %% [markdown]
 # ### Trainable parameters (r = 8)
@@ -259,7 +260,8 @@ fig;
 # %%
 # NBVAL_CHECK_OUTPUT
 # every verdict runs the power analysis against the tier's seed cap (stats.seeds_needed, stats.decide)
-claims = main_results.main_claims(ok, TASKS, NB, TIER, seeds_cap=BUDGET.seed_cap, plan=PLAN, pending=pending_count(df))
+claims = main_results.main_claims(ok, TASKS, NB, TIER, seeds_cap=BUDGET.seed_cap, plan=PLAN, pending=pending_count(df),
+                                  task_model=MODELS)
 ledger = pd.DataFrame([c.to_dict() for c in claims])
 display(ledger[["claim_id", "paper_value", "ours", "n", "verdict"]])
 

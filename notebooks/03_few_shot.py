@@ -71,7 +71,7 @@ from structlora.repro import paper, plots
 from structlora.repro.assets.tasks import NUM_CLASSES
 from structlora.repro.claims import claim_line, write_claims
 from structlora.repro.grid import pending_count, run_grid
-from structlora.repro.notebook import TASK_MODEL, load_budget, run_summary
+from structlora.repro.notebook import load_budget, run_summary
 from structlora.repro.plan import load_plan
 from structlora.repro.stats import single_class_runs, single_class_table, summarize
 from structlora.repro.sweeps import FRACTION as SWEEP, gain_frame, paper_frame, point_tests, sweep_claims, sweep_specs
@@ -128,7 +128,7 @@ print(f"tier {TIER}: {len(specs)} runs over {len(TASKS)} task(s) x fractions {FR
       f"plan: {PLAN.name + f' ({PLAN.m} primary comparisons)' if PLAN else 'none'}")
 print("paper fractions left out in this tier:", [f for f in (0.1, 0.25, 0.5, 1.0) if f not in FRACTIONS] or "none")
 for t in TASKS:
-    print(f"{t} ({TASK_MODEL[t]}) stands in for the paper's {paper.COLUMN_LABEL[paper.ABLATION_COL[t]]} column")
+    print(f"{t} ({BUDGET.task_model[t]}) stands in for the paper's {paper.COLUMN_LABEL[paper.ABLATION_COL[t]]} column")
 print("paper column coco_caption: not run in any tier (no vision-language model or caption data offline)")
 
 # %%

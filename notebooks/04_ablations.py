@@ -150,9 +150,10 @@ from structlora.repro.notebook import findings
 display(Markdown(findings(NB, TIER)))
 
 # %%
-from structlora.repro.notebook import TASK_MODEL, load_budget, run_summary, tier_params
+from structlora.repro.notebook import load_budget, peer_tiers, run_summary, tier_params
 
 BUDGET = load_budget(TIER)  # params/<tier>/budget.yml: the tier's one budget, shared by every notebook
+MODELS = BUDGET.task_model  # the model each task trains in this tier (the paper tier: its hub models)
 
 # %% [markdown]
 # ### Derived settings: the ablation variants and the runs of this tier
@@ -162,12 +163,12 @@ BUDGET = load_budget(TIER)  # params/<tier>/budget.yml: the tier's one budget, s
 # variant -> (method, method kwargs); "full" is the default StructLoRA (T=1, hybrid graph); the groups
 # (ablations.GROUPS): components = Table 5, gnn_depth / graph = Table 6, penalties = Table 9, coupling = E.5
 VARIANTS = ablations.variants(PENALTY_WEIGHT)
-assert set(TASKS) <= set(TASK_MODEL), f"unknown task in {sorted(TASKS)}"
+assert set(TASKS) <= set(MODELS), f"unknown task in {sorted(TASKS)}"
 assert all(set(g) <= set(GROUPS) for g in TASKS.values()), f"unknown ablation group in {TASKS}"
 
 
 def seeds_for(task: str, variant: str) -> list[int]:
-    return list(SEEDS_BY_VARIANT.get(variant, SEEDS_BY_MODEL.get(TASK_MODEL[task], SEEDS)))
+    return list(SEEDS_BY_VARIANT.get(variant, SEEDS_BY_MODEL.get(MODELS[task], SEEDS)))
 
 
 def variants_for(task: str) -> list[str]:
@@ -176,7 +177,7 @@ def variants_for(task: str) -> list[str]:
 
 def spec_for(task: str, variant: str, seed: int) -> RunSpec:
     method, kw = VARIANTS[variant]
-    model = TASK_MODEL[task]
+    model = MODELS[task]
     return RunSpec.make(task, model, method, rank=RANK, seed=seed, fraction=1.0, **BUDGET.run(model, method), **kw)
 
 
@@ -184,10 +185,10 @@ plan = [(t, v, s) for t in TASKS for v in variants_for(t) for s in seeds_for(t, 
 specs = [spec_for(t, v, s) for t, v, s in plan]
 variant_of = {spec.key(): (t, v) for (t, v, s), spec in zip(plan, specs)}
 print(f"tier {TIER}: {len(specs)} runs")
-display(pd.DataFrame([{"task": t, "model": TASK_MODEL[t], "groups": ", ".join(TASKS[t]),
+display(pd.DataFrame([{"task": t, "model": MODELS[t], "groups": ", ".join(TASKS[t]),
                        "variants": len(variants_for(t)),
                        "seeds": ablations.n_range(len(seeds_for(t, v)) for v in variants_for(t)),
-                       **{k: BUDGET[TASK_MODEL[t]][k] for k in ("max_steps", "batch_size", "max_length")}}
+                       **{k: BUDGET[MODELS[t]][k] for k in ("max_steps", "batch_size", "max_length")}}
                       for t in TASKS]))
 
 # %% [markdown]
@@ -199,8 +200,8 @@ display(pd.DataFrame([{"task": t, "model": TASK_MODEL[t], "groups": ", ".join(TA
 # %%
 # NBVAL_CHECK_OUTPUT
 params = {TIER: {"TASKS": TASKS, "SEEDS": SEEDS, "SEEDS_BY_MODEL": SEEDS_BY_MODEL, "SEEDS_BY_VARIANT": SEEDS_BY_VARIANT}}
-params.update({tier: tier_params(NB, tier) for tier in ("cpu", "gpu") if tier != TIER})
-coverage, missing = ablations.coverage(params, TIER)
+params.update({tier: tier_params(NB, tier) for tier in peer_tiers(TIER)})  # the tiers on the same models
+coverage, missing = ablations.coverage(params, TIER, task_model=MODELS)
 display(coverage)
 print(f"this tier ({TIER}) leaves out {len(missing)} (task, group) pairs:",
       ", ".join(f"{t}/{g}" for t, g in missing) or "none")
@@ -305,7 +306,7 @@ display(ablations.cost_table(ok, TASKS).round(3))
 # %%
 fig = plots.ablation_panels(ok, TASKS, ORDER, LABELS, {v: m for v, (m, _) in VARIANTS.items()},
                             side=GROUPS["penalties"] + ["no_gate", "no_coord"],
-                            title=f"Ablations ({TIER} tier; {', '.join(f'{t}: {TASK_MODEL[t]}' for t in TASKS)})")
+                            title=f"Ablations ({TIER} tier; {', '.join(f'{t}: {MODELS[t]}' for t in TASKS)})")
 fig_path = plots.save_figure(fig, NB, "ablations", TIER)
 fig;
 
@@ -325,7 +326,8 @@ fig;
 # %%
 # NBVAL_CHECK_OUTPUT
 # every verdict runs the power analysis against the tier's seed cap (stats.seeds_needed, stats.decide)
-claims = ablations.ablation_claims(ok, TASKS, NB, TIER, seeds_cap=BUDGET.seed_cap, pending=pending_count(df))
+claims = ablations.ablation_claims(ok, TASKS, NB, TIER, seeds_cap=BUDGET.seed_cap, pending=pending_count(df),
+                                   task_model=MODELS)
 ledger = pd.DataFrame([c.to_dict() for c in claims])
 display(ledger[["claim_id", "paper_value", "n", "verdict"]] if len(ledger) else ledger)
 

@@ -144,9 +144,10 @@ from structlora.repro.notebook import findings
 display(Markdown(findings(NB, TIER)))
 
 # %%
-from structlora.repro.notebook import TASK_MODEL, load_budget, run_summary
+from structlora.repro.notebook import load_budget, run_summary
 
 BUDGET = load_budget(TIER)  # params/<tier>/budget.yml: the tier's one budget, shared by every notebook
+MODELS = BUDGET.task_model  # the model each task trains in this tier (the paper tier: its hub models)
 
 # %% [markdown]
 # ### Derived settings
@@ -156,15 +157,15 @@ BUDGET = load_budget(TIER)  # params/<tier>/budget.yml: the tier's one budget, s
 LABELS = {m: paper.METHOD_LABELS.get(m, m) for m in STRATEGIES + REFERENCE + PROBE_METHODS}
 FILTER_KW = {"keep_ratio": KEEP_RATIO, **FILTER_OPTIONS}  # same keep ratio and warm-up for the three strategies
 PROBE_TASK = TASKS[0]
-assert set(TASKS) <= set(TASK_MODEL), f"unknown task in {TASKS}"
+assert set(TASKS) <= set(MODELS), f"unknown task in {TASKS}"
 
 
 def seeds_for(task: str, method: str) -> list[int]:
-    return list(SEEDS_BY_METHOD.get(method, SEEDS_BY_MODEL.get(TASK_MODEL[task], SEEDS)))
+    return list(SEEDS_BY_METHOD.get(method, SEEDS_BY_MODEL.get(MODELS[task], SEEDS)))
 
 
 def spec_for(task: str, method: str, seed: int) -> RunSpec:
-    model = TASK_MODEL[task]
+    model = MODELS[task]
     kw = FILTER_KW if method.startswith("filter_") else {}
     return RunSpec.make(task, model, method, rank=RANK, seed=seed, fraction=1.0, **BUDGET.run(model, method), **kw)
 
@@ -227,7 +228,7 @@ display(tests[["task", "comparison", "diff_mean", "ci_low", "ci_high", "p", "n"]
 # %%
 n_seeds = max(len(seeds_for(t, m)) for t in TASKS for m in STRATEGIES)
 fig = plots.filter_bars(ok, TASKS, STRATEGIES, LABELS, xlabel=f"keep ratio {KEEP_RATIO} ({keep} of {RANK})",
-                        ylabels=[f"{t} ({TASK_MODEL[t]}): test accuracy (%)" for t in TASKS],
+                        ylabels=[f"{t} ({MODELS[t]}): test accuracy (%)" for t in TASKS],
                         reference_label=f"LoRA, all {RANK} directions",
                         title=f"Filtering strategies (Fig. 2; {TIER} tier, mean ± std over {n_seeds} seed(s))")
 fig_path = plots.save_figure(fig, NB, "strategies", TIER)
@@ -306,8 +307,9 @@ else:
 # and a margin of 0 (stats.DIRECTION_ONLY); no effect size to plan for, so the filters run to the seed cap,
 # where a comparison still not significant is "undecidable at this scale"
 claims = (filters.filter_claims(tests, TASKS, LABELS, KEEP_RATIO, NB, TIER, seeds_cap=BUDGET.seed_cap,
-                                pending=pending_count(df))
-          + filters.relevance_claims(corr, PROBE_METHODS, LABELS, PROBE_TASK, PROBE_SEED, NB, TIER))
+                                pending=pending_count(df), task_model=MODELS)
+          + filters.relevance_claims(corr, PROBE_METHODS, LABELS, PROBE_TASK, PROBE_SEED, NB, TIER,
+                                     pending=[m for m, t in probed.items() if t.record["status"] == "pending"]))
 ledger = pd.DataFrame([c.to_dict() for c in claims])
 display(ledger[["claim_id", "paper_value", "n"]])
 

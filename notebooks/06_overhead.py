@@ -136,13 +136,13 @@ from structlora.repro.notebook import findings
 display(Markdown(findings(NB, TIER)))
 
 # %%
-from structlora.repro.notebook import TASK_MODEL, load_budget, wall_time
+from structlora.repro.notebook import load_budget, wall_time
 
 BUDGET = load_budget(TIER)  # params/<tier>/budget.yml: the tier's one budget, shared by every notebook
 
 # %%
 # NBVAL_CHECK_OUTPUT
-MODEL = TASK_MODEL[TASK]
+MODEL = BUDGET.task_model[TASK]  # the model the task trains in this tier
 print("benchmark:", "python -m structlora.repro.bench", " ".join(f"--{k}={v}" for k, v in BENCH.items()))
 print(f"training-loop comparison: lora vs structlora on {TASK} ({MODEL}), {len(SEEDS)} seed(s), "
       f"{BUDGET[MODEL]['max_steps']} steps of {BUDGET[MODEL]['batch_size']} x {BUDGET[MODEL]['max_length']}")

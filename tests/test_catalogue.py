@@ -223,3 +223,26 @@ def test_every_tier_budget_gives_the_family_structloras_rate():
                 expected = table.get(spec.name, table.get(spec.lr_from or "", table["default"]))
                 assert budget.lr_of(model, spec.name) == float(expected), (tier, model, spec.name)
             assert budget.lr_of(model, "not_a_method") == float(table["default"])
+
+
+def test_the_paper_tiers_hub_tasks_are_task_specs_that_load_online_only(monkeypatch):
+    """Issue 22: adding a task is one TaskSpec, hub tasks included. The paper tier's GLUE and CIFAR-100 tasks
+    are registered with their kind, classes, model and paper column; they are in every table but the offline
+    ones (``list_tasks``, ``TASK_MODEL``), and loading one offline names the switch."""
+    assert dict(tasks.HUB_TASKS) == {**{f"glue/{c}": "nyu-mll/glue" for c in
+                                       ("sst2", "mrpc", "rte", "cola", "qnli", "qqp", "mnli")},
+                                    "cifar100": "uoft-cs/cifar100"}
+    assert not set(tasks.HUB_TASKS) & set(tasks.list_tasks()) and not set(tasks.HUB_TASKS) & set(notebook.TASK_MODEL)
+    budget = notebook.load_budget("paper")
+    for name in budget.task_model:          # every task of the paper tier is in the catalogue, of its model's kind
+        spec = catalogue.get_task(name)
+        assert spec.main_table is not None and tasks.NUM_CLASSES[name] == spec.num_classes
+    assert tasks.NUM_CLASSES["glue/mnli"] == 3 and tasks.NUM_CLASSES["cifar100"] == 100
+    assert paper.MAIN_TABLE["glue/rte"] == 2 and paper.paper_diff(2, "glue/rte") == paper.paper_diff(2, "rte")
+    assert paper.ABLATION_COL["cifar100"] == "cifar100" and main_results.MODEL_KIND["vit_base_patch16_224"] == "image-cls"
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    for name in ("glue/cola", "cifar100"):
+        with pytest.raises(RuntimeError, match="needs the Hugging Face hub"):
+            tasks.load_task(name)
+    with pytest.raises(ValueError, match="hub"):
+        dataclasses.replace(catalogue.get_task("cifar100"), hub="")

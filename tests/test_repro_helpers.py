@@ -234,6 +234,18 @@ def test_ablation_coverage_names_the_seeds_of_each_group_and_what_a_tier_leaves_
     assert ablations.n_range([3]) == "3" and ablations.n_range([10, 3, 4]) == "3-10"
 
 
+def test_ablation_coverage_of_a_tier_on_other_models_lists_its_own_tasks():
+    """The paper tier: its tasks are the columns (the offline ones first, in COVERAGE_ORDER), its models'
+    seeds are looked up in SEEDS_BY_MODEL, and it leaves out only pairs of tasks that it runs."""
+    models = {"boolq": "TinyLlama/TinyLlama_v1.1", "cifar100": "vit_base_patch16_224"}
+    params = {"paper": {"TASKS": {"cifar100": ["components"], "boolq": ["components", "graph"]}, "SEEDS": [0, 1, 2],
+                        "SEEDS_BY_MODEL": {"vit_base_patch16_224": [0]}}}
+    table, missing = ablations.coverage(params, "paper", task_model=models)
+    assert list(table.columns) == ["boolq", "cifar100"]
+    assert table.loc["components", "cifar100"] == "paper:1" and table.loc["graph", "boolq"] == "paper:3"
+    assert {t for t, _ in missing} == {"boolq", "cifar100"} and ("cifar100", "graph") in missing
+
+
 def _ablation_runs(full_gain: float = 2.0) -> pd.DataFrame:
     rng = np.random.default_rng(0)
     rows = []
@@ -403,6 +415,9 @@ def test_relevance_claims_judge_rho_gate_minus_rho_norm_and_say_why_when_they_ca
     assert got[1].note == "a score is constant over the directions" and got[2].note == "model not probed in this tier"
     md = filters.summary_markdown(got, "cpu")
     assert "1 of 3 probed models show the gate ranking better" in md and md.count("\n- **") == 3
+    # records-only: a probed model without a record yet is pending, not skipped
+    (c,) = filters.relevance_claims(corr, ["lora"], _FILTER_LABELS, "sst2", 0, "05", "paper", pending=["lora"])
+    assert c.verdict == "pending" and "--train-pending" in c.note
 
 
 def test_a_probe_whose_interval_includes_0_is_undecidable_with_the_directions_it_would_need():
@@ -463,6 +478,28 @@ def test_main_results_grid_and_coverage_say_what_each_tier_runs():
     n_applicable = len(main_results.in_scope()) * 6 - 1
     assert line.startswith(f"this tier (cpu) leaves out {n_applicable - 3} of the {n_applicable} applicable")
     assert line.endswith("of which the gpu tier runs 2")
+
+
+def test_main_results_of_a_tier_on_hub_models_take_the_models_of_its_budget():
+    """The paper tier's budget names its own models (Budget.task_model): the coverage table's columns, the
+    not-applicable lines and the claims say them; the cpu tier's defaults are the offline TASK_MODEL."""
+    from structlora.repro.notebook import TASK_MODEL, load_budget, peer_tiers
+
+    models = load_budget("paper").task_model
+    assert load_budget("cpu").task_model == dict(TASK_MODEL) and "glue/sst2" not in TASK_MODEL
+    assert peer_tiers("cpu") == ["gpu"] and peer_tiers("paper") == []
+    paper_p = {"TASKS": ["glue/sst2", "cifar100"], "METHODS": ["lora", "prefix", "structlora"], "TASK_METHODS": {},
+               "SEEDS": [0, 1, 2], "TASK_SEEDS": {}, "RANK": 8}
+    table, line = main_results.coverage({"paper": paper_p}, "paper", tasks=list(models))
+    assert list(table.columns) == list(models) and table.loc["lora", "glue/sst2"] == "paper:3"
+    assert table.loc["prefix", "cifar100"] == "n/a" and table.loc["lora", "boolq"] == ""
+    assert "prefix on cifar100: prefix supports seq-cls, causal-lm models, vit_base_patch16_224 is image-cls" \
+        in main_results.not_applicable(models)
+    claims = main_results.main_claims(pd.DataFrame(columns=["task", "method", "seed", "acc", "val_accuracy",
+                                                            "single_class"]),
+                                      ["glue/sst2"], "01", "paper", seeds_cap=3, pending=30, task_model=models)
+    assert {c.verdict for c in claims} == {"pending"}
+    assert "(FacebookAI/roberta-base; paper: sst2, Table 2)" in claims[0].claim
 
 
 def _main_runs() -> pd.DataFrame:

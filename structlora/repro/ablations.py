@@ -17,7 +17,7 @@ from structlora.repro.notebook import TASK_MODEL
 from structlora.repro.stats import paired_test as _paired_test
 
 __all__ = ["GROUPS", "LABELS", "ORDER", "variants", "t5_paper_delta", "t6_paper_delta", "delta_table", "paired",
-           "paper_str", "n_range", "coverage", "t9_table", "cost_table", "ablation_claims", "summary_markdown"]
+           "paper_str", "n_range", "COVERAGE_ORDER", "coverage", "t9_table", "cost_table", "ablation_claims", "summary_markdown"]
 
 
 def paired_test(*args, **kwargs):
@@ -46,6 +46,8 @@ LABELS: dict[str, str] = {
     "lora": "w/o both (LoRA)", "gnn_T2": "2-layer GNN (T=2)", "gnn_T3": "3-layer GNN (T=3)",
     "graph_adjacency": "adjacency only", "graph_similarity": "similarity only", "lora_cos": "LoRA+Cos",
     "lora_lap": "LoRA+Lap", "static_eta": "static coupling (eta frozen)", "zero_gains": "zero-start edge gains"}
+# the coverage table's first columns: the tasks the offline tiers run ablations on, in their table order
+COVERAGE_ORDER: tuple[str, ...] = ("sst2", "fmnist-transfer", "boolq")
 # Table 6's row of each variant
 _T6_ROW = {"full": "structlora (1-layer GNN, hybrid graph)", "gnn_T2": "2-layer GNN", "gnn_T3": "3-layer GNN",
            "graph_adjacency": "adjacency only", "graph_similarity": "similarity only"}
@@ -64,13 +66,11 @@ def variants(penalty_weight: float = 0.1) -> dict[str, tuple[str, dict[str, Any]
 
 
 def t5_paper_delta(task: str, variant: str) -> float | None:
-    """Table 5's (variant − full) in the column ``task`` stands in for (`paper.ABLATION_COL`); None where
-    the table has no such column (only BoolQ and CIFAR-100 are given; fmnist-transfer is not CIFAR-100)."""
+    """Table 5's (variant − full) in the column ``task`` stands in for (`paper.ABLATION_COL`: BoolQ for the
+    language tasks, CIFAR-100 for fmnist-transfer and cifar100); None where the table has no such value."""
     col = paper.ABLATION_COL[task]
-    if task == "fmnist-transfer" or col == "boolq":
-        a, b = paper.TABLE5.get(_METHOD[variant], {}).get(col), paper.TABLE5["structlora"].get(col)
-        return None if a is None or b is None else round(a - b, 2)
-    return None
+    a, b = paper.TABLE5.get(_METHOD[variant], {}).get(col), paper.TABLE5["structlora"].get(col)
+    return None if a is None or b is None else round(a - b, 2)
 
 
 def t6_paper_delta(task: str, variant: str) -> float:
@@ -130,21 +130,27 @@ def n_range(ns) -> str:
     return f"{ns[0]}" if len(ns) == 1 else f"{ns[0]}-{ns[-1]}"
 
 
-def coverage(params: Mapping[str, Mapping[str, Any] | None], tier: str,
-             all_tasks: Sequence[str] = ("sst2", "fmnist-transfer", "boolq")) -> tuple[pd.DataFrame, list[tuple]]:
+def coverage(params: Mapping[str, Mapping[str, Any] | None], tier: str, all_tasks: Sequence[str] | None = None,
+             task_model: Mapping[str, str] | None = None) -> tuple[pd.DataFrame, list[tuple]]:
     """What each tier runs: (group × task table of ``"<tier>:<seeds>"`` cells, the (task, group) pairs
     ``tier`` leaves out). ``params`` maps a tier to its notebook parameters (``TASKS``, ``SEEDS`` and the
-    optional ``SEEDS_BY_MODEL`` / ``SEEDS_BY_VARIANT`` overrides) or None where the tier has no file."""
+    optional ``SEEDS_BY_MODEL`` / ``SEEDS_BY_VARIANT`` overrides) or None where the tier has no file.
+    ``all_tasks``: the tasks a tier could leave out (default: those any tier runs, `COVERAGE_ORDER`'s
+    first); ``task_model``: the model each task trains in these tiers (their ``Budget.task_model``;
+    default the offline `TASK_MODEL`)."""
+    task_model = TASK_MODEL if task_model is None else task_model
     cover = []
     for name, p in params.items():
         if p is None:
             continue
         for t, groups in p["TASKS"].items():
-            base = (p.get("SEEDS_BY_MODEL") or {}).get(TASK_MODEL[t], p["SEEDS"])
+            base = (p.get("SEEDS_BY_MODEL") or {}).get(task_model[t], p["SEEDS"])
             for g in groups:  # seeds per variant of the group: "cpu:3" or "cpu:3-10"
                 n = n_range(len((p.get("SEEDS_BY_VARIANT") or {}).get(v, base)) for v in GROUPS[g])
                 cover.append({"tier": name, "task": t, "group": g, "cell": f"{name}:{n}"})
     cover = pd.DataFrame(cover, columns=["tier", "task", "group", "cell"])
+    ran = list(dict.fromkeys(cover["task"]))
+    all_tasks = [t for t in dict.fromkeys([*COVERAGE_ORDER, *ran]) if t in ran] if all_tasks is None else all_tasks
     table = (cover.groupby(["group", "task"])["cell"].agg(" ".join).unstack("task")
              .reindex(index=list(GROUPS), columns=[t for t in all_tasks if t in set(cover["task"])]).fillna(""))
     have = set(zip(cover.loc[cover["tier"] == tier, "task"], cover.loc[cover["tier"] == tier, "group"]))
@@ -208,13 +214,16 @@ def _relative_energy(ok: pd.DataFrame, task: str, v: str) -> pd.Series | None:
 
 
 def ablation_claims(ok: pd.DataFrame, tasks: Mapping[str, Sequence[str]], notebook: str, tier: str,
-                    seeds_cap: int | None = None, pending: int = 0) -> list[Claim]:
+                    seeds_cap: int | None = None, pending: int = 0,
+                    task_model: Mapping[str, str] | None = None) -> list[Claim]:
     """The ablation claims of the groups each task runs, every one a paired test over seeds judged by
     `claim_from_test` against the paper's difference in the column the task stands in for:
     Table 5 (full − w/o IB filter / w/o GNN / LoRA; T5), Table 6 (T=1 vs T=2, 3; hybrid vs adjacency /
     similarity; T6), Table 9 (accuracy, relative drift energy and CosAdj against LoRA+Cos / LoRA+Lap)
     and appendix E.5 (learned vs static coupling: direction only, margin 0). ``ok`` holds the finished
-    runs with ``variant``, ``seed``, ``acc`` (%) and the ``diag_*`` columns."""
+    runs with ``variant``, ``seed``, ``acc`` (%) and the ``diag_*`` columns; ``task_model`` the model each task
+    trained (the tier's ``Budget.task_model``; default the offline `TASK_MODEL`)."""
+    task_model = TASK_MODEL if task_model is None else task_model
     okv = ok.assign(method=ok["variant"])  # paired tests compare variants (several share a method name)
     test = partial(paired, okv)
     claim = partial(claim_from_test, notebook=notebook, tier=tier, seeds_cap=seeds_cap, pending=pending)
@@ -222,7 +231,7 @@ def ablation_claims(ok: pd.DataFrame, tasks: Mapping[str, Sequence[str]], notebo
     for t in tasks:
         colname = paper.COLUMN_LABEL[paper.ABLATION_COL[t]]
         col = paper.ABLATION_COL[t]
-        stand_in = f"{t}/{TASK_MODEL[t]} compared with the paper's {colname} column"
+        stand_in = f"{t}/{task_model[t]} compared with the paper's {colname} column"
         if "components" in tasks[t]:
             for v, what in (("no_gate", "the IB filter"), ("no_coord", "the GNN coordinator"), ("lora", "both modules")):
                 pd5 = t5_paper_delta(t, v)
@@ -240,7 +249,7 @@ def ablation_claims(ok: pd.DataFrame, tasks: Mapping[str, Sequence[str]], notebo
                         "graph_similarity": "hybrid graph beats similarity-only"}[v]
                 claims.append(claim(f"T6.{t}.full>{v}", claim=f"{what} on {t} (accuracy)", test=test(t, "full", v),
                                     paper_diff=pdiff, paper_value=paper_str(pdiff, "Table 6, BoolQ/LLaMA-7B"),
-                                    note=f"{t}/{TASK_MODEL[t]} compared with the paper's BoolQ/LLaMA-7B"))
+                                    note=f"{t}/{task_model[t]} compared with the paper's BoolQ/LLaMA-7B"))
         if "penalties" in tasks[t]:
             full9 = paper.TABLE9["structlora"]
             for v in ("lora_cos", "lora_lap"):

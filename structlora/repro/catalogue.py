@@ -15,7 +15,9 @@ view                              derived from
 ``registry.BUDGET_POLICY``         `MethodSpec.budget` (Table 12's budget matching)
 ``notebook.STRUCTLORA_FAMILY``     `MethodSpec.lr_from` (the variants that train at StructLoRA's rate)
 ``tasks.NUM_CLASSES``, ``_TASKS``  `TaskSpec.num_classes`, ``kind``/``model_kind``/``loader``/``labels``
-``notebook.TASK_MODEL``            `TaskSpec.model`
+``tasks.list_tasks()``             the tasks whose `TaskSpec.hub` is None (they load offline)
+``tasks.HUB_TASKS``                `TaskSpec.hub` (the tasks that load from the Hugging Face hub, online only)
+``notebook.TASK_MODEL``            `TaskSpec.model` of the offline tasks (a tier's budget may name others)
 ``main_results.MODEL_KIND``        `TaskSpec.model` -> `TaskSpec.model_kind`
 ``paper.PAPER_TASK``               `TaskSpec.paper` (the paper table -> column the task stands in for)
 ``paper.MAIN_TABLE``               `TaskSpec.main_table` (Table 1 or 2)
@@ -116,10 +118,11 @@ class TaskSpec:
     loader: Callable[[], tuple[dict, str, dict]]  # () -> (train/validation/test splits, source, split stats)
     num_classes: int                 # classes (answer options), known without loading the data
     labels: tuple[str, ...] | None = None  # class names; None = the train split's ClassLabel names
-    model: str | None = None         # the offline model that trains it in the notebooks (a stand-in)
+    model: str | None = None         # the model that trains it by default: the offline stand-in, or (hub) the paper's
     paper: Mapping[int, str] = field(default_factory=dict)  # paper table -> the column it stands in for
     main_table: int | None = None    # the main-results table (1 or 2) its StructLoRA - LoRA gap is compared with
     ablation_col: str | None = None  # the column of Tables 3-6 and 9 its rank/few-shot/ablation gaps meet
+    hub: str | None = None           # the Hugging Face hub data set its loader downloads (online only); None: offline
 
     def __post_init__(self) -> None:
         if not self.name or not isinstance(self.name, str):
@@ -138,6 +141,8 @@ class TaskSpec:
             raise ValueError(f"{self.name}: main_table {self.main_table} has no column in paper {dict(self.paper)}")
         if (self.main_table is not None or self.ablation_col is not None) and self.model is None:
             raise ValueError(f"{self.name}: a task compared with the paper needs its model")
+        if self.hub is not None and (not isinstance(self.hub, str) or not self.hub):
+            raise ValueError(f"{self.name}: hub must be a hub data set id or None, got {self.hub!r}")
         object.__setattr__(self, "labels", None if self.labels is None else tuple(self.labels))
         object.__setattr__(self, "paper", _frozen(self.paper))
 

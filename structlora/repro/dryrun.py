@@ -121,7 +121,6 @@ def tiny_model(name: str, task: str | None = None, num_labels: int | None = None
 
 
 # ------------------------------------------------------------------------------------------ tiny data
-_GLUE_CLASSES = {"glue/mnli": 3}
 _GLUE_PAIRS = {"glue/mrpc", "glue/rte", "glue/qnli", "glue/qqp", "glue/mnli", "glue/wnli", "mrpc", "rte"}
 
 
@@ -152,7 +151,7 @@ def tiny_task(name: str, fraction: float = 1.0, seed: int = 0) -> Any:
 
     model_kind = task_kind(name)
     kind = {"causal-lm": "multiple-choice"}.get(model_kind, model_kind)
-    n_classes = 100 if name == "cifar100" else NUM_CLASSES.get(name, _GLUE_CLASSES.get(name, 2))
+    n_classes = NUM_CLASSES.get(name, 2)
     rng = np.random.default_rng(0)
     splits = {}
     for split, n in (("train", max(N_TRAIN, n_classes)), ("validation", N_EVAL), ("test", N_EVAL)):

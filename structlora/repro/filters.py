@@ -8,7 +8,7 @@ filters run to the tier's seed cap, and a comparison still not significant there
 scale*, with the seeds a difference of the observed size would need."""
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 
 import numpy as np
 import pandas as pd
@@ -34,10 +34,13 @@ def pair_tests(ok: pd.DataFrame, labels: Mapping[str, str], pairs: Sequence[tupl
 
 def filter_claims(tests: pd.DataFrame, tasks: Sequence[str], labels: Mapping[str, str], keep_ratio: float,
                   notebook: str, tier: str, pairs: Sequence[tuple[str, str]] = PAIRS,
-                  seeds_cap: int | None = None, pending: int = 0) -> list[Claim]:
+                  seeds_cap: int | None = None, pending: int = 0,
+                  task_model: Mapping[str, str] | None = None) -> list[Claim]:
     """One direction-only claim per (task, pair) of Fig. 2 from ``pair_tests``; ``"skipped"`` when a pair
     has no paired runs. With ``seeds_cap``, a comparison still not significant at the cap is *undecidable
-    at this scale* (`claims.claim_from_test`)."""
+    at this scale* (`claims.claim_from_test`). ``task_model``: the model each task trained (the tier's
+    ``Budget.task_model``; default the offline `TASK_MODEL`)."""
+    task_model = TASK_MODEL if task_model is None else task_model
     claims = []
     for t in tasks:
         for a, b in pairs:
@@ -45,7 +48,7 @@ def filter_claims(tests: pd.DataFrame, tasks: Sequence[str], labels: Mapping[str
             what = "slightly beats" if a == "filter_topk_norm" else "beats"
             claims.append(claim_from_test(
                 f"F2.{t}.{a.removeprefix('filter_')}>{b.removeprefix('filter_')}", notebook, tier,
-                f"{labels[a]} {what} {labels[b]} at keep ratio {keep_ratio} on {t} ({TASK_MODEL[t]})",
+                f"{labels[a]} {what} {labels[b]} at keep ratio {keep_ratio} on {t} ({task_model[t]})",
                 row.iloc[0] if len(row) else None, DIRECTION_ONLY["paper_diff"], margin=DIRECTION_ONLY["margin"],
                 seeds_cap=seeds_cap, paper_value="> 0 (Fig. 2; bar heights not given in the text)",
                 note="" if len(row) else "not run", pending=pending))
@@ -53,11 +56,12 @@ def filter_claims(tests: pd.DataFrame, tasks: Sequence[str], labels: Mapping[str
 
 
 def relevance_claims(corr: pd.DataFrame, methods: Sequence[str], labels: Mapping[str, str], task: str, seed: int,
-                     notebook: str, tier: str) -> list[Claim]:
+                     notebook: str, tier: str, pending: Collection[str] = ()) -> list[Claim]:
     """Sec. 3.2 / 4.3 ("magnitude is a poor proxy"): per probed model, the gate score ranks its active
     directions by task relevance (Δ validation loss when removed) better than their norm: ρ_gate − ρ_norm
     from `probes.correlation_table`, with its bootstrap CI over directions, judged as a claim of
-    direction. ``"skipped"`` for a model not probed, ``"inconclusive"`` when a score is constant."""
+    direction. ``"pending"`` for a model of ``pending`` (no record yet: records-only mode), ``"skipped"``
+    for another model not probed, ``"inconclusive"`` when a score is constant."""
     claims = []
     for m in methods:
         c = corr[(corr["model"] == m) & (corr["directions"] == "active")]
@@ -65,10 +69,11 @@ def relevance_claims(corr: pd.DataFrame, methods: Sequence[str], labels: Mapping
             f"the gate score ranks the directions of a trained {labels[m]} model by their task relevance (Δ validation "
             f"loss when removed) better than their norm ‖b_j‖‖a_j‖ (Spearman ρ_gate − ρ_norm)")
         if c.empty or not np.isfinite(c["rho_gate-rho_norm"].iloc[0]):
+            verdict, why = (("pending", "the probed model has no record yet (python -m structlora reproduce "
+                             "--train-pending)") if m in pending else ("skipped", "model not probed in this tier")) \
+                if c.empty else ("inconclusive", "a score is constant over the directions")
             claims.append(Claim(cid, notebook, text, "> 0 (Sec. 3.2, 4.3: magnitude is a poor proxy)", "n/a", None, None,
-                                None, 0 if c.empty else int(c["n"].iloc[0]), tier,
-                                "skipped" if c.empty else "inconclusive",
-                                "model not probed in this tier" if c.empty else "a score is constant over the directions"))
+                                None, 0 if c.empty else int(c["n"].iloc[0]), tier, verdict, why))
             continue
         c = c.iloc[0]
         d, lo, hi, n = float(c["rho_gate-rho_norm"]), float(c["ci_low"]), float(c["ci_high"]), int(c["n"])

@@ -16,6 +16,7 @@ from structlora.repro.catalogue import LiveMap, LiveSeq, method_specs, task_spec
 from structlora.repro.notebook import TASK_MODEL
 from structlora.repro.plan import Plan
 from structlora.repro.stats import compare_to_paper, paired_test
+from structlora.repro.tierspecs import task_kind
 
 __all__ = ["PAPER_METHODS", "NOT_PEFT", "MODEL_KIND", "GRID_KEYS", "in_scope", "applies", "not_applicable",
            "seeds_of", "grid_of", "coverage", "side_by_side", "peft_ranks", "main_claims", "summary_markdown"]
@@ -38,15 +39,17 @@ def _kinds() -> dict[str, list[str]]:
 
 
 def applies(task: str, method: str) -> bool:
-    """Whether the method can adapt this task's model at all (e.g. prefix tuning needs a text model)."""
-    return MODEL_KIND[TASK_MODEL[task]] in _kinds()[method]
+    """Whether the method can adapt this task's model at all (e.g. prefix tuning needs a text model): the
+    task's model kind (`tierspecs.task_kind`), whichever model of that kind a tier trains it on."""
+    return task_kind(task) in _kinds()[method]
 
 
-def not_applicable() -> list[str]:
-    """One line per (task, method) of the paper that no tier can run, and why."""
-    kinds = _kinds()
-    return [f"{m} on {t}: {m} supports {', '.join(kinds[m])} models, {TASK_MODEL[t]} is {MODEL_KIND[TASK_MODEL[t]]}"
-            for t in TASK_MODEL for m in in_scope() if not applies(t, m)]
+def not_applicable(task_model: Mapping[str, str] | None = None) -> list[str]:
+    """One line per (task, method) of the paper that no tier can run, and why, over ``task_model`` (the
+    model each task trains: the tier's ``Budget.task_model``; default the offline `TASK_MODEL`)."""
+    kinds, task_model = _kinds(), TASK_MODEL if task_model is None else task_model
+    return [f"{m} on {t}: {m} supports {', '.join(kinds[m])} models, {task_model[t]} is {task_kind(t)}"
+            for t in task_model for m in in_scope() if not applies(t, m)]
 
 
 def seeds_of(p: Mapping[str, Any], task: str, method: str, plan: Plan | None = None) -> list[int]:
@@ -70,11 +73,14 @@ def grid_of(p: Mapping[str, Any], plan: Plan | None = None) -> list[dict[str, An
             for t in p["TASKS"] for m in p["TASK_METHODS"].get(t, p["METHODS"]) if applies(t, m)]
 
 
-def coverage(params: Mapping[str, Mapping[str, Any] | None], tier: str) -> tuple[pd.DataFrame, str]:
+def coverage(params: Mapping[str, Mapping[str, Any] | None], tier: str,
+             tasks: Sequence[str] | None = None) -> tuple[pd.DataFrame, str]:
     """What each tier runs: (method × task table of ``"<tier>:<seeds>"`` cells, ``"n/a"`` where the method
     cannot adapt the model; a line saying how many applicable pairs ``tier`` leaves out, and how many of
-    those the gpu tier runs). ``params`` maps a tier to its parameters, None where it has no file."""
-    scope = in_scope()
+    those the gpu tier runs). ``params`` maps a tier to its parameters, None where it has no file;
+    ``tasks``: the table's columns (the tasks of the tier's ``Budget.task_model``; default the offline
+    `TASK_MODEL`'s)."""
+    scope, tasks = in_scope(), list(TASK_MODEL if tasks is None else tasks)
     from structlora.repro.plan import load_plan
 
     cover = pd.DataFrame([{**r, "tier": name} for name, p in params.items() if p is not None
@@ -82,8 +88,8 @@ def coverage(params: Mapping[str, Mapping[str, Any] | None], tier: str) -> tuple
                          columns=["task", "method", "seeds", "tier"])
     table = (cover.assign(cell=lambda d: d["tier"] + ":" + d["seeds"].astype(str))
              .groupby(["method", "task"])["cell"].agg(" ".join).unstack("task")
-             .reindex(index=scope, columns=list(TASK_MODEL)).fillna(""))
-    pairs = [(t, m) for t in TASK_MODEL for m in scope]
+             .reindex(index=scope, columns=tasks).fillna(""))
+    pairs = [(t, m) for t in tasks for m in scope]
     for t, m in pairs:
         if not applies(t, m):
             table.loc[m, t] = "n/a"
@@ -126,15 +132,18 @@ def peft_ranks(summ: pd.DataFrame, tasks: Sequence[str]) -> pd.DataFrame:
 
 
 def main_claims(ok: pd.DataFrame, tasks: Sequence[str], notebook: str, tier: str,
-                seeds_cap: int | None = None, plan: Plan | None = None, pending: int = 0) -> list[Claim]:
+                seeds_cap: int | None = None, plan: Plan | None = None, pending: int = 0,
+                task_model: Mapping[str, str] | None = None) -> list[Claim]:
     """Per task: StructLoRA − LoRA (Table 1 or 2), and StructLoRA − the strongest other PEFT method, the
     competitor chosen by mean *validation* accuracy (never test), against the paper's margin over its own
     strongest competitor. When that competitor is LoRA the second claim points to the first
     (``same_as``) instead of counting the comparison twice. Comparisons where every run of both arms
     predicts one class are inconclusive (`collapse_status`). StructLoRA − LoRA takes its power analysis
     from the registered ``plan`` once its pilot set the seeds (T1, T2), else from ``seeds_cap``. ``pending``:
-    the notebook's runs without a record (`grid.pending_count`), said in every claim."""
+    the notebook's runs without a record (`grid.pending_count`), said in every claim. ``task_model``: the
+    model each task trained (the tier's ``Budget.task_model``; default the offline `TASK_MODEL`)."""
     cft = partial(claim_from_test, pending=pending)
+    task_model = TASK_MODEL if task_model is None else task_model
     claims = []
     tests = {r["task"]: r for r in paired_test(ok, method="structlora", baseline="lora", metric="acc",
                                                by=("task",)).to_dict("records")}
@@ -146,7 +155,7 @@ def main_claims(ok: pd.DataFrame, tasks: Sequence[str], notebook: str, tier: str
         power = (plan.power(cid) if plan is not None else {}) or {"seeds_cap": seeds_cap}
         claims.append(cft(
             cid, notebook, tier,
-            f"StructLoRA beats LoRA on {t} ({TASK_MODEL[t]}; paper: {col}, Table {table_no})", tests.get(t), pdiff,
+            f"StructLoRA beats LoRA on {t} ({task_model[t]}; paper: {col}, Table {table_no})", tests.get(t), pdiff,
             paper_value=f"{pdiff:+.1f} (Table {table_no}, {col})", **power, degenerate=degenerate,
             note=note if t in tests else "StructLoRA or LoRA did not run on this task in this tier"))
     for t in tasks:

