@@ -80,12 +80,12 @@ def _tokenizer(arch: str, name: str) -> Any:
 def tiny_model(name: str, task: str | None = None, num_labels: int | None = None, seed: int = 0) -> Any:
     """``LoadedModel`` of a tiny random model with the architecture of hub model ``name`` (`ARCHITECTURES`),
     filled in as ``assets.models._load_hub`` fills in the real one (targets, heads, layers)."""
-    from .assets.models import LoadedModel, _ensure_pad_token, _seeded, infer_target_modules
+    from .assets.models import LoadedModel, ensure_pad_token, infer_target_modules, seeded
 
     arch = ARCHITECTURES.get(name)
     if arch is None:
         raise ValueError(f"dry run: no tiny stand-in for model {name!r} (known: {sorted(ARCHITECTURES)})")
-    with _seeded(seed):
+    with seeded(seed):
         if arch == "vit-b16":
             import timm
 
@@ -108,7 +108,7 @@ def tiny_model(name: str, task: str | None = None, num_labels: int | None = None
         else:
             from transformers import LlamaConfig, LlamaForCausalLM
 
-            _ensure_pad_token(tok)
+            ensure_pad_token(tok)
             tok.padding_side = "right"
             cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                               num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,

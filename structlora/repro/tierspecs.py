@@ -20,10 +20,12 @@ __all__ = ["task_kind", "tier_specs"]
 
 def task_kind(task: str) -> str:
     """The model kind a task trains (``seq-cls``, ``causal-lm``, ``image-cls``), without loading its data."""
-    from .assets.tasks import _TASKS, HUB_TASKS
+    from .assets.tasks import HUB_TASKS  # registers the tasks in the catalogue
+    from .catalogue import task_specs
 
-    if task in _TASKS:
-        return _TASKS[task][0][1]
+    registered = {t.name: t.model_kind for t in task_specs()}
+    if task in registered:
+        return registered[task]
     if task in HUB_TASKS:
         return HUB_TASKS[task][0][1]
     if "/" in task:
@@ -32,14 +34,15 @@ def task_kind(task: str) -> str:
 
 
 def _main_results(p: Mapping[str, Any], budget: Any, plan: Any) -> list[RunSpec]:
-    from .main_results import _kinds, in_scope, seeds_of
+    from .catalogue import get_method
+    from .main_results import in_scope, seeds_of
 
-    kinds, scope = _kinds(), set(in_scope())
+    scope = set(in_scope())
     out = []
     for t in p["TASKS"]:
         model = budget.task_model[t]
         for m in p["TASK_METHODS"].get(t, p["METHODS"]):
-            if m in scope and task_kind(t) in kinds[m]:
+            if m in scope and task_kind(t) in get_method(m).kinds:
                 kw = plan.run(t, budget.run(model, m)) if plan is not None else budget.run(model, m)
                 out += [RunSpec(task=t, model=model, method=m, rank=p["RANK"], seed=s, fraction=1.0, **kw)
                         for s in seeds_of(p, t, m, plan)]
