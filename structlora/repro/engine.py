@@ -463,30 +463,6 @@ def _seed_everything(seed: int) -> None:
         torch.cuda.manual_seed_all(seed)
 
 
-# --------------------------------------------------------------------------------------------- optimizer
-def _make_optimizer(handle: Any, params: list[nn.Parameter], named: list[tuple[str, nn.Parameter]],
-                    cfg: TrainConfig) -> torch.optim.Optimizer:
-    """``handle.make_optimizer(lr, wd)`` when the optimizer is part of the method (LoRA-FA), else AdamW over
-    the one shared grouping (`structlora.model.param_groups`, the same for every method): decay on
-    matrices (weights, LoRA factors, the head weight), none on biases / norm weights / vectors (the HF
-    Trainer convention), plus the method's own extra groups (``handle.extra_param_groups(lr)``:
-    StructLoRA's gates and coordinator with their lr multipliers). ``params`` / ``named`` are the
-    trainable parameters the caller found; every one of them must be in a group.
-    """
-    from ..model import param_groups
-
-    make = getattr(handle, "make_optimizer", None)
-    if make is not None:
-        return make(cfg.lr, cfg.weight_decay)
-    extra_fn = getattr(handle, "extra_param_groups", None)
-    groups = param_groups(handle.model, cfg.lr, cfg.weight_decay, extra=extra_fn(cfg.lr) if extra_fn else ())
-    grouped = {id(p) for g in groups for p in g["params"]}
-    missing = [n for n, p in named if id(p) not in grouped]
-    if missing:
-        raise RuntimeError(f"optimizer policy left trainable parameters out of every group: {missing[:5]}")
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, eps=1e-8)
-
-
 # --------------------------------------------------------------------------------------------- evaluation
 def _unwrap_logits(outputs: Any) -> torch.Tensor:
     return outputs.logits if hasattr(outputs, "logits") else outputs[0]
@@ -785,7 +761,7 @@ def train(handle: Any, task: Any, encoded: Mapping[str, Any], cfg: TrainConfig, 
     with torch.no_grad():  # identical start on every rank (the frozen base weights load deterministically)
         for p in params:
             dist.broadcast_(p.data)
-    optimizer = _make_optimizer(handle, params, named, cfg)
+    optimizer = handle.build_optimizer(cfg.lr, cfg.weight_decay, betas=cfg.betas)  # the one optimizer policy
     if cfg.grad_accum > 1 and hasattr(model, "attach_optimizer"):
         # StructLoRA counts its schedules in optimizer steps, not micro-batches (with grad_accum = 1
         # the two coincide; the committed records were trained that way and keep their numerics)
