@@ -109,20 +109,20 @@ def test_a_paper_tier_spec_trains_with_bf16_autocast_and_checkpointing(tmp_path,
 
     import torch
 
-    from structlora.repro import engine
+    from structlora.repro.engine import loop
     from structlora.repro.grid import train_spec
 
     spec = next(s for s in dryrun.families([s for g in tier_specs("paper", ROOT).values() for s in g])
                 if s.model == model and s.method == "structlora" and not s.method_kwargs)
     small = dryrun._two_steps(dataclasses.replace(spec, precision="bf16", gradient_checkpointing=True))
     assert small.key() != dryrun._two_steps(spec).key()
-    dtypes, real = [], engine._autocast
+    dtypes, real = [], loop.autocast
 
     def spy(device, dtype):
         dtypes.append(dtype)
         return real(device, dtype)
 
-    monkeypatch.setattr(engine, "_autocast", spy)
+    monkeypatch.setattr(loop, "autocast", spy)   # the training forward's autocast
     with dryrun._swapped(dryrun.dry_run_loaders()):
         out = train_spec(small, tmp_path, progress=False)
     rec = out.record
