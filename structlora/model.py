@@ -20,11 +20,16 @@ Two ways to save (`export.py`): `save_pretrained` writes the *folded* export (a 
 gates and coordinator folded in, for inference in vanilla peft); `save_training_state` writes the raw
 peft adapter plus the StructLoRA state, which `StructLoraModel.from_pretrained` and the Trainer
 checkpoints of `integrations.StructLoraTrainer` use to continue training.
+
+What peft is accepted and refused is `peft_checks`; the optimizer grouping every method shares is
+`optim.param_groups` (both re-exported here). This module stays over 400 lines because `StructLoraModel`
+is one class (about 410 lines: the peft wrapper, the stage schedules, the factors, save / load) and the
+forward patched into peft's layers reads its per-family state (`layer_factors`, `_eval_factors`), so it
+stays beside it.
 """
 from __future__ import annotations
 
 import contextlib
-import copy
 import os
 import types
 import weakref
@@ -43,26 +48,11 @@ from .gates import FamilyGate
 from .layers import (ADAPTER, LoraLinear, check_supported, factor_A, factor_B, family_links, group_lora_layers,
                      layer_dropout, layer_scaling)
 from .lowrank import cos_penalty, laplacian_penalty
+from .optim import param_groups
+from .peft_checks import REFUSED_PEFT_APIS, check_peft_config, refused_api, synced_config
 
 __all__ = ["StructLoraModel", "get_structlora_model", "Family", "param_groups", "REFUSED_PEFT_APIS"]
 
-# peft APIs that would act on the raw LoRA weights or on several adapters, bypassing the gates and the
-# coordinator: refused, naming what to use instead. Every other public method of peft's PeftModel /
-# LoraModel is exact for StructLoRA (tests/test_training_regimes.py walks them all): merge_adapter,
-# unmerge_adapter and peft's merge_and_unload merge the gated, coordinated update (`get_delta_weight` of
-# each layer is StructLoRA's), ``adapter_names=`` takes "default" / "__base__" rows, disable_adapter gives
-# the base model.
-REFUSED_PEFT_APIS: dict[str, str] = {
-    "add_adapter": "StructLoRA trains one adapter ('default'): wrap another copy of the base model instead",
-    "load_adapter": "load a training state with StructLoraModel.from_pretrained(base, dir) or a folded export with "
-                    "peft.PeftModel.from_pretrained(base, dir)",
-    "delete_adapter": "StructLoRA trains one adapter ('default'); use merge_and_unload() or unload() to drop it",
-    "add_weighted_adapter": "combine folded exports (model.save_pretrained(dir)) in plain peft instead",
-    "inject_adapter": "StructLoRA trains one adapter ('default'): wrap another copy of the base model instead",
-    "subtract_mutated_init": "PiSSA/OLoRA conversion is not supported; export with model.save_pretrained(dir)",
-    "push_to_hub": "write the folded export with model.save_pretrained(dir) and upload dir "
-                   "(huggingface_hub.upload_folder); peft's push_to_hub would upload the raw, ungated factors",
-}
 
 @dataclass
 class Family:
@@ -112,8 +102,8 @@ class StructLoraModel(nn.Module):
         super().__init__()
         check_supported(peft_model)   # before anything reads the peft config: a clear error for other tuners
         self.peft_model = peft_model
-        self.structlora_config = config = _synced_config(config, peft_model)
-        _check_peft_config(config, peft_model)
+        self.structlora_config = config = synced_config(config, peft_model)
+        check_peft_config(config, peft_model)
         self.gates = nn.ModuleDict()
         self.coordinators = nn.ModuleDict()
         self.register_buffer("structlora_step", torch.zeros((), dtype=torch.long))
@@ -214,7 +204,7 @@ class StructLoraModel(nn.Module):
             if name == "peft_model":
                 raise
             if name in REFUSED_PEFT_APIS:
-                return _refused(name)
+                return refused_api(name)
             return getattr(self.peft_model, name)
 
     def set_adapter(self, adapter_name: str | list[str]) -> None:
@@ -503,29 +493,6 @@ class StructLoraModel(nn.Module):
         return export.merge_and_unload(self)
 
 
-def param_groups(model: nn.Module, lr: float, weight_decay: float,
-                 extra: Any = ()) -> list[dict[str, Any]]:
-    """The one AdamW parameter grouping of every method (fair baselines, issue 11 item 6).
-
-    Trainable parameters of ``model`` not in ``extra``, in ``named_parameters`` order (tied tensors once):
-    matrices (``ndim >= 2``: weights, LoRA factors, the head weight) with ``weight_decay``; biases,
-    LayerNorm weights and other vectors (VeRA's lambdas) with none; all at ``lr``. ``extra`` are
-    method-specific groups (e.g. StructLoRA's gates and coordinator, with their lr multipliers), appended
-    as given; their parameters are taken out of the shared groups. Empty groups are dropped.
-    """
-    extra = [dict(g, params=list(g["params"])) for g in extra if list(g["params"])]
-    seen = {id(p) for g in extra for p in g["params"]}
-    decay, no_decay = [], []
-    for _, p in model.named_parameters():
-        if not p.requires_grad or id(p) in seen:
-            continue
-        seen.add(id(p))
-        (decay if p.ndim >= 2 else no_decay).append(p)
-    shared = [{"params": decay, "lr": lr, "weight_decay": weight_decay},
-              {"params": no_decay, "lr": lr, "weight_decay": 0.0}]
-    return [g for g in shared if g["params"]] + extra
-
-
 def _patch_layer(owner: StructLoraModel, fam: Family, l: int, layer: nn.Module) -> None:
     """Give one peft layer StructLoRA's ``forward`` and ``get_delta_weight``, as methods bound to the layer
     (so ``copy.deepcopy`` of the model gives a copy whose layers act on the copy) reading ``(owner, family,
@@ -593,43 +560,9 @@ def _layer_delta_weight(layer: nn.Module, adapter: str) -> torch.Tensor:
     return delta.T if getattr(layer, "fan_in_fan_out", False) else delta
 
 
-def _refused(name: str):
-    def refused(*args: Any, **kwargs: Any) -> Any:
-        raise NotImplementedError(f"{name} is not supported on a StructLoraModel: {REFUSED_PEFT_APIS[name]}")
-    refused.__name__ = name
-    return refused
-
-
 def _checkpointing(model: nn.Module) -> bool:
     """Gradient (activation) checkpointing is on in some module (transformers' ``gradient_checkpointing`` flag)."""
     return any(getattr(m, "gradient_checkpointing", False) is True for m in model.modules())
-
-
-def _check_peft_config(config: StructLoraConfig, peft_model: PeftModel) -> None:
-    """Refuse a StructLoraConfig whose LoRA fields disagree with the peft model StructLoRA is put on (the
-    layers are peft's: a different r or alpha in the config would be reported but not used), and a peft
-    model with more than the one adapter StructLoRA runs."""
-    names = list(peft_model.peft_config)
-    if names != [ADAPTER]:
-        raise ValueError(f"the peft model has adapters {names}; StructLoRA runs exactly one, named {ADAPTER!r}")
-    peft_cfg = peft_model.peft_config[ADAPTER]
-    fields = ("r",) if "VERA" in str(peft_cfg.peft_type) else ("r", "lora_alpha", "use_rslora")
-    diff = {f: (getattr(config, f), getattr(peft_cfg, f)) for f in fields if getattr(config, f) != getattr(peft_cfg, f)}
-    if diff:
-        raise ValueError("the StructLoraConfig disagrees with the peft model it is put on: "
-                         + ", ".join(f"{f}={c!r} (peft: {p!r})" for f, (c, p) in diff.items())
-                         + "; build the StructLoraConfig with the peft model's values")
-
-
-def _synced_config(config: StructLoraConfig, peft_model: PeftModel) -> StructLoraConfig:
-    """A copy of ``config`` with the fields peft corrects while building its layers (``fan_in_fan_out``:
-    True on GPT-2's Conv1D, False on nn.Linear), so StructLoRA never acts on a stale value."""
-    corrected = peft_model.peft_config[ADAPTER]
-    if corrected.fan_in_fan_out == config.fan_in_fan_out:
-        return config
-    config = copy.deepcopy(config)
-    config.fan_in_fan_out = corrected.fan_in_fan_out
-    return config
 
 
 def get_structlora_model(model: nn.Module, config: StructLoraConfig) -> StructLoraModel:

@@ -6,7 +6,8 @@ parameters and metrics to ``OUT_DIR/rank<k>.pt``; ``tests/test_engine.py::test_t
 that both ranks end identical.
 
 As a module it provides stand-ins with the documented interfaces of ``structlora.repro.assets.models``,
-``structlora.repro.assets.tasks`` and ``structlora.repro.methods`` (``ToyTask``, ``ToyHandle``, ``ToyLoaded``), tiny
+``structlora.repro.assets.tasks`` (``ToyTask``, ``ToyLoaded``), handles that are real
+``structlora.repro.methods.MethodHandle`` objects (so the engine builds their optimizer as every method's), tiny
 models (BERT / Llama / ViT with peft LoRA) and learnable toy data sets in the encoded formats.
 """
 from __future__ import annotations
@@ -15,12 +16,14 @@ import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
 from datasets import Array3D, Dataset, DatasetDict, Features, Value
 from torch import nn
+
+from structlora.repro.methods.base import MethodHandle
 
 VOCAB = 32
 
@@ -42,20 +45,6 @@ class ToyTask:
     def compute_metrics(self, predictions: np.ndarray, references: np.ndarray) -> dict[str, float]:
         preds, refs = np.asarray(predictions), np.asarray(references)
         return {"accuracy": float(np.mean(preds == refs))}
-
-
-@dataclass
-class ToyHandle:
-    """Duck-typed ``structlora.repro.methods.MethodHandle``."""
-
-    name: str
-    model: nn.Module
-    trainable_params: int
-    extra_loss: Callable[[], torch.Tensor] | None = None
-    on_step: Callable[[int, int], None] | None = None
-    make_optimizer: Callable[[float, float], Any] | None = None
-    notes: str = ""
-    controller: Any = None
 
 
 @dataclass
@@ -123,8 +112,8 @@ def toy_vit(seed: int = 0, num_labels: int = 2) -> nn.Module:
                                      modules_to_save=["classifier"]))
 
 
-def toy_handle(model: nn.Module, name: str = "lora", **kwargs: Any) -> ToyHandle:
-    return ToyHandle(name=name, model=model, trainable_params=n_trainable(model), **kwargs)
+def toy_handle(model: nn.Module, name: str = "lora", **kwargs: Any) -> MethodHandle:
+    return MethodHandle(name=name, model=model, trainable_params=n_trainable(model), **kwargs)
 
 
 # ------------------------------------------------------------------------------------------ data
@@ -224,7 +213,7 @@ def toy_encode(task: ToyTask, tokenizer: Any, max_length: int) -> DatasetDict:
 
 
 def toy_build_method(name: str, loaded: ToyLoaded, rank: int = 8, seed: int = 0, total_steps: int | None = None,
-                     **kwargs: Any) -> ToyHandle:
+                     **kwargs: Any) -> MethodHandle:
     from peft import LoraConfig, get_peft_model
 
     from structlora.repro.methods import MethodSkipped
@@ -259,7 +248,7 @@ the submitter's environment): ``log`` (a file: one line per run built for traini
 
 
 def hooked_build_method(name: str, loaded: ToyLoaded, rank: int = 8, seed: int = 0, total_steps: int | None = None,
-                        **kwargs: Any) -> ToyHandle:
+                        **kwargs: Any) -> MethodHandle:
     """``toy_build_method`` with the test hooks of ``$STRUCTLORA_TEST_HOOK`` (none when it is unset)."""
     import json
     import time
@@ -287,7 +276,7 @@ TOY_LOADERS = {"load_task": toy_load_task, "load_model": toy_load_model, "encode
 
 
 # ------------------------------------------------------------------------------------------ script
-def dist_setup(world: int) -> tuple[ToyTask, DatasetDict, ToyHandle, Any]:
+def dist_setup(world: int) -> tuple[ToyTask, DatasetDict, MethodHandle, Any]:
     """Task, data, a dropout-free toy BERT and the config whose 4 micro-batches per step are spread
     over ``world`` processes (``grad_accum = 4 // world``): the same arithmetic for any ``world``."""
     from structlora.repro.engine import TrainConfig

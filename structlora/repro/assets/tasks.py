@@ -48,6 +48,10 @@ __all__ = [
     "encode",
     "normalize_text",
     "column",
+    "few_shot_indices",
+    "from_columns",
+    "image_dataset",
+    "task_kind",
 ]
 
 SPLIT_SEED = 0  # fixed: the train/validation/test splits never move with the run seed
@@ -180,7 +184,7 @@ def _split_indices(labels: np.ndarray, groups: list[str] | None, sizes: dict[str
     return {s: np.array(sorted(v), dtype=np.int64) for s, v in out.items()}
 
 
-def _few_shot_indices(labels: np.ndarray, fraction: float, seed: int) -> np.ndarray:
+def few_shot_indices(labels: np.ndarray, fraction: float, seed: int) -> np.ndarray:
     """Per class: permute with ``seed`` and keep the first ``ceil(fraction * n_c)`` (so subsets nest)."""
     labels = np.asarray(labels)
     rng = np.random.default_rng(seed)
@@ -198,7 +202,7 @@ _COLUMN_FEATURES = {
 }
 
 
-def _from_columns(columns: dict[str, Any], features: dict[str, Any] | None = None) -> datasets.Dataset:
+def from_columns(columns: dict[str, Any], features: dict[str, Any] | None = None) -> datasets.Dataset:
     """In-memory dataset with explicit features (``features`` overrides, e.g. a ``ClassLabel`` label)."""
     known = {**_COLUMN_FEATURES, **(features or {})}
     return datasets.Dataset.from_dict(columns, features=datasets.Features({k: known[k] for k in columns}))
@@ -208,7 +212,7 @@ def _make_splits(rows: dict[str, list], label_key: str, sizes: dict[str, int],
                  groups: list[str] | None = None,
                  features: dict[str, Any] | None = None) -> dict[str, datasets.Dataset]:
     parts = _split_indices(np.asarray(rows[label_key]), groups, sizes)
-    return {s: _from_columns({k: [v[i] for i in idx] for k, v in rows.items()}, features)
+    return {s: from_columns({k: [v[i] for i in idx] for k, v in rows.items()}, features)
             for s, idx in parts.items()}
 
 
@@ -275,7 +279,7 @@ def _build_sst2() -> tuple[dict[str, datasets.Dataset], str, dict[str, Any]]:
             "_source_index": [source_rows[i] for i in keep]}
     label_feature = {"label": datasets.ClassLabel(names=["negative", "positive"])}
     splits = _make_splits(rows, "label", {"validation": 1000}, features=label_feature)
-    splits["test"] = _from_columns({"text": [s.strip() for s in test["sentence"]], "label": test["label"],
+    splits["test"] = from_columns({"text": [s.strip() for s in test["sentence"]], "label": test["label"],
                                     "_source_index": list(range(len(test["sentence"])))}, label_feature)
     stats = {"corpus_snippets": len(texts), "removed_within_corpus_duplicates": n_within,
              "removed_overlapping_sst2_test": int(leak.sum())}
@@ -386,7 +390,7 @@ def _fmnist_reader() -> tuple[Callable[[str], tuple[np.ndarray, np.ndarray]], fl
     return read_fashion_mnist, FMNIST_MEAN, FMNIST_STD
 
 
-def _image_dataset(images: np.ndarray, labels: np.ndarray, index: np.ndarray, mean: float, std: float,
+def image_dataset(images: np.ndarray, labels: np.ndarray, index: np.ndarray, mean: float, std: float,
                    names: list[str], shape: tuple[int, int, int] = (1, 28, 28)) -> datasets.Dataset:
     """Build the arrow table directly (50x faster than from_dict for nested arrays), torch-formatted;
     ``images`` hold uint8 pixels in ``shape`` (channels first) per image."""
@@ -413,10 +417,10 @@ def _build_fmnist_transfer() -> tuple[dict[str, datasets.Dataset], str, dict[str
     parts = _split_indices(y_tr[pool], None, {"validation": 1000, "train_subset": 5000})
     for split, key in (("train", "train_subset"), ("validation", "validation")):
         idx = pool[parts[key]]
-        splits[split] = _image_dataset(x_tr[idx], y_tr[idx] - 5, idx, mean, std, names)
+        splits[split] = image_dataset(x_tr[idx], y_tr[idx] - 5, idx, mean, std, names)
     x_te, y_te = (np.asarray(a) for a in read("test"))
     idx = np.nonzero(y_te >= 5)[0]
-    splits["test"] = _image_dataset(x_te[idx], y_te[idx] - 5, idx, mean, std, names)
+    splits["test"] = image_dataset(x_te[idx], y_te[idx] - 5, idx, mean, std, names)
     source = ("Fashion-MNIST (Debian dataset-fashion-mnist) classes 5-9 relabelled 0-4: train 5000 / "
               "validation 1000 drawn stratified (seed 0) from the 30000 train-split images of those "
               "classes; test = all 5000 test-split images of those classes; pixels normalised with "
@@ -442,10 +446,10 @@ def _build_cifar100() -> tuple[dict[str, datasets.Dataset], str, dict[str, Any]]
 
     x_tr, y_tr = arrays(raw["train"])
     parts = _split_indices(y_tr, None, {"validation": 5000})
-    splits = {s: _image_dataset(x_tr[parts[s]], y_tr[parts[s]], parts[s], 0.5, 0.5, names, (3, 32, 32))
+    splits = {s: image_dataset(x_tr[parts[s]], y_tr[parts[s]], parts[s], 0.5, 0.5, names, (3, 32, 32))
               for s in ("train", "validation")}
     x_te, y_te = arrays(raw["test"])
-    splits["test"] = _image_dataset(x_te, y_te, np.arange(len(y_te)), 0.5, 0.5, names, (3, 32, 32))
+    splits["test"] = image_dataset(x_te, y_te, np.arange(len(y_te)), 0.5, 0.5, names, (3, 32, 32))
     source = (f"Hugging Face hub {CIFAR100_HUB!r} (fine labels): train 45,000 / validation 5,000 drawn stratified "
               "(seed 0) from its train split; test = its 10,000 test images; pixels scaled to [-1, 1]")
     return splits, source, {}
@@ -564,7 +568,7 @@ def _build_hub(name: str) -> tuple[dict[str, datasets.Dataset], str, list[str]]:
     train = rows(raw["train"])
     splits = _make_splits(train, "label", {"validation": min(1000, round(0.1 * len(raw["train"])))},
                           features=feature)
-    splits["test"] = _from_columns(rows(raw[test_split]), feature)
+    splits["test"] = from_columns(rows(raw[test_split]), feature)
     source = (f"Hugging Face hub {name!r}: train minus a stratified validation of "
               f"{len(splits['validation'])} (seed 0); test = hub split {test_split!r}")
     return splits, source, labels
@@ -591,6 +595,17 @@ register_task(TaskSpec("cifar100", "image-cls", "image-cls", _build_cifar100, 10
                        hub=CIFAR100_HUB))
 
 
+def task_kind(task: str) -> str:
+    """The model kind a task trains (``seq-cls``, ``causal-lm``, ``image-cls``), without loading its data:
+    its `TaskSpec.model_kind`, or ``seq-cls`` for another hub id (`_build_hub`)."""
+    try:
+        return get_task(task).model_kind
+    except ValueError:
+        if "/" in task:
+            return "seq-cls"   # a GLUE config or another hub text-classification set (_build_hub)
+        raise
+
+
 def load_task(name: str, fraction: float = 1.0, seed: int = 0) -> TaskData:
     """Load task ``name`` with its fixed train/validation/test splits.
 
@@ -614,7 +629,7 @@ def load_task(name: str, fraction: float = 1.0, seed: int = 0) -> TaskData:
                          f"{', '.join(HUB_TASKS)} (or another Hugging Face hub id such as 'user/dataset')")
     train = splits["train"]
     if fraction < 1:
-        train = train.select(_few_shot_indices(column(train, "label"), fraction, seed))
+        train = train.select(few_shot_indices(column(train, "label"), fraction, seed))
     stats = {**stats, **{f"n_{s}": len(splits[s]) for s in SPLITS}, "n_train_subset": len(train)}
     return TaskData(name=name, kind=kind, train=train, validation=splits["validation"], test=splits["test"],
                     labels=labels, metric="accuracy", model_kind=model_kind, source=source,

@@ -94,8 +94,8 @@ def param_groups(model: nn.Module, lr: float, weight_decay: float, extra: Any = 
     """The one optimizer policy of every method (fair baselines): AdamW with decay on matrices (weights,
     LoRA factors, the head weight), none on biases / LayerNorm / vectors, and method-specific ``extra``
     groups (StructLoRA's gates and coordinator, with their lr multipliers) appended; see
-    `structlora.model.param_groups`, which this is."""
-    from ...model import param_groups as _shared
+    `structlora.optim.param_groups`, which this is."""
+    from ...optim import param_groups as _shared
 
     return _shared(model, lr, weight_decay, extra=extra)
 
