@@ -25,6 +25,9 @@ from torch import nn
 
 from structlora.repro.methods.base import MethodHandle
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the tests' toy models, also under torchrun
+from toy import tiny_bert  # noqa: E402
+
 VOCAB = 32
 
 
@@ -67,13 +70,8 @@ def n_trainable(model: nn.Module) -> int:
 # ------------------------------------------------------------------------------------------ models
 def toy_bert(seed: int = 0, num_labels: int = 2, rank: int = 4, lora: bool = True, dropout: float = 0.1) -> nn.Module:
     """A 2-layer, 32-wide BERT classifier; with ``lora``, peft LoRA on query/value + trainable head."""
-    from transformers import BertConfig, BertForSequenceClassification
-
-    torch.manual_seed(seed)
-    cfg = BertConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                     intermediate_size=64, max_position_embeddings=64, num_labels=num_labels,
-                     hidden_dropout_prob=dropout, attention_probs_dropout_prob=0.0)
-    model = BertForSequenceClassification(cfg)
+    model = tiny_bert(2, seed, num_labels=num_labels, vocab=VOCAB, positions=64, dropout=dropout,
+                      attention_dropout=0.0, train=True)
     if not lora:
         return model
     from peft import LoraConfig, get_peft_model

@@ -15,7 +15,8 @@ import sys
 from pathlib import Path
 
 import torch
-from transformers import BertConfig, BertForSequenceClassification
+from toy import tiny_bert
+from transformers import BertForSequenceClassification
 
 from structlora import StructLoraConfig, get_structlora_model
 from structlora.repro.methods import method_defaults
@@ -38,11 +39,7 @@ FAST = {"gate_warmup_steps": 2, "target_ramp_steps": 3, "filter_warmup_steps": 2
 
 
 def _bert(seed: int = 0) -> BertForSequenceClassification:
-    torch.manual_seed(seed)
-    cfg = BertConfig(hidden_size=32, num_hidden_layers=4, num_attention_heads=2, intermediate_size=64,
-                     vocab_size=50, max_position_embeddings=32, hidden_dropout_prob=0.1,
-                     attention_probs_dropout_prob=0.1, num_labels=2)
-    return BertForSequenceClassification(cfg)
+    return tiny_bert(4, seed, dropout=0.1, train=True)
 
 
 def _batch(step: int) -> dict[str, torch.Tensor]:

@@ -7,12 +7,20 @@ from transformers import BertConfig, BertForSequenceClassification, GPT2Config, 
 VOCAB = 50
 
 
-def tiny_bert(layers: int = 4, seed: int = 0, hidden: int = 32) -> BertForSequenceClassification:
-    torch.manual_seed(seed)
+def tiny_bert(layers: int = 4, seed: int | None = 0, hidden: int = 32, *, num_labels: int = 2, vocab: int = VOCAB,
+              positions: int = 32, dropout: float = 0.0, attention_dropout: float | None = None,
+              initializer_range: float = 0.02, train: bool = False) -> BertForSequenceClassification:
+    """The tests' one toy encoder: a random BERT classifier, ``layers`` x ``hidden`` wide, 2 heads, FFN 64.
+    ``seed`` None leaves the global RNG as it is; ``attention_dropout`` defaults to ``dropout``; in eval
+    mode unless ``train``."""
+    if seed is not None:
+        torch.manual_seed(seed)
     cfg = BertConfig(hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=2, intermediate_size=64,
-                     vocab_size=VOCAB, max_position_embeddings=32, hidden_dropout_prob=0.0,
-                     attention_probs_dropout_prob=0.0, num_labels=2)
-    return BertForSequenceClassification(cfg).eval()
+                     vocab_size=vocab, max_position_embeddings=positions, hidden_dropout_prob=dropout,
+                     attention_probs_dropout_prob=dropout if attention_dropout is None else attention_dropout,
+                     num_labels=num_labels, initializer_range=initializer_range)
+    model = BertForSequenceClassification(cfg)
+    return model.train() if train else model.eval()
 
 
 def tiny_gpt2(head: str = "lm", seed: int = 0) -> torch.nn.Module:

@@ -16,7 +16,7 @@ from typing import Any, Mapping
 from .assets.tasks import task_kind
 from .grid import RunSpec
 
-__all__ = ["task_kind", "tier_specs"]
+__all__ = ["probe_specs", "task_kind", "tier_probes", "tier_specs"]
 
 
 def _main_results(p: Mapping[str, Any], budget: Any, plan: Any) -> list[RunSpec]:
@@ -57,16 +57,36 @@ def _ablations(p: Mapping[str, Any], budget: Any, plan: Any) -> list[RunSpec]:
     return out
 
 
+def _filter_spec(p: Mapping[str, Any], budget: Any, task: str, method: str, seed: int) -> RunSpec:
+    model = budget.task_model[task]
+    kw = {"keep_ratio": p["KEEP_RATIO"], **p["FILTER_OPTIONS"]} if method.startswith("filter_") else {}
+    return RunSpec.make(task, model, method, rank=p["RANK"], seed=seed, fraction=1.0, **budget.run(model, method), **kw)
+
+
 def _filters(p: Mapping[str, Any], budget: Any, plan: Any) -> list[RunSpec]:
     out = []
     for t in p["TASKS"]:
         model = budget.task_model[t]
         for m in list(p["STRATEGIES"]) + list(p["REFERENCE"]):
-            kw = {"keep_ratio": p["KEEP_RATIO"], **p["FILTER_OPTIONS"]} if m.startswith("filter_") else {}
             seeds = p["SEEDS_BY_METHOD"].get(m, p["SEEDS_BY_MODEL"].get(model, p["SEEDS"]))
-            out += [RunSpec.make(t, model, m, rank=p["RANK"], seed=s, fraction=1.0, **budget.run(model, m), **kw)
-                    for s in seeds]
+            out += [_filter_spec(p, budget, t, m, s) for s in seeds]
     return out
+
+
+def probe_specs(p: Mapping[str, Any], budget: Any) -> list[RunSpec]:
+    """Notebook 05's probed models (``PROBE_METHODS`` at ``PROBE_SEED`` on the first of ``TASKS``): runs
+    that must also keep their trained weights (the direction-removal probe reads them)."""
+    if not p.get("TASKS"):
+        return []
+    return [_filter_spec(p, budget, p["TASKS"][0], m, p["PROBE_SEED"]) for m in p.get("PROBE_METHODS", [])]
+
+
+def tier_probes(tier: str, root: str | Path | None = None) -> list[RunSpec]:
+    """The tier's probed models (notebook 05's `probe_specs`): trained with their weights kept."""
+    from .notebook import load_budget, tier_params
+
+    params = tier_params("05_filter_strategies", tier, root)
+    return probe_specs(params, load_budget(tier, root)) if params else []
 
 
 _BUILDERS = {"01_main_results": _main_results, "02_rank_sweep": _sweep("RANK", "RANKS"),
