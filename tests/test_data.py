@@ -14,6 +14,7 @@ import datasets
 import numpy as np
 import pytest
 
+from structlora.repro.assets import encoding, image_tasks, task_data
 from structlora.repro.assets import tasks as data
 from structlora.repro.assets.tasks import MissingAssetError, column, encode, list_tasks, load_task, normalize_text
 
@@ -257,10 +258,10 @@ def test_hub_task_online_path(monkeypatch):
 
 def test_missing_assets_name_the_package(monkeypatch, tmp_path):
     with pytest.raises(MissingAssetError, match="pip-name-here.*make setup"):
-        data._package_dir("no_such_module_structlora", "pip-name-here==1.0")
+        task_data.package_dir("no_such_module_structlora", "pip-name-here==1.0")
     monkeypatch.setenv("FASHION_MNIST_DIR", str(tmp_path))
     with pytest.raises(MissingAssetError, match="apt-get install -y dataset-fashion-mnist"):
-        data._fmnist_reader()
+        image_tasks._fmnist_reader()
 
 
 def test_compute_metrics(tasks):
@@ -276,14 +277,14 @@ def test_compute_metrics(tasks):
 def test_encode_seq_cls_is_cached(tasks, minilm_tokenizer, monkeypatch):
     task = load_task("mrpc", fraction=0.5)
     first = encode(task, minilm_tokenizer, 48)
-    cached = [p for p in data.cache_dir("tokenized").iterdir() if p.name.startswith("mrpc-")]
+    cached = [p for p in encoding.cache_dir("tokenized").iterdir() if p.name.startswith("mrpc-")]
     assert len(cached) == 1 and (cached[0] / "dataset_dict.json").exists()
-    assert not [p for p in data.cache_dir("tokenized").iterdir() if p.name.startswith(".")]  # no temp dirs
+    assert not [p for p in encoding.cache_dir("tokenized").iterdir() if p.name.startswith(".")]  # no temp dirs
 
     def must_not_run(*args, **kwargs):
         raise AssertionError("re-tokenised although the cache should have been used")
 
-    monkeypatch.setattr(data, "_encode_split", must_not_run)
+    monkeypatch.setattr(encoding, "_encode_split", must_not_run)
     second = encode(load_task("mrpc", fraction=0.5), minilm_tokenizer, 48)
     for split in SPLITS:
         assert _texts(second[split], "input_ids") == _texts(first[split], "input_ids")

@@ -9,7 +9,7 @@ import time
 import pytest
 import torch
 
-from structlora.repro.assets import models
+from structlora.repro.assets import hub_probe, models
 from structlora.repro.assets.models import LoadedModel, ModelUnavailableError, list_models, load_model
 from structlora.repro.assets.vit import FMNIST_DIR, SHIPPED_DIR, pretrain_vit, read_fashion_mnist, to_pixel_values
 
@@ -71,7 +71,7 @@ def test_unknown_name_offline_fails_fast(monkeypatch):
 
 def test_unknown_name_unreachable_hub_fails_fast(monkeypatch):
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
-    monkeypatch.setattr(models, "_hub_offline_flag", lambda: False)
+    monkeypatch.setattr(models, "hub_offline_flag", lambda: False)
     monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")  # nothing listens there
     t0 = time.time()
     with pytest.raises(ModelUnavailableError, match="unreachable"):
@@ -253,11 +253,11 @@ def test_hub_probe_sees_a_live_server(monkeypatch):
     threading.Thread(target=server.serve_forever, daemon=True).start()
     try:
         monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{server.server_port}")
-        assert models._hub_reachable()  # answers 501 to HEAD: still reachable
+        assert hub_probe.hub_reachable()  # answers 501 to HEAD: still reachable
     finally:
         server.shutdown()
     monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")
-    assert not models._hub_reachable()
+    assert not hub_probe.hub_reachable()
 
 
 def test_mean_pooling_head_uses_the_attention_mask_and_survives_copies():

@@ -54,7 +54,7 @@ def test_records_only_injects_train_and_the_pending_file_without_the_environment
         asked.append(list(stems))
         return [line]
 
-    monkeypatch.setattr(reproduce, "_pending_lines", pending_lines)
+    monkeypatch.setattr(reproduce, "pending_lines", pending_lines)
     monkeypatch.setattr(reproduce, "read_pending", lambda path: [])
     env = dict(os.environ)
     assert reproduce.run_all("cpu", root=root, ledger=False, records_only=True) == 0

