@@ -12,7 +12,7 @@ import pytest
 from structlora.repro import dryrun
 from structlora.repro.grid import RunSpec, read_record, record_path
 from structlora.repro.notebook import load_budget
-from structlora.repro.tierspecs import task_kind, tier_specs
+from structlora.repro.tierspecs import task_kind, tier_probes, tier_specs
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -94,7 +94,10 @@ def test_list_pending_writes_the_tiers_runs_for_train_pending(tmp_path):
     assert list_pending("paper", tmp_path) == 0
     items = read_pending(pending_path("paper", tmp_path))
     specs = {s for group in tier_specs("paper", tmp_path).values() for s in group}
-    assert {spec for spec, _, _ in items} == specs and {folder for _, folder, _ in items} == {"results/runs"}
+    probes = set(tier_probes("paper", tmp_path))
+    assert len(probes) == 2 and {spec for spec, _, _ in items} == specs | probes
+    assert {folder for _, folder, _ in items} == {"results/runs"}
+    assert {spec for spec, _, weights in items if weights} == probes   # 05's probed models keep their weights
     assert all(isinstance(spec, RunSpec) for spec, _, _ in items)
     json.loads(pending_path("paper", tmp_path).read_text().splitlines()[0])
 

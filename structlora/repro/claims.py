@@ -8,6 +8,7 @@ numbers (verdicts come from :func:`structlora.repro.stats.decide`, never typed b
 ``python -m structlora reproduce`` ends with :func:`build_ledger`, which collects the files of one
 tier (``cpu`` by default) into ``results/CLAIMS.md`` (a markdown table) and ``results/claims.csv``.
 The tier is part of every file name, so a smoke run never overwrites cpu-tier claims.
+(~410 lines: the Claim record, its builders and the ledger that renders them change together.)
 
 The primary families and their family-wise decision (`decide_family`) are `structlora.repro.claim_families`;
 their names are re-exported here.

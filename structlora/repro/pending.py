@@ -96,14 +96,26 @@ def tier_runs(tier: str, root: Path, stems: Sequence[str] | None = None) -> list
 
 
 def pending_lines(tier: str, root: Path, stems: Sequence[str] | None = None) -> list[str]:
-    """The pending list's lines (``{"spec", "results_dir", "weights"}``) of the runs without a valid record."""
-    from .grid import read_record, record_path
+    """The pending list's lines (``{"spec", "results_dir", "weights"}``) of the runs without a valid record,
+    and of notebook 05's probed models (`tierspecs.tier_probes`) without their weights too ("weights":
+    true, so ``--train-pending`` keeps them and the probe never has to retrain)."""
+    from .grid import read_record, record_path, weights_path
+    from .notebook import tier_params
+    from .tierspecs import tier_probes
 
     lines = {}
     for spec, folder in tier_runs(tier, root, stems):
         if read_record(root / record_path(spec, folder), spec, warn=False) is None:
             lines[(spec.key(), folder)] = json.dumps({"spec": spec.to_dict(), "results_dir": folder,
                                                       "weights": False}, sort_keys=True)
+    stem = "05_filter_strategies"
+    if stems is None or stem in stems:
+        folder = str((tier_params(stem, tier, root) or {}).get("RESULTS_DIR", "results/runs"))
+        for spec in tier_probes(tier, root):
+            if (read_record(root / record_path(spec, folder), spec, warn=False) is None
+                    or not weights_path(spec, root / folder).is_file()):
+                lines[(spec.key(), folder)] = json.dumps({"spec": spec.to_dict(), "results_dir": folder,
+                                                          "weights": True}, sort_keys=True)
     return list(lines.values())
 
 
