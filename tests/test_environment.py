@@ -110,17 +110,10 @@ def _imports(path: Path) -> set[str]:
     pkg = ".".join(path.relative_to(ROOT).with_suffix("").parts)
     if path.name == "__init__.py":
         pkg = pkg.rsplit(".", 1)[0]
-        base = pkg.split(".")
-    else:
-        base = pkg.split(".")[:-1]
     out = set()
     for node in ast.walk(ast.parse(path.read_text())):
         if isinstance(node, ast.ImportFrom):
-            if node.level:
-                parent = base[: len(base) - node.level + 1]
-                mod = ".".join(parent + ([node.module] if node.module else []))
-            else:
-                mod = node.module or ""
+            mod = _resolve(path, node)
             if mod.startswith("structlora"):
                 if not pkg.startswith(mod + ".") and mod != pkg:  # `from . import x` imports x, not the parent
                     out.add(mod)
@@ -211,15 +204,10 @@ def _private_uses(path: Path, modules: set[str]) -> list[str]:
     return bad
 
 
-# uses still to be made public: assets/tasks.py is being edited elsewhere (issue 22 takes these up with it)
-_PENDING: dict[str, set[str]] = {}  # module -> private uses still to be given public names (none left)
-
-
 def test_no_module_uses_a_private_name_of_another():
     files = {".".join(p.relative_to(ROOT).with_suffix("").parts).removesuffix(".__init__"): p
              for p in (ROOT / "structlora").rglob("*.py")}
-    uses = {m: [u for u in _private_uses(p, set(files)) if u.split(": ", 1)[1] not in _PENDING.get(m, ())]
-            for m, p in sorted(files.items())}
+    uses = {m: _private_uses(p, set(files)) for m, p in sorted(files.items())}
     bad = {m: u for m, u in uses.items() if u}
     assert not bad, f"modules use private names of other modules (give them public names): {bad}"
 

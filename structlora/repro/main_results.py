@@ -3,20 +3,19 @@ accuracy beside Tables 1 and 2, the ranks of the PEFT methods, and the claims (S
 the strongest other PEFT method, chosen on validation)."""
 from __future__ import annotations
 
-from functools import partial
-
 from collections.abc import Mapping, Sequence
+from functools import partial
 from typing import Any
 
 import pandas as pd
 
 from structlora.repro import paper  # (importing paper registers every method and task in the catalogue)
 from structlora.repro.claims import Claim, claim_line, claim_from_test, collapse_status
+from structlora.repro.assets.tasks import task_kind
 from structlora.repro.catalogue import LiveMap, LiveSeq, method_specs, task_specs
 from structlora.repro.notebook import TASK_MODEL
 from structlora.repro.plan import Plan
 from structlora.repro.stats import compare_to_paper, paired_test
-from structlora.repro.assets.tasks import task_kind
 
 __all__ = ["PAPER_METHODS", "NOT_PEFT", "MODEL_KIND", "GRID_KEYS", "in_scope", "applies", "not_applicable",
            "seeds_of", "grid_of", "coverage", "side_by_side", "peft_ranks", "main_claims", "summary_markdown"]

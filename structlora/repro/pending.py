@@ -104,18 +104,21 @@ def pending_lines(tier: str, root: Path, stems: Sequence[str] | None = None) -> 
     from .tierspecs import tier_probes
 
     lines = {}
+
+    def add(spec: Any, folder: str, weights: bool) -> None:
+        lines[(spec.key(), folder)] = json.dumps({"spec": spec.to_dict(), "results_dir": folder,
+                                                  "weights": weights}, sort_keys=True)
+
     for spec, folder in tier_runs(tier, root, stems):
         if read_record(root / record_path(spec, folder), spec, warn=False) is None:
-            lines[(spec.key(), folder)] = json.dumps({"spec": spec.to_dict(), "results_dir": folder,
-                                                      "weights": False}, sort_keys=True)
+            add(spec, folder, False)
     stem = "05_filter_strategies"
     if stems is None or stem in stems:
         folder = str((tier_params(stem, tier, root) or {}).get("RESULTS_DIR", "results/runs"))
         for spec in tier_probes(tier, root):
             if (read_record(root / record_path(spec, folder), spec, warn=False) is None
                     or not weights_path(spec, root / folder).is_file()):
-                lines[(spec.key(), folder)] = json.dumps({"spec": spec.to_dict(), "results_dir": folder,
-                                                          "weights": True}, sort_keys=True)
+                add(spec, folder, True)
     return list(lines.values())
 
 

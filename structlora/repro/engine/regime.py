@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import logging
-from typing import Any, Mapping
+from typing import Any
 
 import torch
+from peft import PeftType
 from torch import nn
 
 from .config import TrainConfig
@@ -63,6 +64,5 @@ def training_regime(model: nn.Module, cfg: TrainConfig, device: torch.device) ->
 def _prefix_as_cache(model: nn.Module) -> bool:
     """Whether ``model`` is a peft model whose adapter feeds the base its prefix as ``past_key_values``
     (prefix tuning): transformers' decoder layers discard the cache while they train checkpointed."""
-    configs = getattr(model, "peft_config", None)
-    return isinstance(configs, Mapping) and any(
-        str(getattr(c, "peft_type", "")).endswith("PREFIX_TUNING") for c in configs.values())
+    return any(getattr(c, "peft_type", None) == PeftType.PREFIX_TUNING
+               for c in (getattr(model, "peft_config", None) or {}).values())
