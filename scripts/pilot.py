@@ -18,6 +18,10 @@
                                      # issue 20: the plan's seeds rule from its internal pilot (pooled
                                      # sigma_d per task, family-wise power, core-hour budget); --write
                                      # records them in params/cpu/plan.yml (before the confirmatory runs)
+    python scripts/pilot.py explore [--write]
+                                     # issue 20: the plan's exploratory points (r = 16, 32, 50% data), 3
+                                     # seeds each, funded cheapest first from what the primary family left;
+                                     # --write records them in params/cpu/plan.yml (unfunded: not run)
     python scripts/pilot.py gates    # the target keep ratio without the compression term (lambda_IB = 0):
                                      # do the open gates stay small when only the Lagrangian acts?
 
@@ -127,14 +131,33 @@ def plan_runs(task: str) -> list[RunSpec]:
     return sorted(specs, key=lambda sp: priority(sp, plan))   # the order --train-pending trains the plan in
 
 
+def spent_core_hours() -> float:
+    """What the plan has spent: the wall time of every record of results/runs and results/pilot finished
+    since the plan's registration (the commit that added its file; later commits only annotate it), plus
+    the ViT pretraining, in core-hours (one torch thread per run)."""
+    import json
+    import subprocess
+
+    from structlora.repro.plan import plan_path
+
+    since = subprocess.run(["git", "log", "--diff-filter=A", "--format=%cI", "--", str(plan_path("cpu"))],
+                           capture_output=True, text=True).stdout.strip().splitlines()[-1]
+    spent_s = 0.0
+    for folder in ("results/runs", "results/pilot"):
+        for path in Path(folder).rglob("*.json"):
+            rec = json.loads(path.read_text()) if ".removal-" not in path.name else {}
+            if rec.get("finished_at", "") >= since and rec.get("wall_time_s"):
+                spent_s += rec["wall_time_s"]
+    vit = json.loads(open("structlora/repro/assets/vit-tiny-fmnist/meta.json").read())
+    return (spent_s + vit["seconds"] * vit.get("num_threads", 1)) / 3600
+
+
 def plan_seeds(write: bool = False, task: str | None = None) -> pd.DataFrame:
     """The plan's seeds rule applied to its internal pilot (`plan.seeds_from_pilot`): per claim the paired
     differences at the pilot seeds, pooled sigma_d per task, the seeds needed and those the budget buys.
     Spent so far: every record of results/runs and results/pilot written since the plan (its commit
     time) plus the ViT pretraining. ``write`` records ``seeds`` and ``needed`` in params/cpu/plan.yml."""
-    import json
     import re
-    import subprocess
 
     from structlora.repro.plan import load_plan, plan_path, seeds_from_pilot
 
@@ -150,17 +173,7 @@ def plan_seeds(write: bool = False, task: str | None = None) -> pd.DataFrame:
                              f"{len(plan.pilot_seeds)} paired seeds); train it first")
         diffs[c.claim] = list(100 * (ok["structlora"] - ok["lora"]).dropna())
         cost.setdefault(c.task, []).extend(df["wall_time_s"].dropna().tolist())
-    # the plan's registration: the commit that added the plan file (later commits only annotate it)
-    since = subprocess.run(["git", "log", "--diff-filter=A", "--format=%cI", "--", str(plan_path("cpu"))],
-                           capture_output=True, text=True).stdout.strip().splitlines()[-1]
-    spent_s = 0.0
-    for folder in ("results/runs", "results/pilot"):
-        for path in Path(folder).rglob("*.json"):
-            rec = json.loads(path.read_text()) if ".removal-" not in path.name else {}
-            if rec.get("finished_at", "") >= since and rec.get("wall_time_s"):
-                spent_s += rec["wall_time_s"]
-    vit = json.loads(open("structlora/repro/assets/vit-tiny-fmnist/meta.json").read())
-    spent = (spent_s + vit["seconds"] * vit.get("num_threads", 1)) / 3600
+    spent = spent_core_hours()
     run_cost = {t: float(pd.Series(v).median()) / 3600 for t, v in cost.items()}
     table = seeds_from_pilot(plan, diffs, {t: run_cost.get(t, float("inf")) for t in {c.task for c in plan.primary}},
                              spent)
@@ -181,6 +194,47 @@ def plan_seeds(write: bool = False, task: str | None = None) -> pd.DataFrame:
             raise SystemExit("params/cpu/plan.yml: no seeds block to write into")
         plan_path("cpu").write_text(text)
         print("wrote seeds and needed into params/cpu/plan.yml: commit it before the confirmatory runs")
+    return table
+
+
+def plan_explore(write: bool = False) -> pd.DataFrame:
+    """The plan's exploratory rule (`plan.fund_exploratory`): every point of notebooks 02-03 outside the
+    primary family (r = 16, 32, 50% data) costs both arms x 3 seeds x its task's median run (the plan's
+    records); they are funded cheapest first from what the primary family left. ``write`` records the
+    outcome in params/cpu/plan.yml, once, when every planned primary run has its record or the budget is
+    already spent (then nothing the primary family still runs can change it)."""
+    from structlora.repro.plan import exploratory_block, fund_exploratory, load_plan, plan_path
+    from structlora.repro.sweeps import FRACTION, RANK
+    from structlora.repro.tierspecs import tier_specs
+
+    plan = load_plan("cpu")
+    runs = {t: plan_runs(t) for t in dict.fromkeys(c.task for c in plan.primary)}
+    cost, missing = {}, 0
+    for t, specs in runs.items():
+        df = load_records("results/runs", specs)
+        ok = df[df["status"] == "ok"] if len(df) else df
+        missing += len(specs) - len(ok)
+        cost[t] = float(ok["wall_time_s"].median()) / 3600
+    tier, points = tier_specs("cpu"), {}
+    for nb, sweep in (("02_rank_sweep", RANK), ("03_few_shot", FRACTION)):
+        for sp in tier[nb]:
+            value = getattr(sp, sweep.axis)
+            cid = sweep.claim_id(sp.task, value)
+            if sp.task in cost and plan.comparison(sweep.primary_id(sp.task, value)) is None:
+                points[cid] = 2 * 3 * cost[sp.task]
+    spent = spent_core_hours()
+    table = fund_exploratory(plan, points, spent)
+    print(f"spent so far: {spent:.2f} core-hours of {plan.budget_core_hours}; primary runs without a record: "
+          f"{missing}; median run: " + ", ".join(f"{t} {h:.2f} h" for t, h in cost.items()))
+    if write:
+        if plan.exploratory:
+            raise SystemExit("params/cpu/plan.yml: the exploratory points are already decided (the rule applies once)")
+        if missing and spent < plan.budget_core_hours:
+            raise SystemExit(f"{missing} primary runs have no record and {plan.budget_core_hours - spent:.2f} "
+                             "core-hours are left: decide the exploratory points after the primary family")
+        path = plan_path("cpu")
+        path.write_text(path.read_text().rstrip("\n") + "\n" + exploratory_block(table, spent))
+        print("wrote the exploratory points into params/cpu/plan.yml: commit it")
     return table
 
 
@@ -235,8 +289,8 @@ def power(df: pd.DataFrame, chosen: pd.DataFrame, paper_effect: float = 1.5, cap
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("which", choices=["stages", "lr", "gates", "budget", "seeds", "plan"])
-    p.add_argument("--write", action="store_true", help="seeds: record them in params/cpu/plan.yml")
+    p.add_argument("which", choices=["stages", "lr", "gates", "budget", "seeds", "plan", "explore"])
+    p.add_argument("--write", action="store_true", help="seeds / explore: record them in params/cpu/plan.yml")
     p.add_argument("--jobs", type=int, default=2)
     p.add_argument("--task", choices=sorted(PILOT_TASKS), default=None,
                    help="the task of lr, budget, plan (default sst2) and seeds (default: every task)")
@@ -249,6 +303,10 @@ def main(argv: list[str] | None = None) -> int:
     if a.which == "seeds":
         with pd.option_context("display.width", 200):
             print(plan_seeds(a.write, a.task).to_string(index=False))
+        return 0
+    if a.which == "explore":
+        with pd.option_context("display.width", 200):
+            print(plan_explore(a.write).to_string(index=False))
         return 0
     a.task = a.task or "sst2"
     if a.which == "plan":

@@ -6,7 +6,8 @@ import math
 import pytest
 from scipy import stats as st
 
-from structlora.repro.plan import Comparison, Plan, familywise_interval, load_plan, pooled_sigma, seeds_from_pilot
+from structlora.repro.plan import (Comparison, Plan, exploratory_block, familywise_interval, fund_exploratory, load_plan,
+                                  pooled_sigma, seeds_from_pilot)
 from structlora.repro.stats import paired_test, seeds_needed
 
 
@@ -102,3 +103,45 @@ def test_the_committed_plan_trains_both_tasks_at_twice_the_tiers_steps_in_notebo
             assert steps == {2 * budget[model]["max_steps"]}, (stem, task)
     for stem in ("04_ablations", "05_filter_strategies"):   # the mechanism family keeps the tier's budget
         assert {s.max_steps for s in specs[stem] if s.task == "sst2"} == {budget["minilm-l6"]["max_steps"]}
+
+
+def test_exploratory_points_are_funded_cheapest_first_from_what_the_primary_family_left():
+    plan = _plan()
+    cost = {"r16": 1.0, "r32": 2.0, "f50": 4.0}
+    out = fund_exploratory(plan, cost, spent_core_hours=7.5).set_index("claim")
+    assert out.loc["r16", "funded"] and out.loc["r16", "seeds"] == 3
+    assert not out.loc["r32", "funded"] and out.loc["r32", "seeds"] == 0   # 1.5 left after r16: too dear
+    assert not out.loc["f50", "funded"]
+    spent = fund_exploratory(plan, cost, spent_core_hours=10.4)
+    assert not spent["funded"].any() and (spent["seeds"] == 0).all()      # the budget is spent: none run
+    point = {"seeds": 0, "cost_core_hours": 1.2}
+    decided = _plan(exploratory={"r16": point}, exploratory_spent=10.4)
+    assert decided.exploratory_seeds("r16") == 0 and decided.exploratory_seeds("r32") is None
+    assert "10 core-hours were spent (10.4)" in decided.unfunded_note("r16")
+    assert "~1.2 core-hours" in decided.unfunded_note("r16")
+    with pytest.raises(ValueError, match="exploratory"):
+        _plan(exploratory={"A": point}, exploratory_spent=1.0)             # a primary claim
+    with pytest.raises(ValueError, match="exploratory"):
+        _plan(exploratory={"r16": point})                                  # no spend recorded
+    with pytest.raises(ValueError, match="exploratory"):
+        _plan(exploratory={"r16": {"seeds": -1, "cost_core_hours": 1.0}}, exploratory_spent=1.0)
+
+
+def test_the_exploratory_block_written_into_a_plan_file_reads_back(tmp_path):
+    import shutil
+
+    src = load_plan("cpu").source
+    (tmp_path / "params" / "cpu").mkdir(parents=True)
+    dst = tmp_path / "params" / "cpu" / "plan.yml"
+    shutil.copy(src, dst)
+    text = dst.read_text()
+    if "\nexploratory:" in text:                          # the committed plan has decided already
+        text = text[: text.index("\nexploratory:") + 1]
+    table = fund_exploratory(load_plan("cpu"), {"T3.sst2.r16.structlora>lora": 1.9,
+                                                "T3.fmnist-transfer.r16.structlora>lora": 0.58}, 19.0)
+    dst.write_text(text + exploratory_block(table, 19.0))
+    plan = load_plan("cpu", root=tmp_path)
+    assert plan.exploratory_spent == 19.0 and plan.seeds == load_plan("cpu").seeds
+    assert plan.exploratory_seeds("T3.fmnist-transfer.r16.structlora>lora") == 3     # 0.58 of the 1.0 left
+    assert plan.exploratory_seeds("T3.sst2.r16.structlora>lora") == 0
+    assert "~1.9 core-hours" in plan.unfunded_note("T3.sst2.r16.structlora>lora")

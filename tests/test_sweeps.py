@@ -82,3 +82,23 @@ def test_sweep_claims_say_pending_when_the_notebook_has_runs_without_records():
     assert all(c.note.startswith("partial: 6 run(s)") for c in got.values())
     none = {c.claim_id: c for c in sweep_claims(ok, RANK, ["sst2"], [2, 4], "02", "cpu", None, 10)}
     assert none["T3.sst2.r4.structlora>lora"].verdict == "skipped"
+
+
+def test_an_exploratory_point_the_budget_did_not_fund_is_not_run_and_is_undecidable_with_its_cost():
+    explo = {"T3.sst2.r16.structlora>lora": {"seeds": 0, "cost_core_hours": 1.6},
+             "T3.sst2.r32.structlora>lora": {"seeds": 3, "cost_core_hours": 1.7}}
+    plan = _plan(exploratory=explo, exploratory_spent=20.4)
+    specs = sweep_specs(RANK, ["sst2"], [2, 8, 16, 32], load_budget("cpu"), [0, 1, 2, 3], plan)
+    assert not [s for s in specs if s.rank == 16]                          # unfunded: no run, not pending
+    assert sorted({s.seed for s in specs if s.rank == 32}) == [0, 1, 2]   # funded: the plan's 3 seeds
+    undecided = sweep_specs(RANK, ["sst2"], [16], load_budget("cpu"), [0, 1, 2, 3], _plan())
+    assert sorted({s.seed for s in undecided}) == [0, 1, 2, 3]            # no decision yet: the notebook's
+    ok = _runs({2: [0.1, -0.2, 0.3], 8: [0.5, 0.1, 0.2], 32: [0.0, 0.2, -0.1]})
+    got = {c.claim_id: c for c in sweep_claims(ok, RANK, ["sst2"], [2, 4, 8, 16, 32], "02", "cpu", plan, 10, pending=2)}
+    r16 = got["T3.sst2.r16.structlora>lora"]
+    assert r16.verdict == "undecidable at this scale" and r16.n == 0
+    assert "plan's 1 core-hours were spent (20.4)" in r16.note and "~1.6 core-hours" in r16.note
+    assert got["T3.sst2.r4.structlora>lora"].verdict == "pending"          # a primary point without runs
+    assert got["T3.sst2.r32.structlora>lora"].n == 3                       # funded and run: tested
+    contrast = got["T3.sst2.gain_largest_low_rank"]
+    assert contrast.verdict == "undecidable at this scale" and "r16" in contrast.note

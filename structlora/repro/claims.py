@@ -153,7 +153,7 @@ def claim_from_test(claim_id: str, notebook: str, tier: str, claim: str, test, p
                     paper_value: str | None = None, note: str = "", digits: int = 1,
                     degenerate: str = "", arms_identical: bool = False, seeds_required: int | None = None,
                     seeds_cap: int | None = None, margin: float | None = None, same_as: str = "",
-                    pending: int = 0) -> Claim:
+                    pending: int = 0, unfunded: str = "") -> Claim:
     """A :class:`Claim` from one row of :func:`structlora.repro.stats.paired_test` (a dict / Series / namedtuple
     with ``diff_mean``, ``ci_low``, ``ci_high``, ``p``, ``n`` and optionally ``diff_std``).
 
@@ -167,7 +167,8 @@ def claim_from_test(claim_id: str, notebook: str, tier: str, claim: str, test, p
     non-significant at the cap is *undecidable at this scale* too);
     ``test=None`` (nothing ran) gives verdict ``"skipped"`` with ``note`` saying why, or ``"pending"``
     when ``pending`` runs of the notebook have no record (records-only mode: `grid.pending_count` of its
-    grid's frame); a claim made while runs are pending says so in its note (its seeds may be partial). A non-empty
+    grid's frame), or *undecidable at this scale* when ``unfunded`` says why the registered budget did not
+    run it (`plan.Plan.unfunded_note`); a claim made while runs are pending says so in its note (its seeds may be partial). A non-empty
     ``degenerate`` (why the comparison tests nothing, e.g. every run of both methods collapsed to one
     class, see :func:`structlora.repro.stats.single_class_runs`) makes the verdict ``"inconclusive"`` whatever
     the numbers say, and is prepended to the note.
@@ -180,8 +181,9 @@ def claim_from_test(claim_id: str, notebook: str, tier: str, claim: str, test, p
         note = (f"partial: {pending} run(s) of this notebook have no record yet "
                 "(python -m structlora reproduce --train-pending); " + note).rstrip("; ")
     if test is None:
-        return Claim(claim_id, notebook, claim, pv, "not run", None, None, None, 0, tier,
-                     "pending" if pending else "skipped", note)
+        verdict = "undecidable at this scale" if unfunded else "pending" if pending else "skipped"
+        return Claim(claim_id, notebook, claim, pv, "not run", None, None, None, 0, tier, verdict,
+                     "; ".join(x for x in (unfunded, note) if x))
     d, lo, hi, p = (_num(_get(test, k)) for k in ("diff_mean", "ci_low", "ci_high", "p"))
     n = _get(test, "n", 0)
     std = _num(_get(test, "diff_std", _get(test, "std")))

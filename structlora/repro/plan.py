@@ -9,6 +9,9 @@ validates it, builds the runs it names, and applies its two declared rules:
   fraction=0.5, confidence=1 - alpha/m))``: its family-wise interval then has a half-width of half the
   paper's effect. Claims are funded cheapest first (n x the task's median run cost) while the core-hour
   budget lasts; an unfunded claim keeps its pilot seeds and is *undecidable at this scale*;
+- **exploratory points while the budget lasts** (`fund_exploratory`): after the primary family, the
+  other points of notebooks 02-03 (r = 16, 32, 50% data) get their seeds (3) cheapest first while the
+  budget left buys them; an unfunded point (0 seeds) is *undecidable at this scale* and is not run;
 - **family-wise intervals** (`familywise_interval`): every verdict of the family is read from the
   paired t-interval at confidence ``1 - alpha/m`` (Bonferroni), so each branch of `stats.decide`
   (reproduced, smaller than claimed, not reproduced) holds with family-wise error <= alpha.
@@ -26,8 +29,8 @@ import pandas as pd
 
 from .layout import params_path
 
-__all__ = ["Comparison", "Plan", "familywise_interval", "load_plan", "plan_path", "pooled_sigma",
-           "seeds_from_pilot"]
+__all__ = ["Comparison", "Plan", "exploratory_block", "familywise_interval", "fund_exploratory", "load_plan",
+           "plan_path", "pooled_sigma", "seeds_from_pilot"]
 
 
 def plan_path(tier: str, root: str | Path | None = None) -> Path:
@@ -62,6 +65,10 @@ class Plan:
     seeds: dict[str, int] = field(default_factory=dict)   # claim -> seeds bought, filled from the pilot
     needed: dict[str, int] = field(default_factory=dict)  # claim -> seeds the power analysis asks for
     budget_check: dict[str, Any] = field(default_factory=dict)
+    # exploratory point -> {"seeds": n (0: unfunded), "cost_core_hours": what its seeds cost}, and the
+    # core-hours spent when that was decided (`fund_exploratory`); empty until then
+    exploratory: dict[str, dict[str, float]] = field(default_factory=dict)
+    exploratory_spent: float | None = None
     source: str = ""
 
     def __post_init__(self) -> None:
@@ -85,6 +92,14 @@ class Plan:
         stray = sorted(set(self.budget_check.get("result") or {}) - tasks)
         if stray:
             raise ValueError(f"{self.source}: budget_check.result names tasks outside the plan: {stray}")
+        both = sorted(set(self.exploratory) & set(ids))
+        bad = {k: v for k, v in self.exploratory.items()
+               if set(v) != {"seeds", "cost_core_hours"} or int(v["seeds"]) < 0 or float(v["cost_core_hours"]) < 0}
+        if both or bad or (bool(self.exploratory) != (self.exploratory_spent is not None)):
+            raise ValueError(f"{self.source}: exploratory points need seeds >= 0, cost_core_hours >= 0, a "
+                             f"spent_core_hours, and ids outside the primary family (got {both or bad or 'no spend'})")
+        self.exploratory = {k: {"seeds": int(v["seeds"]), "cost_core_hours": float(v["cost_core_hours"])}
+                            for k, v in self.exploratory.items()}
 
     @property
     def m(self) -> int:
@@ -107,6 +122,19 @@ class Plan:
         if self.comparison(claim) is None or claim not in self.needed:
             return {}
         return {"seeds_required": self.needed[claim], "seeds_cap": len(self.seeds_of(claim))}
+
+    def exploratory_seeds(self, claim: str) -> int | None:
+        """The seeds the budget gave an exploratory point (0: unfunded), None while undecided."""
+        point = self.exploratory.get(claim)
+        return None if point is None else int(point["seeds"])
+
+    def unfunded_note(self, claim: str) -> str:
+        """Why an exploratory point did not run ("" unless `exploratory_seeds` is 0)."""
+        if self.exploratory_seeds(claim) != 0:
+            return ""
+        cost = float(self.exploratory[claim]["cost_core_hours"])
+        return (f"not run: the plan's {self.budget_core_hours:g} core-hours were spent ({self.exploratory_spent:.1f}) "
+                f"before the exploratory points; its seeds would cost ~{cost:.1f} core-hours (params/cpu/plan.yml)")
 
     def steps_factor(self, task: str) -> int:
         """How many times the tier's ``max_steps`` the plan's notebooks (01-03) train ``task``: the budget
@@ -136,16 +164,20 @@ def load_plan(tier: str, root: str | Path | None = None) -> Plan | None:
         return None
     data = yaml.safe_load(path.read_text()) or {}
     known = {"name", "registered", "primary", "alpha", "margin", "budget_check", "pilot_seeds",
-             "budget_core_hours", "seeds", "needed"}
+             "budget_core_hours", "seeds", "needed", "exploratory"}
     unknown = sorted(set(data) - known)
     if unknown:
         raise ValueError(f"{path}: unknown keys {unknown}")
+    explo = data.get("exploratory") or {}
+    spent = explo.get("spent_core_hours")
     return Plan(name=str(data["name"]), primary=[Comparison(**c) for c in data["primary"]],
                 pilot_seeds=[int(s) for s in data["pilot_seeds"]],
                 budget_core_hours=float(data["budget_core_hours"]), alpha=float(data.get("alpha", 0.05)),
                 seeds={str(k): int(v) for k, v in (data.get("seeds") or {}).items()},
                 needed={str(k): int(v) for k, v in (data.get("needed") or {}).items()},
-                budget_check=dict(data.get("budget_check") or {}), source=str(path))
+                budget_check=dict(data.get("budget_check") or {}),
+                exploratory={str(k): dict(v or {}) for k, v in (explo.get("points") or {}).items()},
+                exploratory_spent=float(spent) if spent is not None else None, source=str(path))
 
 
 def familywise_interval(mean: float, ci_low: float, ci_high: float, n: int, m: int,
@@ -204,3 +236,25 @@ def seeds_from_pilot(plan: Plan, pilot_diffs: Mapping[str, Sequence[float]],
     df["funded"] = funded
     df["seeds"] = [int(n) if f else n0 for n, f in zip(df["needed"], df["funded"])]
     return df.sort_index().reset_index(drop=True)
+
+
+def fund_exploratory(plan: Plan, point_cost_h: Mapping[str, float], spent_core_hours: float,
+                     seeds: int = 3) -> pd.DataFrame:
+    """The plan's exploratory rule ("3 seeds while the budget lasts, after the primary family"): one row
+    per exploratory point with ``cost_h`` (``point_cost_h``: both arms at ``seeds`` seeds), ``funded``
+    (cheapest first, while the budget left after ``spent_core_hours`` buys it) and ``seeds`` (``seeds``
+    when funded, else 0: the point is not run and is *undecidable at this scale*)."""
+    left = plan.budget_core_hours - spent_core_hours
+    rows = []
+    for claim, cost in sorted(point_cost_h.items(), key=lambda kv: (kv[1], kv[0])):
+        ok = cost <= left
+        left -= cost if ok else 0.0
+        rows.append({"claim": claim, "cost_h": float(cost), "funded": bool(ok), "seeds": seeds if ok else 0})
+    return pd.DataFrame(rows, columns=["claim", "cost_h", "funded", "seeds"])
+
+
+def exploratory_block(table: pd.DataFrame, spent_core_hours: float) -> str:
+    """The plan file's ``exploratory:`` block for the outcome of `fund_exploratory` (read by `load_plan`)."""
+    return (f"exploratory:\n  spent_core_hours: {spent_core_hours:.2f}\n  points:\n"
+            + "".join(f"    {r.claim}: {{seeds: {int(r.seeds)}, cost_core_hours: {r.cost_h:.2f}}}\n"
+                      for r in table.itertuples()))

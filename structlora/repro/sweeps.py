@@ -60,17 +60,20 @@ FRACTION = Sweep("fraction", 4, "T4", {"rank": 8}, "the smallest fraction")
 
 
 def _seeds(sweep: Sweep, task: str, value: float, plan: Plan | None, seeds: Sequence[int]) -> list[int]:
+    """The plan's seeds at a primary point; at an exploratory point the first seeds the plan's budget
+    gave it (none when unfunded), or all of the notebook's ``seeds`` while the plan has not decided."""
     pid = sweep.primary_id(task, value)
     if plan is not None and plan.comparison(pid) is not None:
         return plan.seeds_of(pid)
-    return list(seeds)
+    n = plan.exploratory_seeds(sweep.claim_id(task, value)) if plan is not None else None
+    return list(seeds) if n is None else list(seeds)[:n]
 
 
 def sweep_specs(sweep: Sweep, tasks: Sequence[str], values: Sequence[float], budget: Budget,
                 seeds: Sequence[int], plan: Plan | None = None,
                 methods: Sequence[str] = ("lora", "structlora")) -> list[RunSpec]:
     """Every run of the sweep: per task, value and method, the plan's seeds for a primary point, else
-    ``seeds``; the tier's budget and learning rates (``budget``), at the plan's budget on its tasks
+    ``seeds`` (as many as the plan's budget gave an exploratory point, `_seeds`); the tier's budget and learning rates (``budget``), at the plan's budget on its tasks
     (`Plan.run`: the budget check may have raised a task's steps)."""
     out = []
     for t in tasks:
@@ -114,7 +117,8 @@ def sweep_claims(ok: pd.DataFrame, sweep: Sweep, tasks: Sequence[str], values: S
 
     A point the plan names uses the plan's power analysis (``plan.needed`` against the seeds the
     budget bought); a point that repeats another claim (r = 8 at all the data is T1 / T2) points to it;
-    the others are exploratory with the tier's ``seed_cap``. ``pending``: the notebook's runs without a
+    the others are exploratory with the tier's ``seed_cap`` (one the plan's budget did not fund is
+    *undecidable at this scale*, `Plan.unfunded_note`). ``pending``: the notebook's runs without a
     record (`grid.pending_count`), said in every claim."""
     tests = point_tests(ok, sweep)
     claims = []
@@ -127,18 +131,19 @@ def sweep_claims(ok: pd.DataFrame, sweep: Sweep, tasks: Sequence[str], values: S
             degenerate, note = collapse_status(ok[(ok["task"] == t) & np.isclose(ok[sweep.axis].astype(float), v)])
             power = (plan.power(cid) if plan is not None else {}) or {"seeds_cap": seed_cap}
             label = f"r={int(v)}" if sweep.axis == "rank" else f"{v:.0%} of the data"
+            unfunded = plan.unfunded_note(cid) if plan is not None and not len(row) else ""
             claims.append(claim_from_test(
                 cid, notebook, tier, pending=pending, claim=f"StructLoRA beats LoRA at {label} on {t}",
                 test=row.iloc[0] if len(row) else None, paper_diff=gain,
                 paper_value=f"{gain:+.1f} (Table {sweep.table}, {col}, {label})" if gain is not None else "n/a",
-                note=note if len(row) else "not run", degenerate=degenerate,
-                same_as=pid if pid != cid else "", **power))
-        claims.append(_contrast_claim(ok, sweep, t, values, notebook, tier, seed_cap, pending))
+                note=note if len(row) else "" if unfunded else "not run", degenerate=degenerate,
+                same_as=pid if pid != cid else "", unfunded=unfunded, **power))
+        claims.append(_contrast_claim(ok, sweep, t, values, notebook, tier, seed_cap, pending, plan))
     return claims
 
 
 def _contrast_claim(ok: pd.DataFrame, sweep: Sweep, task: str, values: Sequence[float], notebook: str,
-                    tier: str, seed_cap: int, pending: int = 0) -> Claim:
+                    tier: str, seed_cap: int, pending: int = 0, plan: Plan | None = None) -> Claim:
     if sweep.axis == "rank":
         low, high = [v for v in values if v <= 8], [v for v in values if v > 8]
         cid, words = f"T3.{task}.gain_largest_low_rank", "the gain is larger at r<=8 than at r>8"
@@ -152,13 +157,17 @@ def _contrast_claim(ok: pd.DataFrame, sweep: Sweep, task: str, values: Sequence[
     p_contrast = (round(float(np.mean([paper_gain[v] for v in low]) - np.mean([paper_gain[v] for v in high])), 2)
                   if all(g is not None for g in paper_gain.values()) else None)
     test = contrast_test(ok, sweep, task, low, high)
+    unrun = [sweep.tag(v) for v in list(low) + list(high)
+             if plan is not None and plan.exploratory_seeds(sweep.claim_id(task, v)) == 0]
+    unfunded = (f"not run: the plan's budget did not fund {', '.join(unrun)} (params/cpu/plan.yml)"
+                if unrun and test is None else "")
     ends = ok[(ok["task"] == task) & ok[sweep.axis].isin(list(low) + list(high))]
     degenerate, note = collapse_status(ends) if len(ends) else ("", "")
     return claim_from_test(
         cid, notebook, tier, f"{words} on {task} (mean gain over {sweep.axis} {low} minus over {high})",
         test, p_contrast, paper_value=(f"{p_contrast:+.1f} (Table {sweep.table}, {ABLATION_COL[task]})"
                                        if p_contrast is not None else "n/a"),
-        note=note, degenerate=degenerate, seeds_cap=seed_cap, pending=pending)
+        note=note, degenerate=degenerate, seeds_cap=seed_cap, pending=pending, unfunded=unfunded)
 
 
 def gain_frame(tests: pd.DataFrame, sweep: Sweep, tasks: Sequence[str], plan: Plan | None) -> pd.DataFrame:
