@@ -109,6 +109,7 @@ def test_a_paper_tier_spec_trains_with_bf16_autocast_and_checkpointing(tmp_path,
     ``gradient_checkpointing``) trains its 2 dry-run steps on CPU under bf16 autocast, with checkpointing
     where the model has transformers' switch (timm's ViT has not), and its record says what it used."""
     import dataclasses
+    import warnings
 
     import torch
 
@@ -127,9 +128,12 @@ def test_a_paper_tier_spec_trains_with_bf16_autocast_and_checkpointing(tmp_path,
         return real(device, dtype)
 
     monkeypatch.setattr(loop, "autocast", spy)   # the training forward's autocast
-    with dryrun._swapped(dryrun.dry_run_loaders()):
+    with dryrun._swapped(dryrun.dry_run_loaders()), warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
         out = train_spec(small, tmp_path, progress=False)
     rec = out.record
+    # transformers 5's name (activation_checkpointing_enable), not its deprecated alias
+    assert not [w for w in caught if "gradient_checkpointing_enable" in str(w.message)]
     assert rec["status"] == "ok" and rec["train_steps"] == 2, rec.get("error")
     assert dtypes == [torch.bfloat16] * 2                              # every training forward, 2 steps
     assert rec["regime"]["precision"] == "bf16" and rec["regime"]["gradient_checkpointing"] is checkpointed

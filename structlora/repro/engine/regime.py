@@ -28,23 +28,28 @@ def training_regime(model: nn.Module, cfg: TrainConfig, device: torch.device) ->
     ``{"precision": "bf16" | "fp32", "gradient_checkpointing": bool}`` (the training forward's autocast
     dtype and whether activation checkpointing is on; reasons in ``"notes"`` when a request was dropped).
 
-    Checkpointing: ``model.gradient_checkpointing_enable`` (transformers models, through peft and
-    StructLoRA; non-reentrant, so frozen inputs need no gradient); a model without it (timm's ViT, whose
+    Checkpointing: ``model.activation_checkpointing_enable`` (transformers >= 5, through peft and
+    StructLoRA; ``gradient_checkpointing_enable``, its name before 5 and a deprecated alias since, where it
+    is missing; non-reentrant, so frozen inputs need no gradient); a model without either (timm's ViT, whose
     checkpointing StructLoRA's gate noise does not know) trains without. bf16 autocast: on CUDA where
     the device supports bf16, on CPU always (torch's CPU autocast)."""
     used: dict[str, Any] = {"precision": "fp32", "gradient_checkpointing": False}
     notes = []
     if cfg.gradient_checkpointing:
-        enable = getattr(model, "gradient_checkpointing_enable", None)
+        new = getattr(model, "activation_checkpointing_enable", None)
+        old = getattr(model, "gradient_checkpointing_enable", None)
         try:
             if _prefix_as_cache(model):
                 notes.append("prefix tuning passes its prefix as past_key_values, which transformers drops "
                              "while training under gradient checkpointing: not checkpointed")
-            elif callable(enable):
-                enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            elif callable(new):
+                new(activation_checkpointing_kwargs={"use_reentrant": False})
+                used["gradient_checkpointing"] = True
+            elif callable(old):
+                old(gradient_checkpointing_kwargs={"use_reentrant": False})
                 used["gradient_checkpointing"] = True
             else:
-                notes.append(f"{type(model).__name__} has no gradient_checkpointing_enable: not checkpointed")
+                notes.append(f"{type(model).__name__} has no activation_checkpointing_enable: not checkpointed")
         except (ValueError, TypeError, NotImplementedError, AttributeError) as exc:
             notes.append(f"gradient checkpointing not supported: {exc}")
     if cfg.precision != "fp32":
