@@ -238,6 +238,9 @@ def test_the_paper_tiers_hub_tasks_are_task_specs_that_load_online_only(monkeypa
         spec = catalogue.get_task(name)
         assert spec.main_table is not None and tasks.NUM_CLASSES[name] == spec.num_classes
     assert tasks.NUM_CLASSES["glue/mnli"] == 3 and tasks.NUM_CLASSES["cifar100"] == 100
+    assert set(tasks.PAIRED) == {"mrpc", "rte", "glue/mrpc", "glue/rte", "glue/qnli", "glue/qqp", "glue/mnli"}
+    with pytest.raises(ValueError, match="text_pair"):
+        catalogue.TaskSpec("x", "image-cls", "image-cls", lambda: None, 2, pair=True)
     assert paper.MAIN_TABLE["glue/rte"] == 2 and paper.paper_diff(2, "glue/rte") == paper.paper_diff(2, "rte")
     assert paper.ABLATION_COL["cifar100"] == "cifar100" and main_results.MODEL_KIND["vit_base_patch16_224"] == "image-cls"
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")

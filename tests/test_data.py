@@ -341,3 +341,5 @@ def test_encode_image_passes_through(tasks):
 def test_num_classes_matches_the_loaded_tasks(tasks):
     assert set(data.NUM_CLASSES) == set(list_tasks()) | set(data.HUB_TASKS)   # the hub tasks load online only
     assert {name: len(t.labels) for name, t in tasks.items()} == {n: data.NUM_CLASSES[n] for n in list_tasks()}
+    # TaskSpec.pair says which loaded tasks carry a text_pair (the dry run's data follows it)
+    assert {n for n, t in tasks.items() if "text_pair" in t.train.column_names} == set(data.PAIRED) & set(list_tasks())

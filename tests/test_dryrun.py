@@ -58,6 +58,8 @@ def test_task_kind_without_loading(task, kind):
 @pytest.mark.parametrize("task, columns, n_classes", [
     ("glue/sst2", {"text", "label", "_source_index"}, 2),
     ("glue/mnli", {"text", "text_pair", "label", "_source_index"}, 3),
+    ("mrpc", {"text", "text_pair", "label", "_source_index"}, 2),
+    ("glue/cola", {"text", "label", "_source_index"}, 2),
     ("boolq", {"prompt", "choices", "label", "_source_index"}, 2),
     ("cifar100", {"pixel_values", "label", "_source_index"}, 100),
 ])

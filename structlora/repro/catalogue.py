@@ -123,6 +123,7 @@ class TaskSpec:
     main_table: int | None = None    # the main-results table (1 or 2) its StructLoRA - LoRA gap is compared with
     ablation_col: str | None = None  # the column of Tables 3-6 and 9 its rank/few-shot/ablation gaps meet
     hub: str | None = None           # the Hugging Face hub data set its loader downloads (online only); None: offline
+    pair: bool = False               # its rows carry a second text (``text_pair``: GLUE's sentence-pair tasks)
 
     def __post_init__(self) -> None:
         if not self.name or not isinstance(self.name, str):
@@ -141,6 +142,8 @@ class TaskSpec:
             raise ValueError(f"{self.name}: main_table {self.main_table} has no column in paper {dict(self.paper)}")
         if (self.main_table is not None or self.ablation_col is not None) and self.model is None:
             raise ValueError(f"{self.name}: a task compared with the paper needs its model")
+        if self.pair and self.kind != "seq-cls":
+            raise ValueError(f"{self.name}: only a seq-cls task has a text_pair, not a {self.kind} task")
         if self.hub is not None and (not isinstance(self.hub, str) or not self.hub):
             raise ValueError(f"{self.name}: hub must be a hub data set id or None, got {self.hub!r}")
         object.__setattr__(self, "labels", None if self.labels is None else tuple(self.labels))

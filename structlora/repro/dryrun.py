@@ -121,18 +121,15 @@ def tiny_model(name: str, task: str | None = None, num_labels: int | None = None
 
 
 # ------------------------------------------------------------------------------------------ tiny data
-_GLUE_PAIRS = {"glue/mrpc", "glue/rte", "glue/qnli", "glue/qqp", "glue/mnli", "glue/wnli", "mrpc", "rte"}
-
-
 def _sentences(rng: np.random.Generator, n: int) -> list[str]:
     return [" ".join(rng.choice(_WORDS, int(rng.integers(3, 10)))) for _ in range(n)]
 
 
-def _split(kind: str, task: str, n: int, rng: np.random.Generator, n_classes: int) -> dict[str, Any]:
+def _split(kind: str, task: str, n: int, rng: np.random.Generator, n_classes: int, pair: bool = False) -> dict[str, Any]:
     labels = (np.arange(n) % n_classes).tolist()
     if kind == "seq-cls":
         cols: dict[str, Any] = {"text": _sentences(rng, n)}
-        if task in _GLUE_PAIRS:
+        if pair:                       # a sentence-pair task (its TaskSpec.pair)
             cols["text_pair"] = _sentences(rng, n)
     elif kind == "multiple-choice":
         options = ["no", "yes"] if task == "boolq" else None
@@ -146,7 +143,8 @@ def _split(kind: str, task: str, n: int, rng: np.random.Generator, n_classes: in
 def tiny_task(name: str, fraction: float = 1.0, seed: int = 0) -> Any:
     """``TaskData`` of a tiny synthetic data set with the schema of task ``name`` (16 train, 8 validation,
     8 test examples; the few-shot subset drawn as ``load_task`` draws it)."""
-    from .assets.tasks import NUM_CLASSES, TaskData, column, few_shot_indices, from_columns, image_dataset, task_kind
+    from .assets.tasks import (NUM_CLASSES, PAIRED, TaskData, column, few_shot_indices, from_columns, image_dataset,
+                               task_kind)
 
     model_kind = task_kind(name)
     kind = {"causal-lm": "multiple-choice"}.get(model_kind, model_kind)
@@ -154,7 +152,7 @@ def tiny_task(name: str, fraction: float = 1.0, seed: int = 0) -> Any:
     rng = np.random.default_rng(0)
     splits = {}
     for split, n in (("train", max(N_TRAIN, n_classes)), ("validation", N_EVAL), ("test", N_EVAL)):
-        cols = _split(kind, name, n, rng, n_classes)
+        cols = _split(kind, name, n, rng, n_classes, PAIRED.get(name, False))
         if kind == "image-cls":
             labels = np.asarray(cols["label"])
             splits[split] = image_dataset(cols["pixels"], labels, np.arange(n), 0.5, 0.5,

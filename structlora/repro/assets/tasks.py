@@ -28,7 +28,7 @@ import datasets
 
 from ..catalogue import TaskSpec, get_task, register_task, task_view
 from .encoding import FORMAT_VERSION, encode
-from .hub_tasks import build_glue_hub, build_hub, list_tasks
+from .hub_tasks import GLUE_HUB, build_glue_hub, build_hub, list_tasks
 from .image_tasks import CIFAR100_HUB, FMNIST_CLASSES, FMNIST_DIR, build_cifar100, build_fmnist_transfer
 from .task_data import (SPLIT_SEED, SPLITS, MissingAssetError, TaskData, column, few_shot_indices, from_columns,
                         image_dataset, normalize_text)
@@ -41,6 +41,7 @@ __all__ = [
     "list_tasks",
     "load_task",
     "NUM_CLASSES",
+    "PAIRED",
     "encode",
     "normalize_text",
     "column",
@@ -69,9 +70,9 @@ for _spec in (
     TaskSpec("sst2", "seq-cls", "seq-cls", build_sst2, 2, model="minilm-l6", paper={2: "sst2"}, main_table=2,
              ablation_col="boolq"),
     TaskSpec("mrpc", "seq-cls", "seq-cls", functools.partial(build_glue_pair, "mrpc"), 2, model="minilm-l6",
-             paper={2: "mrpc"}, main_table=2, ablation_col="boolq"),
+             paper={2: "mrpc"}, main_table=2, ablation_col="boolq", pair=True),
     TaskSpec("rte", "seq-cls", "seq-cls", functools.partial(build_glue_pair, "rte"), 2, model="minilm-l6",
-             paper={2: "rte"}, main_table=2, ablation_col="boolq"),
+             paper={2: "rte"}, main_table=2, ablation_col="boolq", pair=True),
     TaskSpec("boolq", "multiple-choice", "causal-lm", functools.partial(build_mc, "boolq"), 2, ("no", "yes"),
              model="smollm2-135m", paper=_BOOLQ_TABLES, main_table=1, ablation_col="boolq"),
     TaskSpec("piqa", "multiple-choice", "causal-lm", functools.partial(build_mc, "piqa"), 2, ("A", "B"),
@@ -92,6 +93,10 @@ HUB_TASKS: Mapping[str, str] = task_view(
 _TASKS: Mapping[str, tuple[tuple[str, str], Callable[[], tuple[dict, str, dict]], list[str] | None]] = task_view(
     lambda t: ((t.kind, t.model_kind), t.loader, None if t.labels is None else list(t.labels)),
     doc="Each registered task as ((kind, model_kind), loader, labels): a live view of the catalogue.")
+
+PAIRED: Mapping[str, bool] = task_view(
+    lambda t: t.pair, keep=lambda t: t.pair,
+    doc="The registered tasks whose rows carry a text_pair (sentence-pair tasks): a live view of the catalogue.")
 
 NUM_CLASSES: Mapping[str, int] = task_view(
     lambda t: t.num_classes,
@@ -114,7 +119,7 @@ _GLUE_CLASSES = {"mnli": 3}
 for _config in ("sst2", "mrpc", "rte", "cola", "qnli", "qqp", "mnli"):
     register_task(TaskSpec(f"glue/{_config}", "seq-cls", "seq-cls", functools.partial(build_glue_hub, _config),
                            _GLUE_CLASSES.get(_config, 2), model="FacebookAI/roberta-base", paper={2: _config},
-                           main_table=2, hub="nyu-mll/glue"))
+                           main_table=2, hub="nyu-mll/glue", pair=GLUE_HUB[_config][1] is not None))
 register_task(TaskSpec("cifar100", "image-cls", "image-cls", build_cifar100, 100, model="vit_base_patch16_224",
                        paper={t: "cifar100" for t in _BOOLQ_TABLES}, main_table=1, ablation_col="cifar100",
                        hub=CIFAR100_HUB))
