@@ -6,7 +6,7 @@
 loss under gradient accumulation (so lambda_IB is a price per optimizer step); `create_optimizer` uses
 ``model.structlora_param_groups`` (gate logits and coordinator parameters get their own learning rate, no decay) and
 attaches the optimizer (`StructLoraModel.attach_optimizer`), so every StructLoRA schedule counts optimizer
-steps, not micro-batches. ``gradient_checkpointing=True`` and bf16/fp16 work as for a peft model. Label names, ``can_return_loss`` and the dataset columns come from the wrapped transformers
+steps, not micro-batches. ``activation_checkpointing=True`` (``gradient_checkpointing=True`` before transformers 5) and bf16/fp16 work as for a peft model. Label names, ``can_return_loss`` and the dataset columns come from the wrapped transformers
 model (as for a peft model), so `evaluate()` reports ``eval_loss`` and ``compute_metrics``.
 ``save_model`` and every checkpoint write `StructLoraModel.save_training_state` (the raw peft adapter
 plus the StructLoRA state), which ``train(resume_from_checkpoint=...)``, ``load_best_model_at_end`` and

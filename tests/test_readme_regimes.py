@@ -29,7 +29,7 @@ loader = [{k: v[i:i + 2] for k, v in batch8.items()} for i in range(0, 8, 2)]   
 
 def _block() -> str:
     blocks = _readme_blocks("## Using StructLoRA on your own model")
-    block = next((b for b in blocks if "gradient_checkpointing_enable" in b), None)
+    block = next((b for b in blocks if "activation_checkpointing_enable" in b), None)
     assert block is not None, "the README's half-precision / checkpointing / accumulation block is missing"
     return block
 

@@ -77,7 +77,7 @@ def _train_grads(sm: StructLoraModel, family: str, steps: int = 2) -> tuple[dict
 def test_gradient_checkpointing_gives_the_gradients_without_it(family, gate, graph, reentrant):
     plain = build(family, gate, graph)
     ckpt = copy.deepcopy(plain)
-    ckpt.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
+    ckpt.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": reentrant})
     ckpt.enable_input_require_grads()   # reentrant checkpoints need an input that requires grad (ViT's pixels)
     g0, s0 = _train_grads(plain, family)
     g1, s1 = _train_grads(ckpt, family)
@@ -108,7 +108,7 @@ def test_trainer_gradient_checkpointing_trains_as_without_it(tmp_path):
     plain = build("llama")
     ckpt = copy.deepcopy(plain)
     p0 = _trainer_params(tmp_path / "a", plain, "llama")
-    p1 = _trainer_params(tmp_path / "b", ckpt, "llama", gradient_checkpointing=True)
+    p1 = _trainer_params(tmp_path / "b", ckpt, "llama", activation_checkpointing=True)
     assert _checkpointing_on(ckpt) and max_diff(p0, p1) < 1e-5
 
 
