@@ -227,13 +227,7 @@ def seeds_from_pilot(plan: Plan, pilot_diffs: Mapping[str, Sequence[float]],
             rows.append({"claim": c.claim, "task": task, "paper": c.paper, "sigma_pooled": sigma, "dof": dof,
                          "needed": needed, "cost_h": cost})
     df = pd.DataFrame(rows).sort_values("cost_h", kind="stable")
-    left = plan.budget_core_hours - spent_core_hours
-    funded = []
-    for cost in df["cost_h"]:
-        ok = cost <= left
-        left -= cost if ok else 0.0
-        funded.append(bool(ok))
-    df["funded"] = funded
+    df["funded"] = _cheapest_first(df["cost_h"], plan.budget_core_hours - spent_core_hours)
     df["seeds"] = [int(n) if f else n0 for n, f in zip(df["needed"], df["funded"])]
     return df.sort_index().reset_index(drop=True)
 
@@ -244,13 +238,21 @@ def fund_exploratory(plan: Plan, point_cost_h: Mapping[str, float], spent_core_h
     per exploratory point with ``cost_h`` (``point_cost_h``: both arms at ``seeds`` seeds), ``funded``
     (cheapest first, while the budget left after ``spent_core_hours`` buys it) and ``seeds`` (``seeds``
     when funded, else 0: the point is not run and is *undecidable at this scale*)."""
-    left = plan.budget_core_hours - spent_core_hours
-    rows = []
-    for claim, cost in sorted(point_cost_h.items(), key=lambda kv: (kv[1], kv[0])):
+    points = sorted(point_cost_h.items(), key=lambda kv: (kv[1], kv[0]))
+    funded = _cheapest_first([cost for _, cost in points], plan.budget_core_hours - spent_core_hours)
+    rows = [{"claim": claim, "cost_h": float(cost), "funded": ok, "seeds": seeds if ok else 0}
+            for (claim, cost), ok in zip(points, funded)]
+    return pd.DataFrame(rows, columns=["claim", "cost_h", "funded", "seeds"])
+
+
+def _cheapest_first(costs: Sequence[float], left: float) -> list[bool]:
+    """Which of ``costs`` (already in funding order) the ``left`` core-hours buy, each bought while it fits."""
+    funded = []
+    for cost in costs:
         ok = cost <= left
         left -= cost if ok else 0.0
-        rows.append({"claim": claim, "cost_h": float(cost), "funded": bool(ok), "seeds": seeds if ok else 0})
-    return pd.DataFrame(rows, columns=["claim", "cost_h", "funded", "seeds"])
+        funded.append(bool(ok))
+    return funded
 
 
 def exploratory_block(table: pd.DataFrame, spent_core_hours: float) -> str:

@@ -36,17 +36,15 @@ def training_regime(model: nn.Module, cfg: TrainConfig, device: torch.device) ->
     used: dict[str, Any] = {"precision": "fp32", "gradient_checkpointing": False}
     notes = []
     if cfg.gradient_checkpointing:
-        new = getattr(model, "activation_checkpointing_enable", None)
-        old = getattr(model, "gradient_checkpointing_enable", None)
+        # transformers >= 5's name first, its older (now deprecated) one where that is missing
+        name = next((n for n in ("activation_checkpointing", "gradient_checkpointing")
+                     if callable(getattr(model, f"{n}_enable", None))), None)
         try:
             if _prefix_as_cache(model):
                 notes.append("prefix tuning passes its prefix as past_key_values, which transformers drops "
                              "while training under gradient checkpointing: not checkpointed")
-            elif callable(new):
-                new(activation_checkpointing_kwargs={"use_reentrant": False})
-                used["gradient_checkpointing"] = True
-            elif callable(old):
-                old(gradient_checkpointing_kwargs={"use_reentrant": False})
+            elif name is not None:
+                getattr(model, f"{name}_enable")(**{f"{name}_kwargs": {"use_reentrant": False}})
                 used["gradient_checkpointing"] = True
             else:
                 notes.append(f"{type(model).__name__} has no activation_checkpointing_enable: not checkpointed")
